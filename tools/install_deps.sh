@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Install whatever the tests need into the current Python environment.
+#
+# Idempotent: each step checks first and installs nothing when its
+# requirement is already met. It never replaces an installed torch, so a
+# CUDA build stays as it is; on a machine without torch it installs the CPU
+# build. mmcv is built from source with its compiled ops (pip caches the
+# wheel, so only the first build on a machine takes minutes).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pip_install() { "$PYTHON" -m pip install --disable-pip-version-check "$@"; }
+# True when every requirement given is installed at a matching version.
+satisfied() {
+    "$PYTHON" - "$@" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.requirements import Requirement
+
+for spec in sys.argv[1:]:
+    req = Requirement(spec)
+    try:
+        if not req.specifier.contains(version(req.name), prereleases=True):
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+}
+
+satisfied packaging 2>/dev/null || pip_install packaging
+satisfied 'torch>=2.0' || pip_install 'torch==2.13.0'
+
+# openmim pulls openxlab, which pins an old setuptools; install it before
+# building mmcv, whose setup.py needs pkg_resources from setuptools<81.
+TOOLBOXES=('mmengine>=0.10.0,<0.11.0' 'mmsegmentation>=1.2.0,<2.0.0'
+           'mmdet>=3.0.0,<4.0.0' 'openmim>=0.3.9' 'ftfy' 'regex')
+TEST_TOOLS=('pytest' 'matplotlib' 'prettytable' 'pycocotools')
+satisfied "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" ||
+    pip_install "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}"
+
+# The full build has the compiled extension mmcv._ext; mmcv-lite lacks it.
+if ! satisfied 'mmcv>=2.0.0rc4,<2.2.0' || ! "$PYTHON" -c \
+        'import importlib.util as u, sys; sys.exit(not u.find_spec("mmcv._ext"))'
+then
+    pip_install 'setuptools>=77,<81' wheel ninja
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
+        pip_install --no-build-isolation 'mmcv==2.1.0'
+fi
+
+# The package itself, in development mode, pointing at this checkout.
+installed_at=$(cd / && "$PYTHON" -c 'import importlib.util as u, os.path as p
+spec = u.find_spec("mmrepvgg")
+print(p.dirname(p.dirname(p.realpath(spec.origin))) if spec else "")')
+if [ "$installed_at" != "$ROOT" ]; then
+    pip_install --no-deps --no-build-isolation -e "$ROOT"
+fi
