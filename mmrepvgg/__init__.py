@@ -1,0 +1,16 @@
+"""RepVGG for the OpenMMLab toolboxes.
+
+Importing the package registers :class:`RepVGG` in mmseg's and mmdet's model
+registries and lets mmengine checkpoints load under torch's safe unpickler.
+"""
+from .checkpoint import allow_mmengine_checkpoints
+from .deploy import switch_to_deploy
+from .models import RepVGG, RepVGGBlock, fuse_conv_bn
+from .version import __version__
+
+allow_mmengine_checkpoints()
+
+__all__ = [
+    'RepVGG', 'RepVGGBlock', 'fuse_conv_bn', 'switch_to_deploy',
+    'allow_mmengine_checkpoints', '__version__'
+]

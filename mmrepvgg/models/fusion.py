@@ -1,0 +1,94 @@
+"""The re-parameterization math: folding batch norms into convolutions.
+
+Every block, tool and test that needs a fused kernel calls these functions,
+so the arithmetic exists once. All of it runs in float64; callers cast the
+result back to the dtype of the weights they replace.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fuse_conv_bn(kernel, norm):
+    """Fold a batch norm into the convolution kernel that feeds it.
+
+    ``norm(conv(x, kernel))`` equals ``conv(x, fused_kernel) + fused_bias`` in
+    eval mode, with ``fused_kernel = kernel * gamma / std`` and
+    ``fused_bias = beta - mean * gamma / std``.
+
+    Args:
+        kernel (Tensor): Convolution kernel of shape ``(C_out, C_in/g, k, k)``
+            that feeds ``norm`` and has no bias of its own.
+        norm (nn.Module): Any batch norm with running statistics (BN,
+            SyncBN, mmcv's MMSyncBN, ...).
+
+    Returns:
+        tuple[Tensor, Tensor]: The fused kernel and bias, in float64.
+    """
+    mean, var = _running_stats(norm)
+    std = (var.double() + norm.eps).sqrt()
+    gamma = _affine(norm, 'weight', 1.0)
+    beta = _affine(norm, 'bias', 0.0)
+    scale = gamma / std
+    fused_kernel = kernel.detach().double() * scale.reshape(-1, 1, 1, 1)
+    return fused_kernel, beta - mean.double() * scale
+
+
+def identity_kernel(channels, groups, kernel_size=3, device=None):
+    """A ``kernel_size`` kernel whose grouped convolution is the identity.
+
+    Args:
+        channels (int): Input and output channels.
+        groups (int): Convolution groups.
+        kernel_size (int): Odd kernel size. Defaults to 3.
+        device (torch.device, optional): Device of the kernel.
+
+    Returns:
+        Tensor: float64 kernel of shape
+        ``(channels, channels // groups, k, k)``.
+    """
+    per_group = channels // groups
+    kernel = torch.zeros(
+        channels,
+        per_group,
+        kernel_size,
+        kernel_size,
+        dtype=torch.float64,
+        device=device)
+    center = kernel_size // 2
+    index = torch.arange(channels, device=device)
+    kernel[index, index % per_group, center, center] = 1
+    return kernel
+
+
+def pad_kernel(kernel, kernel_size):
+    """Zero-pad a centred square kernel to ``kernel_size``.
+
+    Padding keeps the centre tap at offset 0, so the padded kernel computes
+    the same convolution at any dilation.
+    """
+    pad = (kernel_size - kernel.shape[-1]) // 2
+    return F.pad(kernel, [pad] * 4)
+
+
+def _running_stats(norm):
+    mean = getattr(norm, 'running_mean', None)
+    var = getattr(norm, 'running_var', None)
+    if mean is None or var is None:
+        raise TypeError(
+            f'cannot fuse {type(norm).__name__}: re-parameterization needs a '
+            'batch norm that tracks running statistics')
+    return mean, var
+
+
+def _affine(norm, name, default):
+    param = getattr(norm, name, None)
+    if param is None:
+        return torch.full_like(norm.running_mean, default, dtype=torch.float64)
+    return param.detach().double()
+
+
+def is_batch_norm(module):
+    """Whether ``module`` normalizes with running statistics that can fuse."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or (hasattr(
+        module, 'running_mean') and hasattr(module, 'running_var'))
