@@ -1,0 +1,190 @@
+"""A small Cityscapes-layout dataset that a segmentor can learn quickly.
+
+Scenes are drawn from a few Cityscapes classes, each with its own colour
+and shape (sky above, buildings, road below, round trees, box-like cars and
+upright people), with noise on top, so a model learns them within minutes
+on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
+``CityscapesDataset`` reads them unchanged.
+"""
+import os.path as osp
+
+import cv2
+import numpy as np
+from mmengine.utils import mkdir_or_exist
+
+# Cityscapes train ids and the RGB colours they are drawn in here.
+ROAD, BUILDING, VEGETATION, SKY, PERSON, CAR = 0, 2, 8, 10, 11, 13
+_COLOURS = {
+    ROAD: (128, 64, 128),
+    BUILDING: (70, 70, 70),
+    VEGETATION: (60, 160, 40),
+    SKY: (90, 150, 230),
+    PERSON: (220, 20, 60),
+    CAR: (0, 0, 142),
+}
+CITY = 'toytown'
+
+
+def _draw_scene(rng, height, width):
+    labels = np.full((height, width), ROAD, np.uint8)
+    horizon = int(height * rng.uniform(0.35, 0.5))
+    skyline = int(horizon * rng.uniform(0.3, 0.6))
+    labels[:skyline] = SKY
+    labels[skyline:horizon] = BUILDING
+    for _ in range(rng.integers(1, 3)):
+        radius = int(height * rng.uniform(0.08, 0.15))
+        center = (int(rng.integers(0, width)), int(horizon))
+        cv2.circle(labels, center, radius, VEGETATION, -1)
+    for _ in range(rng.integers(1, 3)):
+        w, h = int(width * rng.uniform(0.12, 0.2)), int(height * 0.15)
+        x, y = int(rng.integers(0, width - w)), int(
+            rng.integers(horizon, height - h))
+        labels[y:y + h, x:x + w] = CAR
+    for _ in range(rng.integers(1, 3)):
+        axes = (int(width * 0.02) + 1, int(height * 0.12))
+        center = (int(rng.integers(0, width)),
+                  int(rng.integers(horizon, height - axes[1])))
+        cv2.ellipse(labels, center, axes, 0, 0, 360, PERSON, -1)
+    image = np.zeros((height, width, 3), np.float32)
+    for train_id, colour in _COLOURS.items():
+        image[labels == train_id] = colour
+    image += rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def make_toy_cityscapes(root,
+                        num_train=8,
+                        num_val=4,
+                        height=64,
+                        width=128,
+                        seed=0):
+    """Write a toy dataset in Cityscapes' layout under ``root``.
+
+    Images go to ``leftImg8bit/{split}/toytown/*_leftImg8bit.png`` and
+    train-id label maps to ``gtFine/{split}/toytown/
+    *_gtFine_labelTrainIds.png``.
+
+    Args:
+        root (str): Dataset root; created if missing.
+        num_train (int): Training images. Defaults to 8.
+        num_val (int): Validation images. Defaults to 4.
+        height (int): Image height. Defaults to 64.
+        width (int): Image width. Defaults to 128.
+        seed (int): Seed of the scene generator. Defaults to 0.
+
+    Returns:
+        str: ``root``.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in (('train', num_train), ('val', num_val)):
+        image_dir = osp.join(root, 'leftImg8bit', split, CITY)
+        label_dir = osp.join(root, 'gtFine', split, CITY)
+        mkdir_or_exist(image_dir)
+        mkdir_or_exist(label_dir)
+        for index in range(count):
+            image, labels = _draw_scene(rng, height, width)
+            stem = f'{CITY}_{index:06d}_000019'
+            cv2.imwrite(
+                osp.join(image_dir, f'{stem}_leftImg8bit.png'),
+                cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            cv2.imwrite(
+                osp.join(label_dir, f'{stem}_gtFine_labelTrainIds.png'),
+                labels)
+    return root
+
+
+_TOY_CONFIG = '''\
+# Derived from {base} to train on a toy Cityscapes-layout dataset.
+_base_ = {base!r}
+crop_size = {crop!r}
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(init_cfg=None))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size={batch_size},
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root={data_root!r}, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root={data_root!r}, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+optim_wrapper = dict(optimizer=dict(lr={lr}))
+param_scheduler = [
+    dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end={iters},
+         by_epoch=False)
+]
+train_cfg = dict(
+    type='IterBasedTrainLoop', max_iters={iters}, val_interval={iters})
+default_hooks = dict(
+    logger=dict(type='LoggerHook', interval={log_interval},
+                log_metric_by_epoch=False),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False,
+                    interval={checkpoint_interval}))
+randomness = dict(seed={seed})
+'''
+
+
+def write_toy_config(base,
+                     data_root,
+                     out,
+                     iters=4,
+                     crop=(64, 128),
+                     batch_size=2,
+                     lr=0.01,
+                     checkpoint_interval=None,
+                     log_interval=1,
+                     seed=0):
+    """Write a config that trains ``base`` on a toy dataset, offline.
+
+    The derived config inherits everything from ``base`` and changes only
+    what the toy data needs: no ImageNet download (the backbone starts from
+    its default initialization), small crops without resizing, a short
+    schedule, and single-process data loading.
+
+    Args:
+        base (str): Path of the config to derive from.
+        data_root (str): Root of a Cityscapes-layout dataset, such as one
+            written by :func:`make_toy_cityscapes`.
+        out (str): Where to write the derived config.
+        iters (int): Training iterations. Defaults to 4.
+        crop (tuple[int]): ``(height, width)`` of the inputs.
+            Defaults to ``(64, 128)``.
+        batch_size (int): Training batch size per process. Defaults to 2.
+        lr (float): Learning rate. Defaults to 0.01.
+        checkpoint_interval (int, optional): Iterations between checkpoints.
+            Defaults to ``iters``.
+        log_interval (int): Iterations between log lines. Defaults to 1.
+        seed (int): Random seed. Defaults to 0.
+
+    Returns:
+        str: ``out``.
+    """
+    text = _TOY_CONFIG.format(
+        base=osp.abspath(base),
+        crop=tuple(crop),
+        data_root=osp.abspath(data_root),
+        batch_size=batch_size,
+        lr=lr,
+        iters=iters,
+        checkpoint_interval=checkpoint_interval or iters,
+        log_interval=log_interval,
+        seed=seed)
+    mkdir_or_exist(osp.dirname(osp.abspath(out)))
+    with open(out, 'w') as f:
+        f.write(text)
+    return out
