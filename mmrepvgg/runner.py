@@ -1,0 +1,131 @@
+"""Building mmengine Runners for training and testing, on GPUs and CPUs.
+
+The distributed engine is mmengine over torch.distributed; this module only
+prepares configs the way mmseg's own ``tools/train.py`` and ``tools/test.py``
+do, and closes the gaps that keep a CPU-only machine from launching them:
+mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
+ids for CPU modules, and SyncBN has no CPU implementation.
+"""
+import os
+import os.path as osp
+
+import torch
+import torch.distributed as dist
+from mmengine.config import Config
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+
+def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
+    """Load ``config`` as mmseg's tools do, and prepare it to launch here.
+
+    Args:
+        config (str): Config file.
+        work_dir (str, optional): Overrides the config's ``work_dir``;
+            without either, ``./work_dirs/<config name>`` as in mmseg.
+        cfg_options (dict, optional): Overrides merged into the config.
+        launcher (str): ``none``, ``pytorch``, ``slurm`` or ``mpi``.
+
+    Returns:
+        Config: The config, with ``launcher`` set.
+    """
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'{config}: no such config file')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(config))[0])
+    if launcher != 'none' and not torch.cuda.is_available():
+        adapt_to_cpu_distributed(cfg, launcher)
+    return cfg
+
+
+def adapt_to_cpu_distributed(cfg, launcher):
+    """Make a distributed launch of ``cfg`` work without CUDA.
+
+    Joins the gloo process group that torchrun describes in the
+    environment (mmengine's launcher would call ``torch.cuda.set_device``),
+    wraps the model in DDP without device ids, and turns SyncBN into BN,
+    which normalizes over each process's batch, with a warning.
+
+    Args:
+        cfg (Config): The config, modified in place.
+        launcher (str): Must be ``pytorch``: the Slurm and MPI launchers
+            are for GPU clusters.
+    """
+    if launcher != 'pytorch':
+        raise ValueError(f'launcher "{launcher}" needs CUDA; on a machine '
+                         'without it use tools/dist_train.sh (torchrun)')
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    cfg.env_cfg = dict(cfg.get('env_cfg', {}), dist_cfg=dict(backend='gloo'))
+    cfg.model_wrapper_cfg = dict(
+        type='MMDistributedDataParallel',
+        device_ids=None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    if replace_sync_bn(cfg.model):
+        print_log(
+            'SyncBN has no CPU implementation: using BN, which normalizes '
+            'over the batch of each process',
+            'current',
+            level=30)
+    print_log(
+        f'distributed on CPU: backend gloo, rank {dist.get_rank()}, '
+        f'world size {dist.get_world_size()}', 'current')
+
+
+def replace_sync_bn(node):
+    """Turn every ``type='SyncBN'`` inside a config node into ``'BN'``.
+
+    Returns:
+        bool: Whether anything was replaced.
+    """
+    replaced = False
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+            replaced = True
+        for value in node.values():
+            replaced |= replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            replaced |= replace_sync_bn(value)
+    return replaced
+
+
+def build_runner(cfg):
+    """Build the Runner a config asks for, as mmseg's tools do."""
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def enable_amp(cfg):
+    """Train with automatic mixed precision, as mmseg's ``--amp`` does."""
+    optim_wrapper = cfg.optim_wrapper.type
+    if optim_wrapper == 'AmpOptimWrapper':
+        print_log(
+            'AMP training is already enabled in your config.',
+            'current',
+            level=30)
+    else:
+        if optim_wrapper != 'OptimWrapper':
+            raise ValueError('--amp is only supported when the optimizer '
+                             f'wrapper type is OptimWrapper, not '
+                             f'{optim_wrapper}')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
+def local_rank_to_env(local_rank):
+    """``torch.distributed.launch`` passes ``--local_rank``; torchrun sets
+    ``LOCAL_RANK``. mmengine reads the environment variable."""
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(local_rank)

@@ -1,0 +1,161 @@
+"""Training with mmengine over torch.distributed on a CPU-only machine."""
+import glob
+import json
+import os
+import os.path as osp
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import REPO_ROOT
+
+from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
+
+PSPNET_A0 = osp.join(
+    REPO_ROOT,
+    'configs/pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+PROBE = """
+custom_imports = dict(
+    imports=['mmrepvgg', 'training_probe'], allow_failed_imports=False)
+custom_hooks = [dict(type='TrainingProbeHook')]
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def environment():
+    env = dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1')
+    env['PYTHONPATH'] = os.pathsep.join(
+        [REPO_ROOT,
+         osp.dirname(__file__),
+         env.get('PYTHONPATH', '')])
+    return env
+
+
+def probed_config(tmp_path, iters, checkpoint_interval=None, num_train=8):
+    data = make_toy_cityscapes(
+        str(tmp_path / 'data'), num_train=num_train, num_val=2)
+    config = write_toy_config(
+        PSPNET_A0,
+        data,
+        str(tmp_path / 'toy.py'),
+        iters=iters,
+        checkpoint_interval=checkpoint_interval)
+    with open(config, 'a') as f:
+        f.write(PROBE)
+    return config
+
+
+def read_probes(work_dir):
+    probes = {}
+    for path in glob.glob(osp.join(work_dir, 'probe_rank*.json')):
+        with open(path) as f:
+            probes[osp.basename(path)] = json.load(f)
+    return probes
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp('dist')
+    config = probed_config(tmp_path, iters=2)
+    work_dir = str(tmp_path / 'work')
+    result = subprocess.run(
+        ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir],
+        cwd=REPO_ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work_dir, result.stdout + result.stderr
+
+
+def test_dist_train_runs_two_gloo_processes(two_process_run):
+    work_dir, output = two_process_run
+    assert 'world size 2' in output
+    assert 'backend gloo' in output
+    assert 'SyncBN has no CPU implementation' in output
+    probes = read_probes(work_dir)
+    assert sorted(probes) == ['probe_rank0.json', 'probe_rank1.json']
+    assert all(p['world_size'] == 2 for p in probes.values())
+    assert all(p['iterations'] == [0, 1] for p in probes.values())
+
+
+def test_ranks_train_on_different_samples(two_process_run):
+    work_dir, _ = two_process_run
+    rank0, rank1 = (set(p['samples'])
+                    for _, p in sorted(read_probes(work_dir).items()))
+    # Two iterations of 2 images on each of 2 ranks: one epoch of 8 images,
+    # split between the ranks.
+    assert len(rank0) == len(rank1) == 4
+    assert not rank0 & rank1
+
+
+def test_parameters_are_identical_on_both_ranks(two_process_run):
+    work_dir, _ = two_process_run
+    digests = {p['parameters'] for p in read_probes(work_dir).values()}
+    assert len(digests) == 1
+    checkpoint = torch.load(osp.join(work_dir, 'iter_2.pth'))
+    assert checkpoint['meta']['iter'] == 2
+
+
+def wait_for(path, process, timeout=600):
+    deadline = time.time() + timeout
+    while not osp.exists(path):
+        assert process.poll() is None, 'training ended before the checkpoint'
+        assert time.time() < deadline, f'{path} never appeared'
+        time.sleep(0.05)
+
+
+def test_resume_continues_an_interrupted_run(tmp_path):
+    config = probed_config(tmp_path, iters=6, checkpoint_interval=2)
+    work_dir = str(tmp_path / 'work')
+    train = [sys.executable, 'tools/train.py', config, '--work-dir', work_dir]
+    interrupted = subprocess.Popen(
+        train,
+        cwd=REPO_ROOT,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    # mmengine writes last_checkpoint once the checkpoint file is complete.
+    wait_for(osp.join(work_dir, 'last_checkpoint'), interrupted)
+    os.killpg(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    assert not osp.exists(osp.join(work_dir, 'iter_6.pth'))
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        resumed_from = torch.load(f.read().strip())['meta']['iter']
+
+    result = subprocess.run(
+        train + ['--resume'],
+        cwd=REPO_ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = read_probes(work_dir)['probe_rank0.json']
+    assert probe['iterations'] == list(range(resumed_from, 6))
+    final = torch.load(osp.join(work_dir, 'iter_6.pth'))
+    assert final['meta']['iter'] == 6  # as far as an uninterrupted run
+
+
+def test_train_reports_a_missing_config_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, 'tools/train.py',
+         str(tmp_path / 'missing.py')],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f'error: {tmp_path / "missing.py"}: no such config file'
+    ]
