@@ -11,7 +11,7 @@ import os.path as osp
 
 import torch
 import torch.distributed as dist
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -124,8 +124,30 @@ def enable_amp(cfg):
         cfg.optim_wrapper.loss_scale = 'dynamic'
 
 
-def local_rank_to_env(local_rank):
-    """``torch.distributed.launch`` passes ``--local_rank``; torchrun sets
-    ``LOCAL_RANK``. mmengine reads the environment variable."""
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(local_rank)
+def add_launch_arguments(parser):
+    """The options that tools/train.py and tools/test.py share with mmseg's:
+    ``--work-dir``, ``--cfg-options``, ``--launcher`` and ``--local_rank``.
+    """
+    parser.add_argument('--work-dir', help='the dir for logs and outputs')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, as key=value pairs')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local_rank; torchrun sets LOCAL_RANK,
+    # which is what mmengine reads.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser
+
+
+def load_launch_config(args):
+    """:func:`load_config` with the options of :func:`add_launch_arguments`.
+    """
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return load_config(args.config, args.work_dir, args.cfg_options,
+                       args.launcher)

@@ -75,11 +75,11 @@ def two_process_run(tmp_path_factory):
         text=True,
         timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return work_dir, result.stdout + result.stderr
+    return config, work_dir, result.stdout + result.stderr
 
 
 def test_dist_train_runs_two_gloo_processes(two_process_run):
-    work_dir, output = two_process_run
+    _, work_dir, output = two_process_run
     assert 'world size 2' in output
     assert 'backend gloo' in output
     assert 'SyncBN has no CPU implementation' in output
@@ -90,7 +90,7 @@ def test_dist_train_runs_two_gloo_processes(two_process_run):
 
 
 def test_ranks_train_on_different_samples(two_process_run):
-    work_dir, _ = two_process_run
+    _, work_dir, _ = two_process_run
     rank0, rank1 = (set(p['samples'])
                     for _, p in sorted(read_probes(work_dir).items()))
     # Two iterations of 2 images on each of 2 ranks: one epoch of 8 images,
@@ -100,11 +100,31 @@ def test_ranks_train_on_different_samples(two_process_run):
 
 
 def test_parameters_are_identical_on_both_ranks(two_process_run):
-    work_dir, _ = two_process_run
+    _, work_dir, _ = two_process_run
     digests = {p['parameters'] for p in read_probes(work_dir).values()}
     assert len(digests) == 1
     checkpoint = torch.load(osp.join(work_dir, 'iter_2.pth'))
     assert checkpoint['meta']['iter'] == 2
+
+
+def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
+    config, work_dir, _ = two_process_run
+    result = subprocess.run([
+        'bash', 'tools/dist_test.sh', config,
+        osp.join(work_dir, 'iter_2.pth'), '2', '--work-dir',
+        str(tmp_path)
+    ],
+                            cwd=REPO_ROOT,
+                            env=environment(),
+                            capture_output=True,
+                            text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = glob.glob(str(tmp_path / '*' / '*.json'))
+    assert len(metrics) == 1
+    with open(metrics[0]) as f:
+        scores = json.load(f)
+    assert 0 < scores['aAcc'] <= 100 and 0 <= scores['mIoU'] <= 100
 
 
 def wait_for(path, process, timeout=600):

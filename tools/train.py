@@ -6,42 +6,22 @@ falls back to the gloo backend.
 """
 import argparse
 
-from mmengine.config import DictAction
-
 from mmrepvgg.cli import run_cli
-from mmrepvgg.runner import (build_runner, enable_amp, load_config,
-                             local_rank_to_env)
+from mmrepvgg.runner import (add_launch_arguments, build_runner, enable_amp,
+                             load_launch_config)
 
 
-def parse_args():
+def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
         '--resume',
         action='store_true',
         help='resume from the latest checkpoint in the work dir')
     parser.add_argument(
         '--amp', action='store_true', help='enable mixed precision training')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override settings of the config, as key=value pairs')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    return parser.parse_args()
-
-
-def main():
-    args = parse_args()
-    local_rank_to_env(args.local_rank)
-    cfg = load_config(args.config, args.work_dir, args.cfg_options,
-                      args.launcher)
+    args = add_launch_arguments(parser).parse_args()
+    cfg = load_launch_config(args)
     if args.amp:
         enable_amp(cfg)
     cfg.resume = args.resume
