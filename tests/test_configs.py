@@ -11,8 +11,9 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import get_mmcls_models
 
 CONFIGS = sorted(
-    osp.relpath(path, REPO_ROOT) for path in glob.glob(
-        osp.join(REPO_ROOT, 'configs', '**', '*.py'), recursive=True))
+    osp.relpath(path, REPO_ROOT)
+    for path in glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))
+    if '_base_' not in path)
 SEGMENTORS = [path for path in CONFIGS if 'cityscapes' in path]
 DETECTORS = [path for path in CONFIGS if 'coco' in path]
 

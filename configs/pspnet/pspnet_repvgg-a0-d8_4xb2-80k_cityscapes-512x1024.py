@@ -1,19 +1,15 @@
 # PSPNet with a RepVGG-A0 backbone at output stride 8 on Cityscapes.
-_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py'
-custom_imports = dict(imports=['mmrepvgg'], allow_failed_imports=False)
+_base_ = [
+    'mmseg::pspnet/pspnet_r50-d8_4xb2-80k_cityscapes-512x1024.py',
+    '../_base_/repvgg.py'
+]
 
 arch = 'A0'
-norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
     pretrained=None,
     backbone=dict(
-        _delete_=True,
-        type='RepVGG',
+        _base_.repvgg_d8,
         arch=arch,
-        out_indices=(0, 1, 2, 3),
-        strides=(2, 2, 1, 1),
-        dilations=(1, 1, 2, 4),
-        norm_cfg=norm_cfg,
         init_cfg=dict(
             type='Pretrained',
             checkpoint=f'mmcls://repvgg_{arch}',
