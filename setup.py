@@ -24,7 +24,6 @@ setup(
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
     python_requires='>=3.8',
     install_requires=[
-        'torch>=1.8',
         'mmengine>=0.10.0,<0.11.0',
         'mmcv>=2.0.0rc4,<2.2.0',
         'mmsegmentation>=1.0.0,<2.0.0',
