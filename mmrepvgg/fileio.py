@@ -115,6 +115,11 @@ def write_atomic(path, write):
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+        # mkstemp creates the file for its owner only; give it the mode that
+        # open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):

@@ -1,6 +1,6 @@
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from .fusion import fuse_conv_bn, identity_kernel, pad_kernel
+from .fusion import add_centered, fuse_conv_bn, identity_kernel
 from .repvgg import RepVGG, RepVGGBlock, SELayer
 from .weight_layouts import to_mmrepvgg_layout
 
@@ -14,6 +14,6 @@ else:
     MMDET_MODELS.register_module(module=RepVGG)
 
 __all__ = [
-    'RepVGG', 'RepVGGBlock', 'SELayer', 'fuse_conv_bn', 'identity_kernel',
-    'pad_kernel', 'to_mmrepvgg_layout'
+    'RepVGG', 'RepVGGBlock', 'SELayer', 'add_centered', 'fuse_conv_bn',
+    'identity_kernel', 'to_mmrepvgg_layout'
 ]

@@ -5,7 +5,6 @@ so the arithmetic exists once. All of it runs in float64; callers cast the
 result back to the dtype of the weights they replace.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,7 +29,8 @@ def fuse_conv_bn(kernel, norm):
     gamma = _affine(norm, 'weight', 1.0)
     beta = _affine(norm, 'bias', 0.0)
     scale = gamma / std
-    fused_kernel = kernel.detach().double() * scale.reshape(-1, 1, 1, 1)
+    fused_kernel = kernel.detach().to(torch.float64, copy=True)
+    fused_kernel.mul_(scale.reshape(-1, 1, 1, 1))
     return fused_kernel, beta - mean.double() * scale
 
 
@@ -61,14 +61,16 @@ def identity_kernel(channels, groups, kernel_size=3, device=None):
     return kernel
 
 
-def pad_kernel(kernel, kernel_size):
-    """Zero-pad a centred square kernel to ``kernel_size``.
+def add_centered(kernel, small):
+    """Add a smaller centred square kernel into ``kernel``, in place.
 
-    Padding keeps the centre tap at offset 0, so the padded kernel computes
-    the same convolution at any dilation.
+    Both kernels keep their centre tap at offset 0, so the sum computes the
+    sum of both convolutions at any dilation. Returns ``kernel``.
     """
-    pad = (kernel_size - kernel.shape[-1]) // 2
-    return F.pad(kernel, [pad] * 4)
+    start = (kernel.shape[-1] - small.shape[-1]) // 2
+    end = start + small.shape[-1]
+    kernel[..., start:end, start:end] += small
+    return kernel
 
 
 def _running_stats(norm):

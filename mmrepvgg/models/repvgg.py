@@ -16,8 +16,9 @@ import torch.utils.checkpoint as cp
 from mmcv.cnn import (ConvModule, build_activation_layer, build_conv_layer,
                       build_norm_layer)
 from mmengine.model import BaseModule
+from torch import nn
 
-from .fusion import fuse_conv_bn, identity_kernel, is_batch_norm, pad_kernel
+from .fusion import add_centered, fuse_conv_bn, identity_kernel, is_batch_norm
 from .weight_layouts import to_mmrepvgg_layout
 
 # Blocks counted from the stem (stem = 0) that the paper's g2/g4 variants
@@ -164,17 +165,19 @@ class RepVGGBlock(BaseModule):
 
     def equivalent_kernel_bias(self):
         """The 3x3 kernel and bias, in float64, that the branches sum to."""
-        conv3, norm3 = self.branch_3x3.conv, self.branch_3x3.norm
-        kernel, bias = fuse_conv_bn(conv3.weight, norm3)
-        kernel_1x1, bias_1x1 = fuse_conv_bn(
-            pad_kernel(self.branch_1x1.conv.weight, 3), self.branch_1x1.norm)
-        kernel, bias = kernel + kernel_1x1, bias + bias_1x1
+        kernel, bias = fuse_conv_bn(self.branch_3x3.conv.weight,
+                                    self.branch_3x3.norm)
+        branches = [(self.branch_1x1.conv.weight, self.branch_1x1.norm)]
         if self.branch_norm is not None:
-            kernel_id, bias_id = fuse_conv_bn(
-                identity_kernel(
-                    self.in_channels, self.groups, device=kernel.device),
-                self.branch_norm)
-            kernel, bias = kernel + kernel_id, bias + bias_id
+            branches.append((identity_kernel(
+                self.in_channels,
+                self.groups,
+                kernel_size=1,
+                device=kernel.device), self.branch_norm))
+        for branch_kernel, norm in branches:
+            branch_kernel, branch_bias = fuse_conv_bn(branch_kernel, norm)
+            add_centered(kernel, branch_kernel)
+            bias += branch_bias
         return kernel, bias
 
     def switch_to_deploy(self):
@@ -183,10 +186,14 @@ class RepVGGBlock(BaseModule):
             return self
         kernel, bias = self.equivalent_kernel_bias()
         weight = self.branch_3x3.conv.weight
-        fused = self._fused_conv().to(device=weight.device, dtype=weight.dtype)
-        fused.weight.data.copy_(kernel)
-        fused.bias.data.copy_(bias)
-        fused.requires_grad_(weight.requires_grad)
+        # Built on the meta device: its parameters are replaced at once, so
+        # a random initialization would be wasted work.
+        with torch.device('meta'):
+            fused = self._fused_conv()
+        fused.weight = nn.Parameter(
+            kernel.to(weight), requires_grad=weight.requires_grad)
+        fused.bias = nn.Parameter(
+            bias.to(weight), requires_grad=weight.requires_grad)
         fused.train(self.training)
         self.branch_reparam = fused
         del self.branch_3x3, self.branch_1x1, self.branch_norm
