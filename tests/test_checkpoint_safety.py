@@ -8,6 +8,7 @@ import torch
 from helpers import REPO_ROOT
 from mmengine.config import Config
 from mmengine.hooks import Hook
+from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner, load_checkpoint
 from mmseg.apis import init_model
 
@@ -89,6 +90,21 @@ def test_resume_continues_from_the_checkpoint(trained):
     runner.train()
     assert runner.iter == 3
     assert counter.iterations == [2]  # only the missing one ran
+
+
+class ReachesPastHistoryBuffer:
+    """Unpickles to ``getattr(HistoryBuffer, '__init__')``: the getattr that
+    mmengine checkpoints need, aimed at something they never hold."""
+
+    def __reduce__(self):
+        return getattr, (HistoryBuffer, '__init__')
+
+
+def test_only_history_buffer_statistics_are_reachable_by_getattr(tmp_path):
+    path = tmp_path / 'getattr.pth'
+    torch.save({'x': ReachesPastHistoryBuffer()}, path)
+    with pytest.raises(Exception, match='refused getattr'):
+        torch.load(path)
 
 
 @pytest.fixture
