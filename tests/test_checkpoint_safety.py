@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, CarriesCode
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
@@ -19,16 +19,6 @@ from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
 PSPNET_A0 = osp.join(
     REPO_ROOT,
     'configs/pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-
-
-class CarriesCode:
-    """Unpickling this runs ``exec``, which creates a marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f'open({self.marker!r}, "w").close()', )
 
 
 class IterationCounter(Hook):

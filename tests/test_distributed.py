@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, run_tool
 
 from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
 
@@ -125,6 +125,20 @@ def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
     with open(metrics[0]) as f:
         scores = json.load(f)
     assert 0 < scores['aAcc'] <= 100 and 0 <= scores['mIoU'] <= 100
+
+
+def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path):
+    config, work_dir, _ = two_process_run
+    out = tmp_path / 'deploy.pth'
+    result = run_tool(
+        'reparameterize.py',
+        config,
+        osp.join(work_dir, 'iter_2.pth'),
+        out,
+        env=environment())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'converted 22 RepVGG blocks' in result.stdout
+    assert out.exists() and out.with_suffix('.py').exists()
 
 
 def wait_for(path, process, timeout=600):

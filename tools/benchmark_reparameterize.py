@@ -1,0 +1,93 @@
+"""Time converting a checkpoint to deploy form against loading plus saving
+it, side by side in one process.
+
+A training-form checkpoint of CONFIG's model is written to a temporary
+directory. Each round then times, one after the other:
+
+- file: read it with ``load_checkpoint_file`` and write it back;
+- model: what loading it for use costs (as mmseg's ``init_model`` does:
+  parse the config, build the model, load the weights), then writing its
+  weights;
+- reparameterize: :func:`mmrepvgg.reparameterize.reparameterize` on it.
+
+The medians and, per baseline, the median of the per-round ratios are
+printed.
+"""
+import argparse
+import os.path as osp
+import statistics
+import tempfile
+import time
+
+import torch
+from mmengine.config import Config
+
+from mmrepvgg.fileio import load_checkpoint_file, save_atomic, weights_of
+from mmrepvgg.reparameterize import build_model, load_weights, reparameterize
+
+DEFAULT_CONFIG = osp.join(
+    osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'pspnet',
+    'pspnet_repvgg-b1g2-d8_4xb2-80k_cityscapes-512x1024.py')
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        '--config', default=DEFAULT_CONFIG, help='training-form config')
+    parser.add_argument(
+        '--rounds', type=int, default=3, help='timed rounds of each')
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = osp.join(tmp, 'train.pth')
+        copy = osp.join(tmp, 'copy.pth')
+        deploy = osp.join(tmp, 'deploy.pth')
+        # The values do not change the work, only the shapes do.
+        model = build_model(Config.fromfile(args.config))
+        torch.save(dict(state_dict=model.state_dict()), checkpoint)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        print(f'{osp.basename(args.config)}: {params / 1e6:.1f}M parameters,'
+              f' checkpoint {osp.getsize(checkpoint) / 2**20:.0f} MiB, '
+              f'{torch.get_num_threads()} threads')
+
+        def file_round_trip():
+            save_atomic(load_checkpoint_file(checkpoint), copy)
+
+        def model_round_trip():
+            model = build_model(Config.fromfile(args.config))
+            load_weights(model, weights_of(load_checkpoint_file(checkpoint)))
+            save_atomic(dict(state_dict=model.state_dict()), copy)
+
+        def convert():
+            reparameterize(args.config, checkpoint, deploy, force=True)
+
+        tasks = dict(
+            file=file_round_trip,
+            model=model_round_trip,
+            reparameterize=convert)
+        # One untimed round warms caches and lazy imports.
+        for task in tasks.values():
+            task()
+        times = {name: [] for name in tasks}
+        for _ in range(args.rounds):
+            for name, task in tasks.items():
+                times[name].append(_timed(task))
+    conversions = times.pop('reparameterize')
+    print(f'reparameterize: {statistics.median(conversions):.2f} s '
+          f'(median of {args.rounds} rounds)')
+    for name, baseline in times.items():
+        # Ratios within a round share the machine's load at the time.
+        ratio = statistics.median(c / b for c, b in zip(conversions, baseline))
+        print(f'load + save ({name}): {statistics.median(baseline):.2f} s; '
+              f'reparameterize takes {ratio:.1f}x as long')
+
+
+if __name__ == '__main__':
+    main()
