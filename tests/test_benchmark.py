@@ -1,0 +1,194 @@
+"""The benchmark library and tool at tiny sizes.
+
+These tests check what the benchmark reports, never how fast anything is:
+speed figures come from running the tool itself.
+"""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+from helpers import REPO_ROOT, randomize_batch_norms, run_tool
+
+from mmrepvgg import RepVGG, switch_to_deploy
+from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast,
+                                SegmentorLogits, build_mmpretrain_backbone,
+                                build_segmentor, check_fast_path,
+                                compare_outputs, format_report, load_config,
+                                optimize, plot_chart, run_benchmark,
+                                write_json)
+
+PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
+                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
+SHAPE = (1, 3, 64, 128)
+FAST_PATH = ('channels_last', 'jit')
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def result():
+    return run_benchmark(
+        PSPNET_A0,
+        references=[PSPNET_R18],
+        shape=SHAPE,
+        rounds=2,
+        warmup=1,
+        threads=2,
+        fast_path=FAST_PATH,
+        log=lambda line: None)
+
+
+def test_every_model_is_timed_in_every_round(result):
+    forms = {(t['part'], t['form']) for t in result['timings']}
+    assert forms == {(part, form)
+                     for part in PARTS
+                     for form in ('train', 'deploy', 'reference',
+                                  'deploy+channels_last+jit')}
+    for timing in result['timings']:
+        assert len(timing['times_s']) == 2
+        assert timing['min_s'] <= timing['median_s'] <= timing['max_s']
+        assert timing['spread'] == pytest.approx(
+            (timing['max_s'] - timing['min_s']) / timing['median_s'])
+    assert result['settings']['shape'] == list(SHAPE)
+    assert result['settings']['threads'] == 2
+
+
+def test_speedups_are_median_per_round_ratios(result):
+    times = {(t['part'], t['name']): t['times_s'] for t in result['timings']}
+    pairs = set()
+    for ratio in result['ratios']:
+        candidate = times[ratio['part'], ratio['candidate']]
+        baseline = times[ratio['part'], ratio['baseline']]
+        per_round = sorted(b / c for c, b in zip(candidate, baseline))
+        assert ratio['speedup'] == pytest.approx(sum(per_round) / 2)
+        assert ratio['speedup_min'] == pytest.approx(per_round[0])
+        assert ratio['speedup_max'] == pytest.approx(per_round[-1])
+        pairs.add((ratio['part'], ratio['candidate'], ratio['baseline']))
+    a0, r18 = 'pspnet_repvgg-a0-d8', 'pspnet_r18-d8'
+    for part in PARTS:
+        assert (part, f'{a0} (deploy)', f'{a0} (train)') in pairs
+        assert (part, f'{a0} (deploy)', f'{r18} (reference)') in pairs
+        assert (part, f'{a0} (deploy+channels_last+jit)',
+                f'{a0} (deploy)') in pairs
+    assert len(pairs) == 3 * len(PARTS)
+
+
+def test_deploy_and_fast_path_predict_the_same(result):
+    checks = {(c['part'], c['candidate']): c for c in result['checks']}
+    assert len(checks) == 2 * len(PARTS)
+    for part in PARTS:
+        for form in ('deploy', 'deploy+channels_last+jit'):
+            check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
+            assert check['exact'], check
+            assert check['max_rel_error'] <= EXACT_RTOL
+            if part == 'segmentor':
+                assert check['label_mismatches'] == 0
+
+
+def test_report_json_and_chart(result, tmp_path):
+    report = format_report(result)
+    for timing in result['timings']:
+        assert timing['name'] in report
+    assert 'same fp32 predictions' in report
+    write_json(result, str(tmp_path / 'bench.json'))
+    with open(tmp_path / 'bench.json') as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    plot_chart(result, str(tmp_path / 'bench.png'))
+    png = (tmp_path / 'bench.png').read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_fast_path_matches_with_trained_like_statistics():
+    # Fresh batch norms are close to identities; random statistics make
+    # the fast path's BN folding do real work.
+    model = randomize_batch_norms(build_segmentor(PSPNET_A0), seed=1)
+    logits = SegmentorLogits(switch_to_deploy(model)).eval()
+    inputs = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
+    channels_last = optimize(logits, inputs, ['channels_last'])
+    backbone = channels_last.segmentor.backbone
+    assert isinstance(backbone, ChannelsLast)
+    assert backbone.module.stem.branch_reparam.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    # The original is left as it was.
+    assert isinstance(logits.segmentor.backbone, RepVGG)
+    with torch.no_grad():
+        expected = logits(inputs)
+        for fast in (channels_last, optimize(logits, inputs, FAST_PATH)):
+            check = compare_outputs(fast(inputs), expected, 'segmentor')
+            assert check['exact'], check
+
+
+def test_compare_outputs_flags_differences():
+    expected = torch.randn(
+        1, 19, 8, 16, generator=torch.Generator().manual_seed(0))
+    close = compare_outputs(expected * (1 + 1e-7), expected, 'segmentor')
+    assert close['exact'] and close['label_mismatches'] == 0
+    far = compare_outputs(expected * (1 + 1e-3), expected, 'segmentor')
+    assert not far['exact'] and far['max_rel_error'] > EXACT_RTOL
+    swapped = expected.clone()
+    swapped[0, :, 0, 0] = swapped[0, :, 0, 0].flip(0)
+    flipped = compare_outputs(swapped, expected, 'segmentor')
+    assert flipped['label_mismatches'] == 1 and not flipped['exact']
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec('mmpretrain') is None,
+    reason='mmpretrain is not installed')
+def test_mmpretrain_backbone_computes_what_ours_does():
+    ours = build_segmentor(PSPNET_A0).backbone
+    switch_to_deploy(randomize_batch_norms(ours))
+    theirs = build_mmpretrain_backbone(
+        dict(
+            arch='A0',
+            out_indices=(0, 1, 2, 3),
+            strides=(2, 2, 1, 1),
+            dilations=(1, 1, 2, 4)))
+    # The same parameter names in deploy form: the same network.
+    theirs.load_state_dict(ours.state_dict())
+    inputs = torch.randn(*SHAPE)
+    with torch.no_grad():
+        for a, b in zip(theirs(inputs), ours(inputs)):
+            assert torch.equal(a, b)
+
+
+def test_tool_writes_json_and_chart(tmp_path):
+    out = tmp_path / 'bench.json'
+    result = run_tool('benchmark.py', PSPNET_A0, '--size', 64, 128, '--parts',
+                      'backbone', '--rounds', 1, '--warmup', 0, '--threads', 1,
+                      '--json', out, '--chart', tmp_path / 'bench.png')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'backbone: pspnet_repvgg-a0-d8 (deploy) over' in result.stdout
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved['settings']['shape'] == [1, 3, 64, 128]
+    assert [t['form'] for t in saved['timings']] == ['train', 'deploy']
+    assert (tmp_path / 'bench.png').read_bytes().startswith(PNG_SIGNATURE)
+
+    again = run_tool('benchmark.py', PSPNET_A0, '--json', out)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines() == [
+        f'error: {out}: already exists; pass --force to overwrite it'
+    ]
+
+
+def test_tool_refuses_a_missing_config(tmp_path):
+    result = run_tool('benchmark.py', tmp_path / 'nope.py')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f'error: {tmp_path / "nope.py"}: no such config file'
+    ]
+
+
+def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no such config file'):
+        load_config(str(tmp_path / 'nope.py'))
+    with pytest.raises(FileNotFoundError, match='nopackage is not installed'):
+        load_config('nopackage::pspnet/nope.py')
+    with pytest.raises(FileNotFoundError, match='nope.py'):
+        load_config('mmseg::pspnet/nope.py')
+    with pytest.raises(ValueError, match='among'):
+        check_fast_path(['mkldnn'])
+    with pytest.raises(ValueError, match='one of jit and compile'):
+        check_fast_path(['jit', 'compile'])

@@ -1,0 +1,108 @@
+"""Time a RepVGG segmentor's train and deploy forms, and reference
+configs, side by side (whole segmentors and their backbones)."""
+import argparse
+
+from mmrepvgg.benchmark import (FAST_STEPS, PARTS, check_fast_path,
+                                format_report, load_mmpretrain_repvgg,
+                                plot_chart, run_benchmark, write_json)
+from mmrepvgg.cli import run_cli
+from mmrepvgg.fileio import CheckpointError, check_output_path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        'config', help='RepVGG segmentor config (path or mmseg::...)')
+    parser.add_argument(
+        '--reference',
+        nargs='+',
+        default=[],
+        help='configs to compare with, e.g. mmseg::pspnet/'
+        'pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py')
+    parser.add_argument(
+        '--checkpoint', help='train-form weights (default: random init)')
+    parser.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(512, 1024),
+        metavar=('H', 'W'),
+        help='input height and width (default: 512 1024)')
+    parser.add_argument(
+        '--batch', type=int, default=1, help='batch size (default: 1)')
+    parser.add_argument(
+        '--parts',
+        nargs='+',
+        choices=PARTS,
+        default=list(PARTS),
+        help='what to time (default: both)')
+    parser.add_argument(
+        '--rounds', type=int, default=5, help='timed rounds (default: 5)')
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=2,
+        help='untimed runs per model first (default: 2)')
+    parser.add_argument(
+        '--threads', type=int, help='torch threads (default: unchanged)')
+    parser.add_argument(
+        '--channels-last',
+        action='store_true',
+        help='run every model in channels-last memory format')
+    parser.add_argument(
+        '--fast-path',
+        nargs='+',
+        choices=FAST_STEPS,
+        default=[],
+        help='also time the deploy form on this fp32 path, after checking '
+        'that it predicts the same (channels_last: memory format; jit: '
+        'trace and freeze; compile: torch.compile with frozen weights)')
+    parser.add_argument(
+        '--mmpretrain',
+        action='store_true',
+        help="also time mmpretrain's deployed RepVGG backbone")
+    parser.add_argument(
+        '--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
+    parser.add_argument('--json', help='write the results as JSON here')
+    parser.add_argument('--chart', help='write a PNG bar chart here')
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite --json/--chart')
+    args = parser.parse_args()
+
+    if args.batch < 1 or min(args.size) < 1 or args.rounds < 1:
+        parser.error('--batch, --size and --rounds must be positive')
+    try:
+        check_fast_path(args.fast_path)
+    except ValueError as error:
+        parser.error(str(error))
+    inputs = [p for p in (args.config, args.checkpoint) if p]
+    for out in (args.json, args.chart):
+        if out:
+            check_output_path(out, inputs, args.force)
+    if args.mmpretrain:
+        load_mmpretrain_repvgg()  # fail now rather than after building
+    result = run_benchmark(
+        args.config,
+        references=args.reference,
+        checkpoint=args.checkpoint,
+        shape=(args.batch, 3, *args.size),
+        parts=args.parts,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        threads=args.threads,
+        channels_last=args.channels_last,
+        fast_path=args.fast_path,
+        mmpretrain=args.mmpretrain,
+        device=args.device)
+    print(format_report(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f'wrote {args.json}')
+    if args.chart:
+        plot_chart(result, args.chart)
+        print(f'wrote {args.chart}')
+
+
+if __name__ == '__main__':
+    run_cli(
+        main, user_errors=(CheckpointError, FileNotFoundError, ImportError))
