@@ -1,0 +1,124 @@
+"""The demo, run as the README runs it, at its smallest settings."""
+import json
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+from helpers import run_tool
+from mmengine.config import Config
+
+from mmrepvgg.demo import (DEFAULT_CONFIG, DemoError, majority_class_miou,
+                           run_demo, write_cityscapes_config)
+from mmrepvgg.toy_data import make_toy_cityscapes
+
+ITERS = 2
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('demo') / 'run'
+    result = run_tool('demo.py', '--work-dir', work_dir, '--iters', ITERS,
+                      '--image-size', 64, 128, '--num-train', 2, '--num-val',
+                      2, '--bench-size', 64, 128, '--bench-rounds', 1,
+                      '--threads', 2, '--fast-path')
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(work_dir / 'summary.json') as f:
+        summary = json.load(f)
+    return work_dir, result.stdout, summary
+
+
+def test_demo_trains_converts_and_evaluates_both_forms(demo):
+    work_dir, stdout, summary = demo
+    # Each step runs the command a user would, shown with its output.
+    assert '-m mim train mmsegmentation' in stdout
+    assert f'Iter(train) [{ITERS}/{ITERS}]' in stdout
+    assert 'tools/reparameterize.py' in stdout
+    assert stdout.count('-m mim test mmsegmentation') == 2
+    assert osp.isfile(summary['deploy_checkpoint'])
+    assert osp.isfile(summary['deploy_config'])
+    train, deploy = summary['metrics']['train'], summary['metrics']['deploy']
+    assert 0 < train['mIoU'] <= 100
+    assert deploy == train
+    assert summary['same_miou'] is True
+    assert 0 < summary['majority_class_miou'] < 100
+
+
+def test_demo_benchmarks_train_against_deploy(demo):
+    work_dir, stdout, summary = demo
+    bench = summary['benchmark']
+    assert bench['settings']['shape'] == [1, 3, 64, 128]
+    assert bench['settings']['checkpoint'] == summary['checkpoint']
+    pairs = {
+        (r['part'], r['candidate'], r['baseline']): r['speedup']
+        for r in bench['ratios']
+    }
+    for part in ('segmentor', 'backbone'):
+        speedup = pairs[part, 'pspnet_repvgg-a0-d8 (deploy)',
+                        'pspnet_repvgg-a0-d8 (train)']
+        assert speedup > 0
+    # The trained weights give the same predictions in both forms.
+    assert all(check['exact'] for check in bench['checks']), bench['checks']
+    png = (work_dir / 'speed.png').read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_demo_prints_and_keeps_one_summary_table(demo):
+    work_dir, stdout, summary = demo
+    table = (work_dir / 'summary.txt').read_text()
+    assert table.strip() in stdout
+    assert 'same mIoU for both forms: yes' in table
+    assert f'{summary["metrics"]["train"]["mIoU"]:.2f}' in table
+    assert 'pspnet_repvgg-a0-d8 (deploy) over pspnet_repvgg-a0-d8 (train)' \
+        in table
+    assert str(work_dir / 'speed.png') in table
+
+
+def test_demo_keeps_a_used_work_dir(demo):
+    work_dir, _, _ = demo
+    before = (work_dir / 'summary.json').read_bytes()
+    with pytest.raises(DemoError, match='not empty'):
+        run_demo(str(work_dir), iters=ITERS)
+    assert (work_dir / 'summary.json').read_bytes() == before
+
+
+def test_demo_refuses_a_folder_without_cityscapes(tmp_path):
+    result = run_tool('demo.py', '--work-dir', tmp_path / 'run', '--data-root',
+                      tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f'error: {tmp_path}: not a Cityscapes folder (no images in '
+        'leftImg8bit/val/*/)'
+    ]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_cityscapes_config_points_every_split_at_the_folder(tmp_path):
+    data_root = make_toy_cityscapes(str(tmp_path / 'data'), 1, 1)
+    out = write_cityscapes_config(
+        DEFAULT_CONFIG, data_root, str(tmp_path / 'config.py'), iters=7)
+    cfg = Config.fromfile(out)
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        assert cfg[loader].dataset.data_root == data_root
+    assert cfg.train_cfg.max_iters == 7
+    assert cfg.default_hooks.checkpoint.interval == 7
+    # Everything else comes from the base config: the model and pipelines.
+    assert cfg.model.backbone.type == 'RepVGG'
+    assert cfg.train_dataloader.dataset.pipeline == Config.fromfile(
+        DEFAULT_CONFIG).train_dataloader.dataset.pipeline
+
+
+def test_majority_class_miou(tmp_path):
+    label_dir = tmp_path / 'gtFine' / 'val' / 'city'
+    label_dir.mkdir(parents=True)
+    road = np.zeros((4, 8), np.uint8)
+    half_sky = road.copy()
+    half_sky[:2] = 10
+    half_sky[0, 0] = 255  # ignored
+    for index, labels in enumerate((road, half_sky)):
+        cv2.imwrite(
+            str(label_dir / f'city_{index}_gtFine_labelTrainIds.png'), labels)
+    # Road everywhere: IoU 48/63 for road, 0 for sky, over 2 classes.
+    assert majority_class_miou(str(tmp_path)) == pytest.approx(100 * 48 / 63 /
+                                                               2)
