@@ -54,6 +54,20 @@ def probed_config(tmp_path, iters, checkpoint_interval=None, num_train=8):
     return config
 
 
+def launch(*command):
+    """Run a command from the repository as a user would, with the probe
+    importable; it must succeed. Returns its stdout and stderr."""
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
 def read_probes(work_dir):
     probes = {}
     for path in glob.glob(osp.join(work_dir, 'probe_rank*.json')):
@@ -67,15 +81,9 @@ def two_process_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp('dist')
     config = probed_config(tmp_path, iters=2)
     work_dir = str(tmp_path / 'work')
-    result = subprocess.run(
-        ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir],
-        cwd=REPO_ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return config, work_dir, result.stdout + result.stderr
+    output = launch('bash', 'tools/dist_train.sh', config, '2', '--work-dir',
+                    work_dir)
+    return config, work_dir, output
 
 
 def test_dist_train_runs_two_gloo_processes(two_process_run):
@@ -109,17 +117,8 @@ def test_parameters_are_identical_on_both_ranks(two_process_run):
 
 def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
     config, work_dir, _ = two_process_run
-    result = subprocess.run([
-        'bash', 'tools/dist_test.sh', config,
-        osp.join(work_dir, 'iter_2.pth'), '2', '--work-dir',
-        str(tmp_path)
-    ],
-                            cwd=REPO_ROOT,
-                            env=environment(),
-                            capture_output=True,
-                            text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch('bash', 'tools/dist_test.sh', config,
+           osp.join(work_dir, 'iter_2.pth'), '2', '--work-dir', str(tmp_path))
     metrics = glob.glob(str(tmp_path / '*' / '*.json'))
     assert len(metrics) == 1
     with open(metrics[0]) as f:
@@ -168,14 +167,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     with open(osp.join(work_dir, 'last_checkpoint')) as f:
         resumed_from = torch.load(f.read().strip())['meta']['iter']
 
-    result = subprocess.run(
-        train + ['--resume'],
-        cwd=REPO_ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(*train, '--resume')
     probe = read_probes(work_dir)['probe_rank0.json']
     assert probe['iterations'] == list(range(resumed_from, 6))
     final = torch.load(osp.join(work_dir, 'iter_6.pth'))

@@ -5,6 +5,7 @@ arch = 'B1g2'
 model = dict(
     backbone=dict(
         arch=arch, init_cfg=dict(checkpoint=f'mmcls://repvgg_{arch}')),
-    # Body stage channels of B1g2: 128, 256, 512, 2048.
-    decode_head=dict(in_channels=2048),
-    auxiliary_head=dict(in_channels=512))
+    # Body stage channels of B1g2: 128, 256, 512, 2048. Head widths as in
+    # mmseg's ResNet-50 configs.
+    decode_head=dict(in_channels=2048, channels=512),
+    auxiliary_head=dict(in_channels=512, channels=256))

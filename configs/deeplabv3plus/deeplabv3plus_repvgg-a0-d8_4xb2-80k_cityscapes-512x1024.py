@@ -16,6 +16,8 @@ model = dict(
             checkpoint=f'mmcls://repvgg_{arch}',
             prefix='backbone.')),
     # Body stage channels of A0: 48, 96, 192, 1280; the decoder takes its
-    # low-level features from body stage 0.
-    decode_head=dict(in_channels=1280, c1_in_channels=48),
-    auxiliary_head=dict(in_channels=192))
+    # low-level features from body stage 0. Head widths as in mmseg's
+    # ResNet-18 configs, for a backbone of that size.
+    decode_head=dict(
+        in_channels=1280, c1_in_channels=48, c1_channels=12, channels=128),
+    auxiliary_head=dict(in_channels=192, channels=64))

@@ -14,6 +14,7 @@ model = dict(
             type='Pretrained',
             checkpoint=f'mmcls://repvgg_{arch}',
             prefix='backbone.')),
-    # Body stage channels of A0: 48, 96, 192, 1280.
-    decode_head=dict(in_channels=1280),
-    auxiliary_head=dict(in_channels=192))
+    # Body stage channels of A0: 48, 96, 192, 1280. Head widths as in mmseg's
+    # ResNet-18 configs, for a backbone of that size.
+    decode_head=dict(in_channels=1280, channels=128),
+    auxiliary_head=dict(in_channels=192, channels=64))
