@@ -25,13 +25,14 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import Registry
 from torch import nn
+from torch.utils.mkldnn import to_mkldnn
 
 from .deploy import switch_to_deploy
 from .fileio import load_checkpoint_file, weights_of, write_atomic
 from .reparameterize import build_model, load_weights
 
 PARTS = ('segmentor', 'backbone')
-FAST_STEPS = ('channels_last', 'jit', 'compile')
+FAST_STEPS = ('channels_last', 'mkldnn', 'jit', 'compile')
 # The largest relative output difference that still counts as the same
 # fp32 predictions (with an identical argmax label map).
 EXACT_RTOL = 1e-5
@@ -168,6 +169,9 @@ def check_fast_path(fast_path):
                          f'{sorted(unknown)}')
     if {'jit', 'compile'} <= set(fast_path):
         raise ValueError('fast path: choose one of jit and compile')
+    if 'mkldnn' in fast_path and len(set(fast_path)) > 1:
+        raise ValueError('fast path: mkldnn runs alone (it picks its own '
+                         'memory layout and cannot be traced or compiled)')
 
 
 class ChannelsLast(nn.Module):
@@ -189,6 +193,34 @@ class ChannelsLast(nn.Module):
             outputs, (tuple, list)) else outputs.contiguous()
 
 
+class OneDNNLayout(nn.Module):
+    """Run a CPU module on oneDNN tensors, so that activations stay in
+    oneDNN's blocked layout from one conv to the next; the outputs return
+    to dense tensors.
+
+    Args:
+        module (nn.Module): Converted: its convs get prepacked weights.
+    """
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = to_mkldnn(module)
+
+    def forward(self, inputs):
+        outputs = self.module(inputs.to_mkldnn())
+        return type(outputs)(o.to_dense() for o in outputs) if isinstance(
+            outputs, (tuple, list)) else outputs.to_dense()
+
+
+def _wrap_backbone(model, wrapper):
+    # A segmentor's head keeps the default layout: only the plain conv
+    # stack of the backbone changes.
+    if isinstance(model, SegmentorLogits):
+        model.segmentor.backbone = wrapper(model.segmentor.backbone)
+        return model.eval()
+    return wrapper(model).eval()
+
+
 def optimize(model, inputs, fast_path):
     """A copy of an eval-mode model on a faster fp32 inference path.
 
@@ -200,7 +232,8 @@ def optimize(model, inputs, fast_path):
             ``'channels_last'`` runs the backbone in channels-last memory
             format, oneDNN's native layout for its plain 3x3 convs on CPU,
             while a segmentor's head keeps the default layout (faster for
-            the PSP head's 3328-channel conv); ``'jit'`` traces and freezes
+            the PSP head's wide concatenating conv); ``'mkldnn'`` runs the
+            backbone on oneDNN tensors (CPU only); ``'jit'`` traces and freezes
             the model (weights become constants, BN folds into the convs
             before it); ``'compile'`` uses ``torch.compile`` with frozen
             weights.
@@ -211,11 +244,9 @@ def optimize(model, inputs, fast_path):
     check_fast_path(fast_path)
     model = copy.deepcopy(model)
     if 'channels_last' in fast_path:
-        if isinstance(model, SegmentorLogits):
-            model.segmentor.backbone = ChannelsLast(model.segmentor.backbone)
-        else:
-            model = ChannelsLast(model)
-        model.eval()
+        model = _wrap_backbone(model, ChannelsLast)
+    if 'mkldnn' in fast_path:
+        model = _wrap_backbone(model, OneDNNLayout)
     if 'jit' in fast_path:
         with torch.no_grad():
             model = torch.jit.freeze(

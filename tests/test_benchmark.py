@@ -12,7 +12,7 @@ import torch
 from helpers import REPO_ROOT, randomize_batch_norms, run_tool
 
 from mmrepvgg import RepVGG, switch_to_deploy
-from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast,
+from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast, OneDNNLayout,
                                 SegmentorLogits, build_mmpretrain_backbone,
                                 build_segmentor, check_fast_path,
                                 compare_outputs, format_report, load_config,
@@ -113,9 +113,12 @@ def test_fast_path_matches_with_trained_like_statistics():
         memory_format=torch.channels_last)
     # The original is left as it was.
     assert isinstance(logits.segmentor.backbone, RepVGG)
+    onednn = optimize(logits, inputs, ['mkldnn'])
+    assert isinstance(onednn.segmentor.backbone, OneDNNLayout)
     with torch.no_grad():
         expected = logits(inputs)
-        for fast in (channels_last, optimize(logits, inputs, FAST_PATH)):
+        for fast in (channels_last, onednn, optimize(logits, inputs,
+                                                     FAST_PATH)):
             check = compare_outputs(fast(inputs), expected, 'segmentor')
             assert check['exact'], check
 
@@ -189,6 +192,8 @@ def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.py'):
         load_config('mmseg::pspnet/nope.py')
     with pytest.raises(ValueError, match='among'):
-        check_fast_path(['mkldnn'])
+        check_fast_path(['tensorrt'])
+    with pytest.raises(ValueError, match='mkldnn runs alone'):
+        check_fast_path(['mkldnn', 'jit'])
     with pytest.raises(ValueError, match='one of jit and compile'):
         check_fast_path(['jit', 'compile'])

@@ -55,8 +55,9 @@ def main():
         choices=FAST_STEPS,
         default=[],
         help='also time the deploy form on this fp32 path, after checking '
-        'that it predicts the same (channels_last: memory format; jit: '
-        'trace and freeze; compile: torch.compile with frozen weights)')
+        'that it predicts the same (channels_last: memory format; mkldnn: '
+        'the backbone on oneDNN tensors; jit: trace and freeze; compile: '
+        'torch.compile with frozen weights)')
     parser.add_argument(
         '--mmpretrain',
         action='store_true',
