@@ -21,7 +21,6 @@ import types
 
 import torch
 import torch.nn.functional as F
-from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import Registry
 from torch import nn
@@ -29,31 +28,14 @@ from torch.utils.mkldnn import to_mkldnn
 
 from .deploy import switch_to_deploy
 from .fileio import load_checkpoint_file, weights_of, write_atomic
-from .reparameterize import build_model, load_weights
+from .reparameterize import build_model, load_weights, relative_error
+from .runner import read_config
 
 PARTS = ('segmentor', 'backbone')
 FAST_STEPS = ('channels_last', 'mkldnn', 'jit', 'compile')
 # The largest relative output difference that still counts as the same
 # fp32 predictions (with an identical argmax label map).
 EXACT_RTOL = 1e-5
-
-
-def load_config(path):
-    """Read a config file, or a ``package::path`` config of an installed
-    OpenMMLab package such as ``mmseg::pspnet/pspnet_r18-...py``."""
-    if '::' in path:
-        package = path.split('::')[0]
-        # mmengine would pip-install a missing package: refuse instead.
-        if importlib.util.find_spec(package) is None:
-            raise FileNotFoundError(f'{path}: {package} is not installed')
-        from mmengine.hub import get_config
-        try:
-            return get_config(path)
-        except AssertionError as error:
-            raise FileNotFoundError(f'{path}: {error}') from None
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{path}: no such config file')
-    return Config.fromfile(path)
 
 
 def build_segmentor(config, checkpoint=None):
@@ -71,7 +53,7 @@ def build_segmentor(config, checkpoint=None):
     Returns:
         nn.Module: The segmentor.
     """
-    model = revert_sync_batchnorm(build_model(load_config(config)))
+    model = revert_sync_batchnorm(build_model(read_config(config)))
     if checkpoint is not None:
         load_weights(model,
                      weights_of(load_checkpoint_file(checkpoint), checkpoint),
@@ -276,8 +258,10 @@ def compare_outputs(actual, expected, part):
         differs; segmentors only, else None) and ``exact`` (labels equal and
         error within :data:`EXACT_RTOL`).
     """
-    errors = [((a - e).abs().max() / e.abs().max()).item()
-              for a, e in zip(_as_tuple(actual), _as_tuple(expected))]
+    errors = [
+        relative_error(a, e)
+        for a, e in zip(_as_tuple(actual), _as_tuple(expected))
+    ]
     mismatches = None
     if part == 'segmentor':
         mismatches = int((actual.argmax(dim=1)
@@ -330,7 +314,7 @@ def _entries(config, name, references, checkpoint, parts, mmpretrain):
                     part=part,
                     form='mmpretrain',
                     model=build_mmpretrain_backbone(
-                        load_config(config).model.backbone)))
+                        read_config(config).model.backbone)))
     return entries
 
 

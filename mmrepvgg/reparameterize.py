@@ -141,7 +141,7 @@ def reparameterize(config,
     if bar is not None:
         bar.file.write('\n')
     max_error = max(
-        _relative_error(a, e) for outs, expects in zip(actual, expected)
+        relative_error(a, e) for outs, expects in zip(actual, expected)
         for a, e in zip(outs, expects))
     if not max_error <= tolerance:
         raise VerificationError(
@@ -381,7 +381,9 @@ def _tensors(output):
     return []
 
 
-def _relative_error(actual, expected):
+def relative_error(actual, expected):
+    """``max|actual - expected| / max|expected|`` (the plain difference
+    where ``expected`` is all zeros)."""
     scale = expected.abs().max()
     difference = (actual - expected).abs().max()
     if scale == 0:

@@ -6,6 +6,7 @@ do, and closes the gaps that keep a CPU-only machine from launching them:
 mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
 ids for CPU modules, and SyncBN has no CPU implementation.
 """
+import importlib.util
 import os
 import os.path as osp
 
@@ -17,11 +18,29 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 
+def read_config(path):
+    """Read a config file, or a ``package::path`` config of an installed
+    OpenMMLab package such as ``mmseg::pspnet/pspnet_r18-...py``."""
+    if '::' in path:
+        package = path.split('::')[0]
+        # mmengine would pip-install a missing package: refuse instead.
+        if importlib.util.find_spec(package) is None:
+            raise FileNotFoundError(f'{path}: {package} is not installed')
+        from mmengine.hub import get_config
+        try:
+            return get_config(path)
+        except AssertionError as error:
+            raise FileNotFoundError(f'{path}: {error}') from None
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'{path}: no such config file')
+    return Config.fromfile(path)
+
+
 def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
     """Load ``config`` as mmseg's tools do, and prepare it to launch here.
 
     Args:
-        config (str): Config file.
+        config (str): Config file, or ``package::path``.
         work_dir (str, optional): Overrides the config's ``work_dir``;
             without either, ``./work_dirs/<config name>`` as in mmseg.
         cfg_options (dict, optional): Overrides merged into the config.
@@ -30,9 +49,7 @@ def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
     Returns:
         Config: The config, with ``launcher`` set.
     """
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'{config}: no such config file')
-    cfg = Config.fromfile(config)
+    cfg = read_config(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher

@@ -15,9 +15,9 @@ from mmrepvgg import RepVGG, switch_to_deploy
 from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast, OneDNNLayout,
                                 SegmentorLogits, build_mmpretrain_backbone,
                                 build_segmentor, check_fast_path,
-                                compare_outputs, format_report, load_config,
-                                optimize, plot_chart, run_benchmark,
-                                write_json)
+                                compare_outputs, format_report, optimize,
+                                plot_chart, run_benchmark, write_json)
+from mmrepvgg.runner import read_config
 
 PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
@@ -186,11 +186,11 @@ def test_tool_refuses_a_missing_config(tmp_path):
 
 def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such config file'):
-        load_config(str(tmp_path / 'nope.py'))
+        read_config(str(tmp_path / 'nope.py'))
     with pytest.raises(FileNotFoundError, match='nopackage is not installed'):
-        load_config('nopackage::pspnet/nope.py')
+        read_config('nopackage::pspnet/nope.py')
     with pytest.raises(FileNotFoundError, match='nope.py'):
-        load_config('mmseg::pspnet/nope.py')
+        read_config('mmseg::pspnet/nope.py')
     with pytest.raises(ValueError, match='among'):
         check_fast_path(['tensorrt'])
     with pytest.raises(ValueError, match='mkldnn runs alone'):
