@@ -5,6 +5,7 @@ registries and lets mmengine checkpoints load under torch's safe unpickler.
 """
 from .checkpoint import allow_mmengine_checkpoints
 from .deploy import switch_to_deploy
+from .folded_psp import FoldedPSPHead, fold_psp_heads
 from .models import RepVGG, RepVGGBlock, fuse_conv_bn
 from .version import __version__
 
@@ -12,5 +13,6 @@ allow_mmengine_checkpoints()
 
 __all__ = [
     'RepVGG', 'RepVGGBlock', 'fuse_conv_bn', 'switch_to_deploy',
-    'allow_mmengine_checkpoints', '__version__'
+    'FoldedPSPHead', 'fold_psp_heads', 'allow_mmengine_checkpoints',
+    '__version__'
 ]

@@ -28,11 +28,15 @@ from torch.utils.mkldnn import to_mkldnn
 
 from .deploy import switch_to_deploy
 from .fileio import load_checkpoint_file, weights_of, write_atomic
+from .folded_psp import fold_psp_heads
 from .reparameterize import build_model, load_weights, relative_error
 from .runner import read_config
 
 PARTS = ('segmentor', 'backbone')
-FAST_STEPS = ('channels_last', 'mkldnn', 'jit', 'compile')
+FAST_STEPS = ('fold_psp', 'channels_last', 'mkldnn', 'jit', 'compile')
+# Steps that change only a segmentor's head: a backbone's fast path skips
+# them.
+HEAD_STEPS = ('fold_psp', )
 # The largest relative output difference that still counts as the same
 # fp32 predictions (with an identical argmax label map).
 EXACT_RTOL = 1e-5
@@ -143,17 +147,32 @@ def build_mmpretrain_backbone(backbone_cfg):
     return backbone
 
 
-def check_fast_path(fast_path):
-    """Raise ValueError unless ``fast_path`` is a valid list of steps."""
+def check_fast_path(fast_path, config=None):
+    """Raise ValueError unless ``fast_path`` is a valid list of steps (for
+    ``config``'s segmentor, when given)."""
     unknown = set(fast_path) - set(FAST_STEPS)
     if unknown:
         raise ValueError(f'fast path steps must be among {FAST_STEPS}, got '
                          f'{sorted(unknown)}')
     if {'jit', 'compile'} <= set(fast_path):
         raise ValueError('fast path: choose one of jit and compile')
-    if 'mkldnn' in fast_path and len(set(fast_path)) > 1:
-        raise ValueError('fast path: mkldnn runs alone (it picks its own '
-                         'memory layout and cannot be traced or compiled)')
+    if 'mkldnn' in fast_path and set(fast_path) - {'mkldnn', *HEAD_STEPS}:
+        raise ValueError('fast path: mkldnn goes with fold_psp only (it '
+                         'picks its own memory layout and cannot be traced '
+                         'or compiled)')
+    if 'fold_psp' in fast_path and config is not None:
+        head = read_config(config).model.decode_head.type
+        if head.split('.')[-1] != 'PSPHead':
+            raise ValueError(f'fast path fold_psp: the decode head of '
+                             f'{config} is {head}, not PSPHead')
+
+
+def fast_steps_for(part, fast_path):
+    """The steps of ``fast_path`` that apply to a ``part``, in order."""
+    return [
+        step for step in fast_path
+        if part == 'segmentor' or step not in HEAD_STEPS
+    ]
 
 
 class ChannelsLast(nn.Module):
@@ -218,13 +237,17 @@ def optimize(model, inputs, fast_path):
             backbone on oneDNN tensors (CPU only); ``'jit'`` traces and freezes
             the model (weights become constants, BN folds into the convs
             before it); ``'compile'`` uses ``torch.compile`` with frozen
-            weights.
+            weights; ``'fold_psp'`` folds a segmentor's pyramid pooling into
+            its bottleneck conv (see
+            :class:`mmrepvgg.folded_psp.FoldedPSPHead`).
 
     Returns:
         callable: The optimized model.
     """
     check_fast_path(fast_path)
     model = copy.deepcopy(model)
+    if 'fold_psp' in fast_path and not fold_psp_heads(model):
+        raise ValueError('fast path fold_psp: the model has no PSPHead')
     if 'channels_last' in fast_path:
         model = _wrap_backbone(model, ChannelsLast)
     if 'mkldnn' in fast_path:
@@ -413,23 +436,24 @@ def run_benchmark(config,
     inputs = torch.randn(
         *shape, generator=torch.Generator().manual_seed(seed)).to(
             device, memory_format=memory_format)
-    fast = '+'.join(fast_path)
 
     log(f'building models for {list(parts)}')
     entries = _entries(config, name or short_name(config), references,
                        checkpoint, parts, mmpretrain)
     for entry in entries:
         entry['model'].to(device, memory_format=memory_format)
-    if fast:
-        for part in parts:
+    for part in parts:
+        steps = fast_steps_for(part, fast_path)
+        if steps:
             deploy = _find(entries, part, 'deploy')
+            fast = '+'.join(steps)
             entries.insert(
                 entries.index(deploy) + 1,
                 dict(
                     name=deploy['name'].replace(')', f'+{fast})'),
                     part=part,
                     form=f'deploy+{fast}',
-                    model=optimize(deploy['model'], inputs, fast_path)))
+                    model=optimize(deploy['model'], inputs, steps)))
 
     checks = []
     with torch.inference_mode():
@@ -438,11 +462,12 @@ def run_benchmark(config,
             for _ in range(max(warmup, 1)):
                 entry['output'] = entry['model'](inputs)
         for part in parts:
-            for candidate, reference in (('deploy', 'train'),
-                                         (f'deploy+{fast}', 'deploy')):
+            fast = '+'.join(['deploy', *fast_steps_for(part, fast_path)])
+            for candidate, reference in (('deploy', 'train'), (fast,
+                                                               'deploy')):
                 candidate = _find(entries, part, candidate)
                 reference = _find(entries, part, reference)
-                if candidate is not None:
+                if candidate is not None and candidate is not reference:
                     checks.append(
                         dict(
                             part=part,

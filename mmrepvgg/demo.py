@@ -204,12 +204,12 @@ def run_demo(work_dir,
     """
     if iters < 1:
         raise DemoError('--iters must be at least 1')
-    try:
-        check_fast_path(fast_path)
-    except ValueError as error:
-        raise DemoError(str(error)) from None
     if not osp.isfile(config):
         raise DemoError(f'{config}: no such config file')
+    try:
+        check_fast_path(fast_path, config)
+    except ValueError as error:
+        raise DemoError(str(error)) from None
     if data_root is not None:
         check_cityscapes(data_root)
     work_dir = osp.abspath(work_dir)

@@ -10,8 +10,9 @@ import os.path as osp
 import pytest
 import torch
 from helpers import REPO_ROOT, randomize_batch_norms, run_tool
+from mmseg.models.decode_heads import PSPHead
 
-from mmrepvgg import RepVGG, switch_to_deploy
+from mmrepvgg import FoldedPSPHead, RepVGG, switch_to_deploy
 from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast, OneDNNLayout,
                                 SegmentorLogits, build_mmpretrain_backbone,
                                 build_segmentor, check_fast_path,
@@ -23,7 +24,11 @@ PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SHAPE = (1, 3, 64, 128)
-FAST_PATH = ('channels_last', 'jit')
+FAST_PATH = ('fold_psp', 'channels_last', 'jit')
+# A backbone has no head to fold.
+FAST_FORMS = dict(
+    segmentor='deploy+fold_psp+channels_last+jit',
+    backbone='deploy+channels_last+jit')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -45,7 +50,7 @@ def test_every_model_is_timed_in_every_round(result):
     assert forms == {(part, form)
                      for part in PARTS
                      for form in ('train', 'deploy', 'reference',
-                                  'deploy+channels_last+jit')}
+                                  FAST_FORMS[part])}
     for timing in result['timings']:
         assert len(timing['times_s']) == 2
         assert timing['min_s'] <= timing['median_s'] <= timing['max_s']
@@ -70,8 +75,7 @@ def test_speedups_are_median_per_round_ratios(result):
     for part in PARTS:
         assert (part, f'{a0} (deploy)', f'{a0} (train)') in pairs
         assert (part, f'{a0} (deploy)', f'{r18} (reference)') in pairs
-        assert (part, f'{a0} (deploy+channels_last+jit)',
-                f'{a0} (deploy)') in pairs
+        assert (part, f'{a0} ({FAST_FORMS[part]})', f'{a0} (deploy)') in pairs
     assert len(pairs) == 3 * len(PARTS)
 
 
@@ -79,7 +83,7 @@ def test_deploy_and_fast_path_predict_the_same(result):
     checks = {(c['part'], c['candidate']): c for c in result['checks']}
     assert len(checks) == 2 * len(PARTS)
     for part in PARTS:
-        for form in ('deploy', 'deploy+channels_last+jit'):
+        for form in ('deploy', FAST_FORMS[part]):
             check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
             assert check['exact'], check
             assert check['max_rel_error'] <= EXACT_RTOL
@@ -113,8 +117,10 @@ def test_fast_path_matches_with_trained_like_statistics():
         memory_format=torch.channels_last)
     # The original is left as it was.
     assert isinstance(logits.segmentor.backbone, RepVGG)
-    onednn = optimize(logits, inputs, ['mkldnn'])
+    onednn = optimize(logits, inputs, ['mkldnn', 'fold_psp'])
     assert isinstance(onednn.segmentor.backbone, OneDNNLayout)
+    assert isinstance(onednn.segmentor.decode_head, FoldedPSPHead)
+    assert isinstance(logits.segmentor.decode_head, PSPHead)
     with torch.no_grad():
         expected = logits(inputs)
         for fast in (channels_last, onednn, optimize(logits, inputs,
@@ -193,7 +199,19 @@ def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
         read_config('mmseg::pspnet/nope.py')
     with pytest.raises(ValueError, match='among'):
         check_fast_path(['tensorrt'])
-    with pytest.raises(ValueError, match='mkldnn runs alone'):
+    with pytest.raises(ValueError, match='mkldnn goes with fold_psp only'):
         check_fast_path(['mkldnn', 'jit'])
+    check_fast_path(['mkldnn', 'fold_psp'])
     with pytest.raises(ValueError, match='one of jit and compile'):
         check_fast_path(['jit', 'compile'])
+
+
+def test_tool_refuses_to_fold_a_head_that_is_not_psp():
+    config = osp.join(
+        REPO_ROOT, 'configs', 'deeplabv3',
+        'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+    result = run_tool('benchmark.py', config, '--fast-path', 'fold_psp')
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'benchmark.py: error: fast path fold_psp: the decode head of '
+        f'{config} is ASPPHead, not PSPHead')

@@ -5,7 +5,7 @@ import os.path as osp
 import cv2
 import numpy as np
 import pytest
-from helpers import run_tool
+from helpers import REPO_ROOT, run_tool
 from mmengine.config import Config
 
 from mmrepvgg.demo import (DEFAULT_CONFIG, DemoError, majority_class_miou,
@@ -91,6 +91,15 @@ def test_demo_refuses_a_folder_without_cityscapes(tmp_path):
         f'error: {tmp_path}: not a Cityscapes folder (no images in '
         'leftImg8bit/val/*/)'
     ]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_demo_refuses_a_fast_path_that_does_not_fit_before_training(tmp_path):
+    config = osp.join(
+        REPO_ROOT, 'configs', 'deeplabv3',
+        'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+    with pytest.raises(DemoError, match='is ASPPHead, not PSPHead'):
+        run_demo(str(tmp_path / 'run'), config=config, fast_path=['fold_psp'])
     assert not (tmp_path / 'run').exists()
 
 

@@ -55,9 +55,10 @@ def main():
         choices=FAST_STEPS,
         default=[],
         help='also time the deploy form on this fp32 path, after checking '
-        'that it predicts the same (channels_last: memory format; mkldnn: '
-        'the backbone on oneDNN tensors; jit: trace and freeze; compile: '
-        'torch.compile with frozen weights)')
+        'that it predicts the same (fold_psp: the PSP head with its pyramid '
+        'pooling folded into its bottleneck conv; channels_last: memory '
+        'format; mkldnn: the backbone on oneDNN tensors; jit: trace and '
+        'freeze; compile: torch.compile with frozen weights)')
     parser.add_argument(
         '--mmpretrain',
         action='store_true',
@@ -73,7 +74,7 @@ def main():
     if args.batch < 1 or min(args.size) < 1 or args.rounds < 1:
         parser.error('--batch, --size and --rounds must be positive')
     try:
-        check_fast_path(args.fast_path)
+        check_fast_path(args.fast_path, args.config)
     except ValueError as error:
         parser.error(str(error))
     inputs = [p for p in (args.config, args.checkpoint) if p]
