@@ -75,7 +75,9 @@ class RepVGGBlock(BaseModule):
         conv_cfg (dict, optional): Conv layer config. Defaults to None.
         norm_cfg (dict): Norm layer config; any batch norm. Defaults to
             ``dict(type='BN')``.
-        act_cfg (dict): Activation config. Defaults to ``dict(type='ReLU')``.
+        act_cfg (dict): Activation config. Defaults to
+            ``dict(type='ReLU', inplace=True)`` (it acts on a fresh sum or
+            conv output, so in place is safe and saves a copy).
         deploy (bool): Build the fused single-conv form. Defaults to False.
         init_cfg (dict, optional): Initialization config. Defaults to None.
     """
@@ -90,7 +92,7 @@ class RepVGGBlock(BaseModule):
                  with_cp=False,
                  conv_cfg=None,
                  norm_cfg=dict(type='BN'),
-                 act_cfg=dict(type='ReLU'),
+                 act_cfg=dict(type='ReLU', inplace=True),
                  deploy=False,
                  init_cfg=None):
         super().__init__(init_cfg)
@@ -233,7 +235,8 @@ class RepVGG(BaseModule):
         deploy (bool): Build the fused plain-conv form. Defaults to False.
         conv_cfg (dict, optional): Conv layer config. Defaults to None.
         norm_cfg (dict): Norm layer config. Defaults to ``dict(type='BN')``.
-        act_cfg (dict): Activation config. Defaults to ``dict(type='ReLU')``.
+        act_cfg (dict): Activation config of every block. Defaults to
+            ``dict(type='ReLU', inplace=True)``.
         pretrained (str, optional): Checkpoint to load; the same as
             ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
             Defaults to None.
@@ -288,7 +291,7 @@ class RepVGG(BaseModule):
                  deploy=False,
                  conv_cfg=None,
                  norm_cfg=dict(type='BN'),
-                 act_cfg=dict(type='ReLU'),
+                 act_cfg=dict(type='ReLU', inplace=True),
                  pretrained=None,
                  init_cfg=None):
         if pretrained is not None:
