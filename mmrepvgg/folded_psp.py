@@ -13,7 +13,7 @@ one matrix product.
 The folded head therefore skips the concatenation, the upsampling and the
 bottleneck's multiply-adds on the upsampled maps: 29% of them in
 PSPNet-RepVGG-A0, half in PSPNets whose branches together have as many
-channels as ``x`` (mmseg's ResNet ones, RepVGG-B). The result is the same up
+channels as ``x`` (mmseg's ResNet ones, RepVGG-B1g2). The result is the same up
 to the rounding of a different summation order: float64 heads agree to
 about 1e-15.
 """

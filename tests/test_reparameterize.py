@@ -1,5 +1,6 @@
 """tools/reparameterize.py turns trained checkpoints into deploy pairs that
 mmseg and mmdet use unchanged, and refuses bad input without writing."""
+import copy
 import glob
 import json
 import os
@@ -17,7 +18,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
-from mmrepvgg import switch_to_deploy
+from mmrepvgg import fold_psp_heads, switch_to_deploy
 from mmrepvgg.fileio import CheckpointError
 from mmrepvgg.reparameterize import (VerificationError, build_model,
                                      deploy_config_path, reparameterize)
@@ -182,13 +183,17 @@ def test_inference_model_label_maps_are_identical(trained, converted):
     deploy_model = init_model(deploy_config_path(out), out, device='cpu')
     assert deploy_model.dataset_meta['classes'] == train_model.dataset_meta[
         'classes']
+    # The deploy pair with its PSP head folded for faster inference.
+    folded_model = copy.deepcopy(deploy_model)
+    assert fold_psp_heads(folded_model) == 1
     for image in images:
         expected = inference_model(train_model, image)
-        actual = inference_model(deploy_model, image)
-        assert torch.equal(actual.pred_sem_seg.data,
-                           expected.pred_sem_seg.data)
-        assert relative_error(actual.seg_logits.data,
-                              expected.seg_logits.data) <= 1e-5
+        for model in (deploy_model, folded_model):
+            actual = inference_model(model, image)
+            assert torch.equal(actual.pred_sem_seg.data,
+                               expected.pred_sem_seg.data)
+            assert relative_error(actual.seg_logits.data,
+                                  expected.seg_logits.data) <= 1e-5
 
 
 def test_ddp_checkpoint_with_optimizer_converts_to_the_same_weights(
