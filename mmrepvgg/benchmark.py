@@ -177,6 +177,12 @@ def fast_steps_for(part, fast_path):
     ]
 
 
+def _fast_form(part, fast_path):
+    # None where no step applies to the part.
+    steps = fast_steps_for(part, fast_path)
+    return '+'.join(['deploy', *steps]) if steps else None
+
+
 class ChannelsLast(nn.Module):
     """Run a module in channels-last memory format; its outputs return to
     the default (contiguous) format.
@@ -399,8 +405,10 @@ def run_benchmark(config,
         channels_last (bool): Run every model in channels-last memory
             format. Defaults to False.
         fast_path (Sequence[str]): Steps of :func:`optimize`; when given,
-            the deploy form also runs on that path, after a check of its
-            outputs against plain deploy. Defaults to () (none).
+            the deploy form also runs on that path (a backbone skips the
+            steps that change only a head, see :data:`HEAD_STEPS`), after a
+            check of its outputs against plain deploy. Defaults to ()
+            (none).
         mmpretrain (bool): Also time mmpretrain's deployed RepVGG backbone
             at the same settings. Defaults to False.
         device (str): ``'cpu'`` or a CUDA device. Defaults to ``'cpu'``.
@@ -445,17 +453,17 @@ def run_benchmark(config,
     for entry in entries:
         entry['model'].to(device, memory_format=memory_format)
     for part in parts:
-        steps = fast_steps_for(part, fast_path)
-        if steps:
+        form = _fast_form(part, fast_path)
+        if form:
             deploy = _find(entries, part, 'deploy')
-            fast = '+'.join(steps)
             entries.insert(
                 entries.index(deploy) + 1,
                 dict(
-                    name=deploy['name'].replace(')', f'+{fast})'),
+                    name=deploy['name'].replace('(deploy)', f'({form})'),
                     part=part,
-                    form=f'deploy+{fast}',
-                    model=optimize(deploy['model'], inputs, steps)))
+                    form=form,
+                    model=optimize(deploy['model'], inputs,
+                                   fast_steps_for(part, fast_path))))
 
     checks = []
     with torch.inference_mode():
@@ -464,19 +472,20 @@ def run_benchmark(config,
             for _ in range(max(warmup, 1)):
                 entry['output'] = entry['model'](inputs)
         for part in parts:
-            fast = '+'.join(['deploy', *fast_steps_for(part, fast_path)])
-            for candidate, reference in (('deploy', 'train'), (fast,
-                                                               'deploy')):
+            pairs = [('deploy', 'train')]
+            fast = _fast_form(part, fast_path)
+            if fast:
+                pairs.append((fast, 'deploy'))
+            for candidate, reference in pairs:
                 candidate = _find(entries, part, candidate)
                 reference = _find(entries, part, reference)
-                if candidate is not None and candidate is not reference:
-                    checks.append(
-                        dict(
-                            part=part,
-                            candidate=candidate['name'],
-                            reference=reference['name'],
-                            **compare_outputs(candidate['output'],
-                                              reference['output'], part)))
+                checks.append(
+                    dict(
+                        part=part,
+                        candidate=candidate['name'],
+                        reference=reference['name'],
+                        **compare_outputs(candidate['output'],
+                                          reference['output'], part)))
         for entry in entries:
             del entry['output']
             entry['times_s'] = []
