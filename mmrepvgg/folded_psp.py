@@ -50,6 +50,10 @@ def _shifted_rows(matrix, taps, dilation, padding):
 
 
 def _check_foldable(head):
+    if type(head) is not PSPHead:
+        # A subclass may compute something else than what is folded here.
+        raise ValueError(f'can fold an mmseg PSPHead, not a '
+                         f'{type(head).__name__}')
     bottleneck = head.bottleneck
     conv = bottleneck.conv
     if head.training:
@@ -202,7 +206,8 @@ class FoldedPSPHead(nn.Module):
 
 def fold_psp_heads(model):
     """Replace every ``PSPHead`` in an eval-mode model by a
-    :class:`FoldedPSPHead`, in place.
+    :class:`FoldedPSPHead`, in place. Subclasses of ``PSPHead`` are left
+    alone: their forward may differ.
 
     Args:
         model (nn.Module): A segmentor (or any module) in eval mode.
@@ -214,7 +219,7 @@ def fold_psp_heads(model):
         raise ValueError('cannot replace the model itself: use '
                          'FoldedPSPHead(head)')
     heads = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, PSPHead)]
+             if type(module) is PSPHead]
     for name, head in heads:
         parent_name, _, attribute = name.rpartition('.')
         setattr(

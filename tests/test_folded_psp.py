@@ -118,6 +118,12 @@ def test_what_cannot_be_folded_is_refused():
     biased.bottleneck.conv.bias = torch.nn.Parameter(torch.zeros(6))
     with pytest.raises(ValueError, match='bias before its norm'):
         FoldedPSPHead(biased)
+
+    class CustomHead(PSPHead):
+        pass
+
+    with pytest.raises(ValueError, match='not a CustomHead'):
+        FoldedPSPHead(CustomHead(in_channels=24, channels=6, num_classes=5))
     with pytest.raises(RuntimeError, match='inference only'):
         FoldedPSPHead(psp_head()).train()
     with pytest.raises(ValueError, match='FoldedPSPHead'):
