@@ -157,18 +157,15 @@ class FoldedPSPHead(nn.Module):
                     _shifted_rows(
                         _interpolation_matrix(height, bins_h, align_corners),
                         taps[0], dilation[0], padding[0]))
-                columns.append(
-                    _shifted_rows(
-                        _interpolation_matrix(width, bins_w,
-                                              align_corners), taps[1],
-                        dilation[1], padding[1]).transpose(1, 2).flatten(0, 1))
-            pooling = torch.cat(pooling).T
-            columns = torch.cat(columns)
-            self._matrices[key] = tuple(
-                m.to(dtype=dtype, device=device)
-                for m in (pooling, *rows, columns))
-        pooling, *rows, columns = self._matrices[key]
-        return pooling, rows, columns
+                tap_columns = _shifted_rows(
+                    _interpolation_matrix(width, bins_w, align_corners),
+                    taps[1], dilation[1], padding[1])
+                columns.append(tap_columns.transpose(1, 2).flatten(0, 1))
+            placed = dict(dtype=dtype, device=device)
+            self._matrices[key] = (torch.cat(pooling).T.to(**placed),
+                                   [r.to(**placed) for r in rows],
+                                   torch.cat(columns).to(**placed))
+        return self._matrices[key]
 
     def forward(self, inputs):
         """Class logits, as ``PSPHead.forward`` computes them."""
