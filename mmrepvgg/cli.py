@@ -1,10 +1,10 @@
 """Shared behaviour of the command-line tools."""
 import sys
 
-from .fileio import CheckpointError
+from .errors import MMRepVGGError
 
 
-def run_cli(main, user_errors=(CheckpointError, FileNotFoundError)):
+def run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError)):
     """Run ``main()``; a user mistake exits 1 with a one-line message.
 
     Args:

@@ -13,9 +13,7 @@ import zipfile
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint or output path that the tools cannot use."""
+from .errors import CheckpointError
 
 
 def load_checkpoint_file(path):

@@ -19,8 +19,9 @@ from mmengine.utils import ProgressBar
 from torch import nn
 
 from .deploy import switch_to_deploy
-from .fileio import (CheckpointError, check_output_path, load_checkpoint_file,
-                     save_atomic, weights_of, write_atomic)
+from .errors import CheckpointError, VerificationError, first_keys
+from .fileio import (check_output_path, load_checkpoint_file, save_atomic,
+                     weights_of, write_atomic)
 from .models import RepVGG, RepVGGBlock
 
 ReparameterizeResult = namedtuple('ReparameterizeResult', [
@@ -47,10 +48,6 @@ DEFAULT_INPUT_SIZE = (64, 128)
 # float32 rounding of the fused kernels, accumulated over a whole backbone,
 # measures around 1e-6.
 DEFAULT_TOLERANCE = 1e-5
-
-
-class VerificationError(CheckpointError):
-    """The deploy model does not compute what the trained model did."""
 
 
 def deploy_config_path(out):
@@ -242,7 +239,7 @@ def load_weights(model, weights, checkpoint='checkpoint', config='config'):
         raise CheckpointError(
             f'{checkpoint} does not match {config}: {detail}') from None
     problems = [
-        f'{name} keys {_first_keys(keys)}'
+        f'{name} keys {first_keys(keys)}'
         for name, keys in (('missing', result.missing_keys),
                            ('unexpected', result.unexpected_keys)) if keys
     ]
@@ -264,7 +261,7 @@ def _check_deploy_config(deploy_cfg, state_dict):
     if differing:
         raise VerificationError(
             f'{deploy_cfg.filename}: its deploy form does not rebuild the '
-            f'converted model (keys {_first_keys(sorted(differing))})')
+            f'converted model (keys {first_keys(sorted(differing))})')
 
 
 def _load_config(path):
@@ -430,12 +427,6 @@ def _config_dataset_meta(cfg):
     if not hasattr(dataset_type, '_load_metainfo'):
         return None
     return dataset_type._load_metainfo(copy.deepcopy(dataset.get('metainfo')))
-
-
-def _first_keys(keys, count=3):
-    shown = ', '.join(keys[:count])
-    return shown + (f' (+{len(keys) - count} more)'
-                    if len(keys) > count else '')
 
 
 def _first_line(error):

@@ -6,7 +6,8 @@ from mmrepvgg.benchmark import (FAST_STEPS, PARTS, check_fast_path,
                                 format_report, load_mmpretrain_repvgg,
                                 plot_chart, run_benchmark, write_json)
 from mmrepvgg.cli import run_cli
-from mmrepvgg.fileio import CheckpointError, check_output_path
+from mmrepvgg.errors import MMRepVGGError
+from mmrepvgg.fileio import check_output_path
 
 
 def main():
@@ -106,5 +107,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(
-        main, user_errors=(CheckpointError, FileNotFoundError, ImportError))
+    run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError, ImportError))

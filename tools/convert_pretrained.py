@@ -2,7 +2,8 @@
 import argparse
 
 from mmrepvgg.cli import run_cli
-from mmrepvgg.convert import convert_pretrained
+from mmrepvgg.models import RepVGG
+from mmrepvgg.pretrained import convert_pretrained
 
 
 def main():
@@ -10,10 +11,17 @@ def main():
     parser.add_argument('src', help='official or OpenMMLab-zoo weights')
     parser.add_argument('dst', help='output checkpoint')
     parser.add_argument(
+        '--arch',
+        choices=sorted(RepVGG.arch_settings),
+        help='the arch the weights must fit (default: found from them)')
+    parser.add_argument(
         '--force', action='store_true', help='overwrite dst if it exists')
     args = parser.parse_args()
-    count = convert_pretrained(args.src, args.dst, force=args.force)
-    print(f'wrote {count} tensors to {args.dst}')
+    count, arch, deploy = convert_pretrained(
+        args.src, args.dst, arch=args.arch, force=args.force)
+    form = 'deploy' if deploy else 'training'
+    print(f'wrote {count} tensors of RepVGG-{arch} ({form} form) to '
+          f'{args.dst}')
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ import inspect
 from mmrepvgg.benchmark import FAST_STEPS
 from mmrepvgg.cli import run_cli
 from mmrepvgg.demo import DemoError, run_demo
-from mmrepvgg.fileio import CheckpointError
+from mmrepvgg.errors import MMRepVGGError
 
 # One source of truth for the defaults: the library's.
 DEFAULTS = {
@@ -62,4 +62,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main, user_errors=(CheckpointError, FileNotFoundError, DemoError))
+    run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError, DemoError))

@@ -40,6 +40,11 @@ TEST_TOOLS=('pytest' 'matplotlib' 'prettytable' 'pycocotools')
 satisfied "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" ||
     pip_install "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}"
 
+# mmpretrain writes the model-zoo weights that the tests load. Only its RepVGG
+# module is imported: its package imports torchvision, which does not import
+# beside every torch build, so its dependencies are left out.
+satisfied 'mmpretrain==1.2.0' || pip_install --no-deps 'mmpretrain==1.2.0'
+
 # The full build has the compiled extension mmcv._ext; mmcv-lite lacks it.
 if ! satisfied 'mmcv>=2.0.0rc4,<2.2.0' || ! "$PYTHON" -c \
         'import importlib.util as u, sys; sys.exit(not u.find_spec("mmcv._ext"))'

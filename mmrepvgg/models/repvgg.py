@@ -8,6 +8,7 @@ allow) an identity BN, followed by ReLU. ``switch_to_deploy`` folds the
 branches into one 3x3 conv with bias, so the deployed network is a plain
 stack of 3x3 convs and ReLUs.
 """
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import (ConvModule, build_activation_layer, build_conv_layer,
                       build_norm_layer)
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, Sequential
 from torch import nn
 
 from .fusion import add_centered, fuse_conv_bn, identity_kernel, is_batch_norm
-from .weight_layouts import to_mmrepvgg_layout
+from .weight_layouts import check_weights_fit, to_mmrepvgg_layout
 
 # Blocks counted from the stem (stem = 0) that the paper's g2/g4 variants
 # build as grouped convolutions.
@@ -120,8 +121,9 @@ class RepVGGBlock(BaseModule):
         self.act = build_activation_layer(act_cfg)
 
     def _conv_norm(self, kernel_size, dilation, norm_cfg):
-        # ``conv``/``norm`` child names match the OpenMMLab model zoo.
-        return ConvModule(
+        # ``conv`` and ``norm``, as the OpenMMLab model zoo names them.
+        conv = build_conv_layer(
+            self.conv_cfg,
             self.in_channels,
             self.out_channels,
             kernel_size,
@@ -129,10 +131,9 @@ class RepVGGBlock(BaseModule):
             padding=dilation * (kernel_size // 2),
             dilation=dilation,
             groups=self.groups,
-            bias=False,
-            conv_cfg=self.conv_cfg,
-            norm_cfg=norm_cfg,
-            act_cfg=None)
+            bias=False)
+        norm = build_norm_layer(norm_cfg, self.out_channels)[1]
+        return Sequential(OrderedDict(conv=conv, norm=norm))
 
     def _fused_conv(self):
         return build_conv_layer(
@@ -433,7 +434,15 @@ class RepVGG(BaseModule):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Accept the official release layout and deploy files by renaming
-        # their keys in place before the children read them.
-        to_mmrepvgg_layout(state_dict, prefix, deploy=self.deploy)
+        # Weights of every published layout load as they are. Whatever a
+        # state dict holds for the backbone must fit it exactly: mmengine's
+        # Pretrained init would only log what is missing.
+        layout = to_mmrepvgg_layout(state_dict, prefix)
+        provided = {
+            k[len(prefix):]: v
+            for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        if provided:
+            expected = {k: v.shape for k, v in self.state_dict().items()}
+            check_weights_fit(expected, provided, layout, self.deploy, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

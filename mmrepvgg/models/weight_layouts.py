@@ -1,15 +1,38 @@
-"""Key layouts of published RepVGG weights, translated to ours.
+"""Key layouts of published RepVGG weights, and the one this package uses.
 
-Ours is the OpenMMLab model-zoo layout (``stem.branch_3x3.conv.weight``,
-``stage_1.0.branch_norm.weight``, ...). The official release
-(DingXiaoH/RepVGG) names the same tensors ``stage0.rbr_dense.conv.weight``,
-``stage1.0.rbr_identity.weight`` and so on.
+Ours is the OpenMMLab model-zoo layout of mmcls 0.x and mmpretrain 1.x
+(``stem.branch_3x3.conv.weight``, ``stage_1.0.branch_3x3.norm.running_var``,
+``stage_1.1.branch_norm.weight``, ``stage_4.0.se_layer.conv1.conv.weight``,
+``branch_reparam`` in deploy form), so weights move between mmpretrain's
+classifier and our backbone unchanged. Two other layouts are read:
+
+- the official release (DingXiaoH/RepVGG): ``stage0.rbr_dense.conv.weight``,
+  ``stage1.0.rbr_dense.bn.running_var``, ``rbr_1x1``, ``rbr_identity``,
+  ``rbr_reparam``, ``se.down``/``se.up`` and a ``linear`` classifier,
+  sometimes under ``module.``;
+- mmrepvgg 0.1, whose blocks named their norms after mmcv's ConvModule
+  (``branch_3x3.bn.weight``).
 """
+import enum
 import re
 
-_STAGE = re.compile(r'^stage(\d+)\.')
-# Official sub-module names and ours, as whole dotted path segments.
-_OFFICIAL_NAMES = (
+from ..errors import CheckpointError, first_keys
+
+
+class Layout(enum.Enum):
+    """A key layout of RepVGG weights; the value names it in messages."""
+    ZOO = 'OpenMMLab model zoo'
+    OFFICIAL = 'official release'
+    MMREPVGG_0_1 = 'mmrepvgg 0.1'
+    UNKNOWN = 'unknown'
+
+
+_OFFICIAL_STAGE = re.compile(r'^stage(\d+)\.')
+_OFFICIAL_MODULE = re.compile(r'\.(rbr_dense|rbr_1x1|rbr_identity|rbr_reparam'
+                              r'|se\.down|se\.up)\.')
+_MMREPVGG_0_1_NORM = re.compile(r'\.branch_(3x3|1x1)\.bn\.')
+# Sub-module names of other layouts and ours, as whole dotted segments.
+_RENAMES = (
     ('rbr_dense.bn.', 'branch_3x3.norm.'),
     ('rbr_dense.conv.', 'branch_3x3.conv.'),
     ('rbr_1x1.bn.', 'branch_1x1.norm.'),
@@ -18,6 +41,8 @@ _OFFICIAL_NAMES = (
     ('rbr_reparam.', 'branch_reparam.'),
     ('se.down.', 'se_layer.conv1.conv.'),
     ('se.up.', 'se_layer.conv2.conv.'),
+    ('branch_3x3.bn.', 'branch_3x3.norm.'),
+    ('branch_1x1.bn.', 'branch_1x1.norm.'),
 )
 # Wrappers around the backbone keys: DataParallel and classifier files.
 _WRAPPERS = ('module.', 'backbone.')
@@ -26,56 +51,112 @@ _WRAPPERS = ('module.', 'backbone.')
 _CLASSIFIER_HEADS = ('linear.', 'head.')
 
 
-def _rename(key):
+def _unwrap(key):
     for wrapper in _WRAPPERS:
         if key.startswith(wrapper):
             key = key[len(wrapper):]
-    match = _STAGE.match(key)
-    if match is None:
-        return key
-    stage = int(match.group(1))
-    key = ('stem.' if stage == 0 else f'stage_{stage}.') + key[match.end():]
-    for official, ours in _OFFICIAL_NAMES:
-        key = key.replace('.' + official, '.' + ours)
     return key
 
 
-def to_mmrepvgg_layout(state_dict, prefix='', deploy=None):
-    """Rename RepVGG weights to our layout, in place.
+def detect_layout(keys):
+    """The :class:`Layout` of backbone keys (with or without wrappers)."""
+    keys = [_unwrap(k) for k in keys]
+    if any(
+            _OFFICIAL_STAGE.match(k) or _OFFICIAL_MODULE.search(k)
+            for k in keys):
+        return Layout.OFFICIAL
+    if any(_MMREPVGG_0_1_NORM.search(k) for k in keys):
+        return Layout.MMREPVGG_0_1
+    if any(k.startswith(('stem.', 'stage_')) for k in keys):
+        return Layout.ZOO
+    return Layout.UNKNOWN
 
-    Keys under ``prefix`` in the official or the model-zoo layout, with or
-    without a ``module.`` or ``backbone.`` wrapper, are renamed; classifier
-    heads are dropped. Other keys are left alone.
+
+def _rename(key):
+    key = _unwrap(key)
+    match = _OFFICIAL_STAGE.match(key)
+    if match is not None:
+        stage = int(match.group(1))
+        key = ('stem.'
+               if stage == 0 else f'stage_{stage}.') + key[match.end():]
+    for theirs, ours in _RENAMES:
+        key = key.replace('.' + theirs, '.' + ours)
+    return key
+
+
+def to_mmrepvgg_layout(state_dict, prefix=''):
+    """Rename RepVGG weights under ``prefix`` to our layout, in place.
+
+    Keys in any layout this module reads, with or without a ``module.`` or
+    ``backbone.`` wrapper, are renamed; classifier heads are dropped; the
+    prefix stays in front. Keys outside ``prefix`` are left alone.
 
     Args:
         state_dict (dict): Weights; modified in place.
-        prefix (str): Only keys starting with it are translated, and it is
-            kept in front of them. Defaults to ''.
-        deploy (bool, optional): The form of the model the weights are for.
-            When given, weights of the other form raise a ``ValueError``
-            that says how to build a matching model.
+        prefix (str): Only keys starting with it are translated.
+            Defaults to ''.
 
     Returns:
-        dict: ``state_dict``, for chaining.
+        Layout: The layout the keys were in.
     """
     keys = [k for k in state_dict if k.startswith(prefix)]
+    layout = detect_layout(k[len(prefix):] for k in keys)
     for key in keys:
         renamed = _rename(key[len(prefix):])
         value = state_dict.pop(key)
         if not renamed.startswith(_CLASSIFIER_HEADS):
             state_dict[prefix + renamed] = value
-    if deploy is not None:
-        holds_deploy = any('.branch_reparam.' in k for k in state_dict
-                           if k.startswith(prefix))
-        holds_train = any('.branch_3x3.' in k for k in state_dict
-                          if k.startswith(prefix))
-        if holds_deploy and not deploy:
-            raise ValueError(
-                'these RepVGG weights are in deploy (re-parameterized) form; '
-                'build the backbone with deploy=True to load them')
-        if holds_train and deploy:
-            raise ValueError(
-                'these RepVGG weights are in training (multi-branch) form; '
-                'build the backbone with deploy=False, load them, then call '
-                'switch_to_deploy()')
-    return state_dict
+    return layout
+
+
+def check_weights_fit(expected, provided, layout, deploy, prefix=''):
+    """Raise unless ``provided`` holds exactly the tensors of a backbone.
+
+    Args:
+        expected (dict[str, torch.Size]): The backbone's state dict shapes.
+        provided (dict[str, Tensor]): Weights in our layout, without prefix.
+        layout (Layout): The layout they came in, for the message.
+        deploy (bool): The backbone's form.
+        prefix (str): Put in front of the keys named in messages.
+            Defaults to ''.
+
+    Raises:
+        CheckpointError: Weights of the other form (the message says how to
+            build a matching backbone), or weights that are missing (other
+            than ``num_batches_tracked``), unused or of another shape; the
+            first few keys are named.
+    """
+    _check_form(provided, deploy)
+    missing = [
+        k for k in expected
+        if k not in provided and not k.endswith('num_batches_tracked')
+    ]
+    unexpected = [k for k in provided if k not in expected]
+    reshaped = [
+        f'{k} {tuple(provided[k].shape)} for {tuple(expected[k])}'
+        for k in expected if k in provided
+        and tuple(getattr(provided[k], 'shape', ())) != tuple(expected[k])
+    ]
+    problems = [
+        f'{name} {first_keys(prefix + k for k in keys)}'
+        for name, keys in (('missing', missing), ('unexpected', unexpected),
+                           ('shape of', reshaped)) if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f'RepVGG weights ({layout.value} layout) do not fit the '
+            'backbone: ' + '; '.join(problems))
+
+
+def _check_form(provided, deploy):
+    holds_deploy = any('.branch_reparam.' in k for k in provided)
+    holds_train = any('.branch_3x3.' in k for k in provided)
+    if holds_deploy and not deploy:
+        raise CheckpointError(
+            'these RepVGG weights are in deploy (re-parameterized) form; '
+            'build the backbone with deploy=True to load them')
+    if holds_train and deploy:
+        raise CheckpointError(
+            'these RepVGG weights are in training (multi-branch) form; '
+            'build the backbone with deploy=False, load them, then call '
+            'switch_to_deploy()')

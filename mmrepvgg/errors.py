@@ -1,0 +1,35 @@
+"""The errors mmrepvgg raises for what a user gave it.
+
+Every command-line tool catches :class:`MMRepVGGError` and prints it as one
+line; anything else is a bug and keeps its traceback.
+"""
+
+
+class MMRepVGGError(Exception):
+    """A file, config or argument that mmrepvgg cannot use."""
+
+
+class CheckpointError(MMRepVGGError, ValueError):
+    """A checkpoint or weights file that cannot be used as asked."""
+
+
+class ConfigError(MMRepVGGError, ValueError):
+    """A config that cannot be read, or whose model cannot be built."""
+
+
+class UsageError(MMRepVGGError, ValueError):
+    """An argument, an input image or an output path that cannot be used."""
+
+
+class VerificationError(MMRepVGGError):
+    """A converted or exported model that does not compute what its source
+    did."""
+
+
+def first_keys(keys, count=3):
+    """The first ``count`` of ``keys``, and how many more there are, for a
+    one-line message."""
+    keys = list(keys)
+    shown = ', '.join(map(str, keys[:count]))
+    return shown + (f' (+{len(keys) - count} more)'
+                    if len(keys) > count else '')
