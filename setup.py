@@ -1,18 +1,52 @@
+import os
 import os.path as osp
+import shutil
+import sys
 
 from setuptools import find_packages, setup
+
+ROOT = osp.dirname(osp.abspath(__file__))
+# What mim and mmengine look for in an installed OpenMMLab package.
+MIM_FILES = ('configs', 'tools')
 
 
 def read_version():
     namespace = {}
-    with open(osp.join(osp.dirname(__file__), 'mmrepvgg', 'version.py')) as f:
+    with open(osp.join(ROOT, 'mmrepvgg', 'version.py')) as f:
         exec(f.read(), namespace)
     return namespace['__version__']
 
 
-with open(osp.join(osp.dirname(__file__), 'README.md')) as f:
+def add_mim_extension():
+    """Put the configs and tools into ``mmrepvgg/.mim``, as mmseg does: as
+    links for an editable install, as copies for a wheel or an sdist."""
+    if {'develop', 'editable_wheel'} & set(sys.argv):
+        mode = 'symlink'
+    elif {'bdist_wheel', 'sdist'} & set(sys.argv):
+        mode = 'copy'
+    else:
+        return
+    mim_path = osp.join(ROOT, 'mmrepvgg', '.mim')
+    os.makedirs(mim_path, exist_ok=True)
+    for name in MIM_FILES:
+        source, target = osp.join(ROOT, name), osp.join(mim_path, name)
+        if osp.islink(target) or osp.isfile(target):
+            os.remove(target)
+        elif osp.isdir(target):
+            shutil.rmtree(target)
+        if mode == 'symlink':
+            os.symlink(osp.relpath(source, mim_path), target)
+        else:
+            shutil.copytree(
+                source,
+                target,
+                ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+
+
+with open(osp.join(ROOT, 'README.md')) as f:
     long_description = f.read()
 
+add_mim_extension()
 setup(
     name='mmrepvgg',
     version=read_version(),
@@ -22,6 +56,7 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache License 2.0',
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
+    package_data={'mmrepvgg': ['.mim/**/*']},
     python_requires='>=3.8',
     install_requires=[
         'mmengine>=0.10.0,<0.11.0',
@@ -30,7 +65,11 @@ setup(
     ],
     extras_require={
         'det': ['mmdet>=3.0.0,<4.0.0'],
-        'tests': ['pytest', 'pycocotools', 'mmdet>=3.0.0,<4.0.0'],
+        'deploy': ['onnx', 'onnxscript', 'onnxruntime', 'openvino'],
+        'tests': [
+            'pytest', 'pycocotools', 'mmdet>=3.0.0,<4.0.0', 'matplotlib',
+            'prettytable', 'onnx', 'onnxscript', 'onnxruntime', 'openvino'
+        ],
         'mim': ['openmim>=0.3.9'],
     },
     zip_safe=False,

@@ -1,19 +1,37 @@
 """Shared behaviour of the command-line tools."""
+import signal
 import sys
+import warnings
 
 from .errors import MMRepVGGError
 
 
-def run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError)):
-    """Run ``main()``; a user mistake exits 1 with a one-line message.
+def _show_on_stdout(message, category, filename, lineno, file=None, line=None):
+    sys.stdout.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _exit_on_sigterm(signum, frame):
+    # SystemExit unwinds the stack, so temporary files are removed on the
+    # way out, as for Ctrl-C.
+    sys.exit(128 + signum)
+
+
+def run_cli(main):
+    """Run a tool's ``main()``; a user mistake exits 1 with one line on
+    stderr.
+
+    Third-party warnings go to stdout, so that stderr holds the error line
+    alone; SIGTERM unwinds like Ctrl-C, so that no temporary file stays.
 
     Args:
         main (callable): The tool's entry point.
-        user_errors (tuple[type]): Exceptions that report a user mistake
-            rather than a bug.
     """
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    warnings.showwarning = _show_on_stdout
     try:
         main()
-    except user_errors as error:
+    except MMRepVGGError as error:
+        sys.stdout.flush()
         print(f'error: {error}', file=sys.stderr)
         sys.exit(1)

@@ -33,3 +33,9 @@ def first_keys(keys, count=3):
     shown = ', '.join(map(str, keys[:count]))
     return shown + (f' (+{len(keys) - count} more)'
                     if len(keys) > count else '')
+
+
+def first_line(error):
+    """The first non-blank line of an exception's message, or its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

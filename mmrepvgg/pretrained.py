@@ -3,9 +3,9 @@ import os.path as osp
 
 import torch
 
+from .checkpoint import load_checkpoint_file, weights_of
 from .errors import CheckpointError
-from .fileio import (check_output_path, load_checkpoint_file, save_atomic,
-                     weights_of)
+from .fileio import check_output_path, save_atomic
 from .models import RepVGG
 from .models.weight_layouts import check_weights_fit, to_mmrepvgg_layout
 

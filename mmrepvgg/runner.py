@@ -6,34 +6,18 @@ do, and closes the gaps that keep a CPU-only machine from launching them:
 mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
 ids for CPU modules, and SyncBN has no CPU implementation.
 """
-import importlib.util
 import os
 import os.path as osp
 
 import torch
 import torch.distributed as dist
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-
-def read_config(path):
-    """Read a config file, or a ``package::path`` config of an installed
-    OpenMMLab package such as ``mmseg::pspnet/pspnet_r18-...py``."""
-    if '::' in path:
-        package = path.split('::')[0]
-        # mmengine would pip-install a missing package: refuse instead.
-        if importlib.util.find_spec(package) is None:
-            raise FileNotFoundError(f'{path}: {package} is not installed')
-        from mmengine.hub import get_config
-        try:
-            return get_config(path)
-        except AssertionError as error:
-            raise FileNotFoundError(f'{path}: {error}') from None
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{path}: no such config file')
-    return Config.fromfile(path)
+from .config import config_dicts, read_config
+from .errors import UsageError
 
 
 def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
@@ -77,7 +61,7 @@ def adapt_to_cpu_distributed(cfg, launcher):
             are for GPU clusters.
     """
     if launcher != 'pytorch':
-        raise ValueError(f'launcher "{launcher}" needs CUDA; on a machine '
+        raise UsageError(f'launcher "{launcher}" needs CUDA; on a machine '
                          'without it use tools/dist_train.sh (torchrun)')
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
@@ -105,15 +89,10 @@ def replace_sync_bn(node):
         bool: Whether anything was replaced.
     """
     replaced = False
-    if isinstance(node, dict):
-        if node.get('type') == 'SyncBN':
-            node['type'] = 'BN'
+    for child in config_dicts(node):
+        if child.get('type') == 'SyncBN':
+            child['type'] = 'BN'
             replaced = True
-        for value in node.values():
-            replaced |= replace_sync_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            replaced |= replace_sync_bn(value)
     return replaced
 
 
@@ -134,7 +113,7 @@ def enable_amp(cfg):
             level=30)
     else:
         if optim_wrapper != 'OptimWrapper':
-            raise ValueError('--amp is only supported when the optimizer '
+            raise UsageError('--amp is only supported when the optimizer '
                              f'wrapper type is OptimWrapper, not '
                              f'{optim_wrapper}')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'

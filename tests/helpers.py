@@ -1,4 +1,5 @@
 """Shared by the tests."""
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -7,19 +8,40 @@ import torch
 from torch import nn
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TESTS = osp.dirname(osp.abspath(__file__))
+PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
+                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 
 
-def run_tool(name, *args, timeout=900, env=None):
-    """Run ``tools/<name>`` as a user would; returns the completed process
-    with text stdout and stderr."""
-    return subprocess.run(
-        [sys.executable,
-         osp.join(REPO_ROOT, 'tools', name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        env=env,
-        timeout=timeout)
+def run(*command, env=None, cwd=REPO_ROOT, timeout=900):
+    """Run a command as a user would, from the repository, with the tests'
+    helper modules importable; returns the completed process with text
+    stdout and stderr."""
+    env = dict(os.environ if env is None else env)
+    env['PYTHONPATH'] = os.pathsep.join(
+        filter(None, [TESTS, env.get('PYTHONPATH')]))
+    return subprocess.run([str(c) for c in command],
+                          capture_output=True,
+                          text=True,
+                          cwd=cwd,
+                          env=env,
+                          timeout=timeout)
+
+
+def run_tool(name, *args, **kwargs):
+    """Run ``tools/<name>``."""
+    return run(sys.executable, osp.join(REPO_ROOT, 'tools', name), *args,
+               **kwargs)
+
+
+def mim(*args, **kwargs):
+    """Run ``mim``."""
+    return run(sys.executable, '-m', 'mim', *args, **kwargs)
+
+
+def output(result):
+    """The end of a completed process's output, for assertion messages."""
+    return result.stdout[-3000:] + result.stderr[-3000:]
 
 
 class CarriesCode:
@@ -56,8 +78,3 @@ def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):
                 module.weight.copy_(uniform(module.weight, *gain))
                 module.bias.copy_(uniform(module.bias, -0.2, 0.2))
     return model
-
-
-def relative_error(actual, expected):
-    """max|actual - expected| / max|expected|."""
-    return ((actual - expected).abs().max() / expected.abs().max()).item()

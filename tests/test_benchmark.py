@@ -3,25 +3,26 @@
 These tests check what the benchmark reports, never how fast anything is:
 speed figures come from running the tool itself.
 """
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
 import torch
-from helpers import REPO_ROOT, randomize_batch_norms, run_tool
 from mmseg.models.decode_heads import PSPHead
 
+from apps.benchmark import (EXACT_RTOL, PARTS, BenchmarkSettings,
+                            build_segmentor, compare_outputs, run_benchmark)
+from apps.fast_path import (ChannelsLast, OneDNNLayout, check_fast_path,
+                            optimize)
+from apps.mmpretrain import build_mmpretrain_backbone
+from apps.report import format_report, plot_chart, write_json
+from helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
+                     run_tool)
 from mmrepvgg import FoldedPSPHead, RepVGG, switch_to_deploy
-from mmrepvgg.benchmark import (EXACT_RTOL, PARTS, ChannelsLast, OneDNNLayout,
-                                SegmentorLogits, build_mmpretrain_backbone,
-                                build_segmentor, check_fast_path,
-                                compare_outputs, format_report, optimize,
-                                plot_chart, run_benchmark, write_json)
-from mmrepvgg.runner import read_config
+from mmrepvgg.config import read_config
+from mmrepvgg.deploy.logits import SegmentorLogits
+from mmrepvgg.errors import ConfigError, UsageError
 
-PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
-                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SHAPE = (1, 3, 64, 128)
 FAST_PATH = ('fold_psp', 'channels_last', 'jit')
@@ -35,42 +36,43 @@ PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 @pytest.fixture(scope='module')
 def result():
     return run_benchmark(
-        PSPNET_A0,
-        references=[PSPNET_R18],
-        shape=SHAPE,
-        rounds=2,
-        warmup=1,
-        threads=2,
-        fast_path=FAST_PATH,
+        BenchmarkSettings(
+            PSPNET_A0,
+            references=[PSPNET_R18],
+            shape=SHAPE,
+            rounds=2,
+            warmup=1,
+            threads=2,
+            fast_path=FAST_PATH),
         log=lambda line: None)
 
 
 def test_every_model_is_timed_in_every_round(result):
-    forms = {(t['part'], t['form']) for t in result['timings']}
+    forms = {(t.part, t.form) for t in result.timings}
     assert forms == {(part, form)
                      for part in PARTS
                      for form in ('train', 'deploy', 'reference',
                                   FAST_FORMS[part])}
-    for timing in result['timings']:
-        assert len(timing['times_s']) == 2
-        assert timing['min_s'] <= timing['median_s'] <= timing['max_s']
-        assert timing['spread'] == pytest.approx(
-            (timing['max_s'] - timing['min_s']) / timing['median_s'])
-    assert result['settings']['shape'] == list(SHAPE)
-    assert result['settings']['threads'] == 2
+    for timing in result.timings:
+        assert len(timing.times_s) == 2
+        assert timing.min_s <= timing.median_s <= timing.max_s
+        assert timing.spread == pytest.approx(
+            (timing.max_s - timing.min_s) / timing.median_s)
+    assert result.settings['shape'] == list(SHAPE)
+    assert result.settings['threads'] == 2
 
 
 def test_speedups_are_median_per_round_ratios(result):
-    times = {(t['part'], t['name']): t['times_s'] for t in result['timings']}
+    times = {(t.part, t.name): t.times_s for t in result.timings}
     pairs = set()
-    for ratio in result['ratios']:
-        candidate = times[ratio['part'], ratio['candidate']]
-        baseline = times[ratio['part'], ratio['baseline']]
+    for ratio in result.ratios:
+        candidate = times[ratio.part, ratio.candidate]
+        baseline = times[ratio.part, ratio.baseline]
         per_round = sorted(b / c for c, b in zip(candidate, baseline))
-        assert ratio['speedup'] == pytest.approx(sum(per_round) / 2)
-        assert ratio['speedup_min'] == pytest.approx(per_round[0])
-        assert ratio['speedup_max'] == pytest.approx(per_round[-1])
-        pairs.add((ratio['part'], ratio['candidate'], ratio['baseline']))
+        assert ratio.speedup == pytest.approx(sum(per_round) / 2)
+        assert ratio.speedup_min == pytest.approx(per_round[0])
+        assert ratio.speedup_max == pytest.approx(per_round[-1])
+        pairs.add((ratio.part, ratio.candidate, ratio.baseline))
     a0, r18 = 'pspnet_repvgg-a0-d8', 'pspnet_r18-d8'
     for part in PARTS:
         assert (part, f'{a0} (deploy)', f'{a0} (train)') in pairs
@@ -80,25 +82,25 @@ def test_speedups_are_median_per_round_ratios(result):
 
 
 def test_deploy_and_fast_path_predict_the_same(result):
-    checks = {(c['part'], c['candidate']): c for c in result['checks']}
+    checks = {(c.part, c.candidate): c for c in result.checks}
     assert len(checks) == 2 * len(PARTS)
     for part in PARTS:
         for form in ('deploy', FAST_FORMS[part]):
             check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
-            assert check['exact'], check
-            assert check['max_rel_error'] <= EXACT_RTOL
+            assert check.exact, check
+            assert check.max_rel_error <= EXACT_RTOL
             if part == 'segmentor':
-                assert check['label_mismatches'] == 0
+                assert check.label_mismatches == 0
 
 
 def test_report_json_and_chart(result, tmp_path):
     report = format_report(result)
-    for timing in result['timings']:
-        assert timing['name'] in report
+    for timing in result.timings:
+        assert timing.name in report
     assert 'same fp32 predictions' in report
-    write_json(result, str(tmp_path / 'bench.json'))
+    write_json(result.to_dict(), str(tmp_path / 'bench.json'))
     with open(tmp_path / 'bench.json') as f:
-        assert json.load(f) == json.loads(json.dumps(result))
+        assert json.load(f) == json.loads(json.dumps(result.to_dict()))
     plot_chart(result, str(tmp_path / 'bench.png'))
     png = (tmp_path / 'bench.png').read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
@@ -142,9 +144,6 @@ def test_compare_outputs_flags_differences():
     assert flipped['label_mismatches'] == 1 and not flipped['exact']
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec('mmpretrain') is None,
-    reason='mmpretrain is not installed')
 def test_mmpretrain_backbone_computes_what_ours_does():
     ours = build_segmentor(PSPNET_A0).backbone
     switch_to_deploy(randomize_batch_norms(ours))
@@ -162,12 +161,13 @@ def test_mmpretrain_backbone_computes_what_ours_does():
             assert torch.equal(a, b)
 
 
+@pytest.mark.integration
 def test_tool_writes_json_and_chart(tmp_path):
     out = tmp_path / 'bench.json'
     result = run_tool('benchmark.py', PSPNET_A0, '--size', 64, 128, '--parts',
                       'backbone', '--rounds', 1, '--warmup', 0, '--threads', 1,
                       '--json', out, '--chart', tmp_path / 'bench.png')
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, output(result)
     assert 'backbone: pspnet_repvgg-a0-d8 (deploy) over' in result.stdout
     with open(out) as f:
         saved = json.load(f)
@@ -191,18 +191,18 @@ def test_tool_refuses_a_missing_config(tmp_path):
 
 
 def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match='no such config file'):
+    with pytest.raises(ConfigError, match='no such config file'):
         read_config(str(tmp_path / 'nope.py'))
-    with pytest.raises(FileNotFoundError, match='nopackage is not installed'):
+    with pytest.raises(ConfigError, match='nopackage is not installed'):
         read_config('nopackage::pspnet/nope.py')
-    with pytest.raises(FileNotFoundError, match='nope.py'):
+    with pytest.raises(ConfigError, match='nope.py'):
         read_config('mmseg::pspnet/nope.py')
-    with pytest.raises(ValueError, match='among'):
+    with pytest.raises(UsageError, match='among'):
         check_fast_path(['tensorrt'])
-    with pytest.raises(ValueError, match='mkldnn goes with fold_psp only'):
+    with pytest.raises(UsageError, match='mkldnn goes with fold_psp only'):
         check_fast_path(['mkldnn', 'jit'])
     check_fast_path(['mkldnn', 'fold_psp'])
-    with pytest.raises(ValueError, match='one of jit and compile'):
+    with pytest.raises(UsageError, match='one of jit and compile'):
         check_fast_path(['jit', 'compile'])
 
 

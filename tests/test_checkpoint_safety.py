@@ -1,11 +1,8 @@
 """mmengine checkpoints load under torch's safe unpickler; code never runs."""
-import os.path as osp
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT, CarriesCode
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
@@ -13,12 +10,9 @@ from mmengine.runner import Runner, load_checkpoint
 from mmseg.apis import init_model
 
 import mmrepvgg  # noqa: F401  (allow-lists mmengine's checkpoint classes)
-from mmrepvgg.fileio import CheckpointError, load_checkpoint_file
-from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
-
-PSPNET_A0 = osp.join(
-    REPO_ROOT,
-    'configs/pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+from helpers import CarriesCode, run
+from mmrepvgg.checkpoint import load_checkpoint_file
+from mmrepvgg.errors import CheckpointError
 
 
 class IterationCounter(Hook):
@@ -30,56 +24,45 @@ class IterationCounter(Hook):
         self.iterations.append(runner.iter)
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A toy PSPNet-RepVGG-A0 run of 2 iterations by mmengine's Runner."""
-    root = tmp_path_factory.mktemp('runner')
-    data = make_toy_cityscapes(str(root / 'data'), num_train=4, num_val=2)
-    config = write_toy_config(PSPNET_A0, data, str(root / 'toy.py'), iters=2)
-    cfg = Config.fromfile(config)
-    cfg.work_dir = str(root / 'work')
-    Runner.from_cfg(cfg).train()
-    return cfg, osp.join(cfg.work_dir, 'iter_2.pth')
-
-
 def load_in_fresh_python(path, preamble=''):
     code = f'{preamble}import torch; torch.load({str(path)!r}); print("ok")'
-    return subprocess.run([sys.executable, '-c', code],
-                          capture_output=True,
-                          text=True)
+    return run(sys.executable, '-c', code)
 
 
-def test_runner_checkpoint_needs_mmrepvgg_under_safe_loading(trained):
-    _, checkpoint = trained
+def test_runner_checkpoint_needs_mmrepvgg_under_safe_loading(trained_pspnet):
+    checkpoint = trained_pspnet.checkpoint
     assert torch.__version__ >= '2.6'
     plain = load_in_fresh_python(checkpoint)
     assert plain.returncode != 0 and 'HistoryBuffer' in plain.stderr
     patched = load_in_fresh_python(checkpoint, 'import mmrepvgg; ')
     assert patched.returncode == 0, patched.stderr
     loaded = torch.load(checkpoint)
-    assert loaded['meta']['iter'] == 2 and 'message_hub' in loaded
+    assert loaded['meta']['iter'] == trained_pspnet.iters
+    assert 'message_hub' in loaded
 
 
-def test_init_model_loads_runner_checkpoint(trained):
-    cfg, checkpoint = trained
-    model = init_model(cfg, checkpoint, device='cpu')
-    state = torch.load(checkpoint)['state_dict']
+def test_init_model_loads_runner_checkpoint(trained_pspnet):
+    model = init_model(
+        trained_pspnet.config, trained_pspnet.checkpoint, device='cpu')
+    state = torch.load(trained_pspnet.checkpoint)['state_dict']
     key = 'backbone.stage_1.0.branch_3x3.conv.weight'
     assert torch.equal(model.state_dict()[key], state[key])
 
 
-def test_resume_continues_from_the_checkpoint(trained):
-    cfg, checkpoint = trained
-    cfg = cfg.copy()
-    cfg.train_cfg.max_iters = 3
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(trained_pspnet, tmp_path):
+    cfg = Config.fromfile(trained_pspnet.config)
+    cfg.work_dir = str(tmp_path)
+    cfg.train_cfg.max_iters = trained_pspnet.iters + 1
     cfg.resume = True
-    cfg.load_from = checkpoint
+    cfg.load_from = trained_pspnet.checkpoint
     runner = Runner.from_cfg(cfg)
     counter = IterationCounter()
     runner.register_hook(counter)
     runner.train()
-    assert runner.iter == 3
-    assert counter.iterations == [2]  # only the missing one ran
+    assert runner.iter == trained_pspnet.iters + 1
+    # Only the missing iteration ran (counted from 0).
+    assert counter.iterations == [trained_pspnet.iters]
 
 
 class ReachesPastHistoryBuffer:

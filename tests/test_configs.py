@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
-from helpers import REPO_ROOT
 from mmengine.config import Config
 from mmengine.runner.checkpoint import get_mmcls_models
+
+from helpers import REPO_ROOT
 
 CONFIGS = sorted(
     osp.relpath(path, REPO_ROOT)

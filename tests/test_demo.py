@@ -5,12 +5,13 @@ import os.path as osp
 import cv2
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, run_tool
 from mmengine.config import Config
 
-from mmrepvgg.demo import (DEFAULT_CONFIG, DemoError, majority_class_miou,
-                           run_demo, write_cityscapes_config)
-from mmrepvgg.toy_data import make_toy_cityscapes
+from apps.demo import (DEFAULT_CONFIG, DemoError, DemoSettings,
+                       majority_class_miou, run_demo, write_cityscapes_config)
+from helpers import REPO_ROOT, output, run_tool
+from mmrepvgg.errors import UsageError
+from mmrepvgg.testing import make_toy_cityscapes
 
 ITERS = 2
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -23,18 +24,20 @@ def demo(tmp_path_factory):
                       '--image-size', 64, 128, '--num-train', 2, '--num-val',
                       2, '--bench-size', 64, 128, '--bench-rounds', 1,
                       '--threads', 2, '--fast-path')
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output(result)
     with open(work_dir / 'summary.json') as f:
         summary = json.load(f)
     return work_dir, result.stdout, summary
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_trains_converts_and_evaluates_both_forms(demo):
     work_dir, stdout, summary = demo
     # Each step runs the command a user would, shown with its output.
     assert '-m mim train mmsegmentation' in stdout
     assert f'Iter(train) [{ITERS}/{ITERS}]' in stdout
-    assert 'tools/reparameterize.py' in stdout
+    assert 'converting with mmrepvgg.reparameterize' in stdout
     assert stdout.count('-m mim test mmsegmentation') == 2
     assert osp.isfile(summary['deploy_checkpoint'])
     assert osp.isfile(summary['deploy_config'])
@@ -45,6 +48,8 @@ def test_demo_trains_converts_and_evaluates_both_forms(demo):
     assert 0 < summary['majority_class_miou'] < 100
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_benchmarks_train_against_deploy(demo):
     work_dir, stdout, summary = demo
     bench = summary['benchmark']
@@ -64,6 +69,8 @@ def test_demo_benchmarks_train_against_deploy(demo):
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_prints_and_keeps_one_summary_table(demo):
     work_dir, stdout, summary = demo
     table = (work_dir / 'summary.txt').read_text()
@@ -75,11 +82,13 @@ def test_demo_prints_and_keeps_one_summary_table(demo):
     assert str(work_dir / 'speed.png') in table
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_keeps_a_used_work_dir(demo):
     work_dir, _, _ = demo
     before = (work_dir / 'summary.json').read_bytes()
     with pytest.raises(DemoError, match='not empty'):
-        run_demo(str(work_dir), iters=ITERS)
+        run_demo(DemoSettings(str(work_dir), iters=ITERS))
     assert (work_dir / 'summary.json').read_bytes() == before
 
 
@@ -98,8 +107,10 @@ def test_demo_refuses_a_fast_path_that_does_not_fit_before_training(tmp_path):
     config = osp.join(
         REPO_ROOT, 'configs', 'deeplabv3',
         'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-    with pytest.raises(DemoError, match='is ASPPHead, not PSPHead'):
-        run_demo(str(tmp_path / 'run'), config=config, fast_path=['fold_psp'])
+    with pytest.raises(UsageError, match='is ASPPHead, not PSPHead'):
+        run_demo(
+            DemoSettings(
+                str(tmp_path / 'run'), config=config, fast_path=['fold_psp']))
     assert not (tmp_path / 'run').exists()
 
 

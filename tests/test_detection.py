@@ -2,10 +2,11 @@
 import math
 import os.path as osp
 
-from helpers import REPO_ROOT
 from mmengine.config import Config
 from mmengine.runner import Runner
 from toy_coco import make_toy_coco
+
+from helpers import REPO_ROOT
 
 RETINANET = osp.join(REPO_ROOT, 'configs', 'retinanet',
                      'retinanet_repvgg-a0_fpn_1x_coco.py')

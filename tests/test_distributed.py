@@ -11,13 +11,11 @@ import time
 
 import pytest
 import torch
-from helpers import REPO_ROOT, run_tool
 
-from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
+from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool
+from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
-PSPNET_A0 = osp.join(
-    REPO_ROOT,
-    'configs/pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROBE = """
 custom_imports = dict(
     imports=['mmrepvgg', 'training_probe'], allow_failed_imports=False)
@@ -32,12 +30,8 @@ def free_port():
 
 
 def environment():
-    env = dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1')
-    env['PYTHONPATH'] = os.pathsep.join(
-        [REPO_ROOT,
-         osp.dirname(__file__),
-         env.get('PYTHONPATH', '')])
-    return env
+    # The training probe is importable: run() puts the tests on the path.
+    return dict(os.environ, PORT=str(free_port()), OMP_NUM_THREADS='1')
 
 
 def probed_config(tmp_path, iters, checkpoint_interval=None, num_train=8):
@@ -55,16 +49,10 @@ def probed_config(tmp_path, iters, checkpoint_interval=None, num_train=8):
 
 
 def launch(*command):
-    """Run a command from the repository as a user would, with the probe
-    importable; it must succeed. Returns its stdout and stderr."""
-    result = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Run a command as a user would; it must succeed. Returns its stdout
+    and stderr."""
+    result = run(*command, env=environment())
+    assert result.returncode == 0, output(result)
     return result.stdout + result.stderr
 
 
@@ -152,10 +140,12 @@ def test_resume_continues_an_interrupted_run(tmp_path):
     config = probed_config(tmp_path, iters=6, checkpoint_interval=2)
     work_dir = str(tmp_path / 'work')
     train = [sys.executable, 'tools/train.py', config, '--work-dir', work_dir]
+    env = environment()
+    env['PYTHONPATH'] = TESTS
     interrupted = subprocess.Popen(
         train,
         cwd=REPO_ROOT,
-        env=environment(),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True)
@@ -175,12 +165,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
 
 
 def test_train_reports_a_missing_config_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, 'tools/train.py',
-         str(tmp_path / 'missing.py')],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True)
+    result = run_tool('train.py', tmp_path / 'missing.py')
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f'error: {tmp_path / "missing.py"}: no such config file'

@@ -4,14 +4,16 @@ import os.path as osp
 
 import pytest
 import torch
-from helpers import REPO_ROOT, randomize_batch_norms, relative_error
 from mmseg.models.decode_heads import FCNHead, PSPHead
 
+from apps.benchmark import build_segmentor
+from apps.fast_path import optimize
+from helpers import PSPNET_A0, REPO_ROOT, randomize_batch_norms
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
-from mmrepvgg.benchmark import SegmentorLogits, build_segmentor, optimize
+from mmrepvgg.deploy import relative_error
+from mmrepvgg.deploy.logits import SegmentorLogits
+from mmrepvgg.errors import UsageError
 
-PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
-                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 DEEPLABV3_A0 = osp.join(
     REPO_ROOT, 'configs', 'deeplabv3',
     'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
@@ -135,7 +137,7 @@ def test_segmentors_without_a_psp_head_are_left_alone():
     state = copy.deepcopy(segmentor.state_dict())
     assert fold_psp_heads(segmentor) == 0
     assert segmentor.state_dict().keys() == state.keys()
-    with pytest.raises(ValueError, match='no PSPHead'):
+    with pytest.raises(UsageError, match='no PSPHead'):
         optimize(
             SegmentorLogits(segmentor), torch.randn(1, 3, 64, 128),
             ['fold_psp'])

@@ -1,43 +1,15 @@
 """The PSPNet-RepVGG-A0 config trains and tests with ``mim``, as users run
-it: ``mim train mmsegmentation`` then ``mim test mmsegmentation``."""
+it: ``mim train mmsegmentation`` (the shared ``trained_pspnet`` fixture)
+then ``mim test mmsegmentation``."""
 import glob
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
-from helpers import REPO_ROOT
 
-from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
+from helpers import mim, output
 
-PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
-                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-ITERS = 4
-
-
-def _output(result):
-    return result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _mim(*args, timeout=900):
-    return subprocess.run([sys.executable, '-m', 'mim', *map(str, args)],
-                          capture_output=True,
-                          text=True,
-                          cwd=REPO_ROOT,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp('mim')
-    data_root = make_toy_cityscapes(str(root / 'cityscapes'))
-    config = write_toy_config(
-        PSPNET_A0, data_root, str(root / 'pspnet_toy.py'), iters=ITERS)
-    work_dir = root / 'train'
-    result = _mim('train', 'mmsegmentation', config, '--work-dir', work_dir)
-    assert result.returncode == 0, _output(result)
-    return config, work_dir
+pytestmark = pytest.mark.integration
 
 
 def _json_log(pattern):
@@ -53,22 +25,28 @@ def _metrics(records):
     return [r for r in records if 'aAcc' in r][-1]
 
 
-def test_mim_train_learns_and_writes_a_checkpoint(trained):
-    _, work_dir = trained
-    checkpoint = f'iter_{ITERS}.pth'
-    assert (work_dir / checkpoint).is_file()
-    assert (work_dir / 'last_checkpoint').read_text().endswith(checkpoint)
-    records = _json_log(work_dir / '*' / 'vis_data' / 'scalars.json')
-    losses = [r['loss'] for r in records if 'loss' in r]
-    assert len(losses) == ITERS
+def _scalars(trained_pspnet):
+    return _json_log(
+        osp.join(trained_pspnet.work_dir, '*', 'vis_data', 'scalars.json'))
+
+
+def test_mim_train_learns_and_writes_a_checkpoint(trained_pspnet):
+    checkpoint = f'iter_{trained_pspnet.iters}.pth'
+    assert osp.isfile(trained_pspnet.checkpoint)
+    assert trained_pspnet.checkpoint.endswith(checkpoint)
+    with open(osp.join(trained_pspnet.work_dir, 'last_checkpoint')) as f:
+        assert f.read().endswith(checkpoint)
+    losses = [r['loss'] for r in _scalars(trained_pspnet) if 'loss' in r]
+    assert len(losses) == trained_pspnet.iters
     assert losses[-1] < losses[0], losses
 
 
-def test_mim_test_reports_the_trained_models_metrics(trained, tmp_path):
-    config, work_dir = trained
-    result = _mim('test', 'mmsegmentation', config, '--checkpoint',
-                  work_dir / f'iter_{ITERS}.pth', '--work-dir', tmp_path)
-    assert result.returncode == 0, _output(result)
+@pytest.mark.slow
+def test_mim_test_reports_the_trained_models_metrics(trained_pspnet, tmp_path):
+    result = mim('test', 'mmsegmentation', trained_pspnet.config,
+                 '--checkpoint', trained_pspnet.checkpoint, '--work-dir',
+                 tmp_path)
+    assert result.returncode == 0, output(result)
     metrics = _metrics(_json_log(tmp_path / '*' / '*.json'))
     for key in ('aAcc', 'mIoU', 'mAcc'):
         assert 0 <= metrics[key] <= 100, metrics
@@ -76,7 +54,6 @@ def test_mim_test_reports_the_trained_models_metrics(trained, tmp_path):
     assert metrics['aAcc'] > 30, metrics
     # The validation at the end of training saw the same weights and data:
     # a test that did not load the checkpoint would not match it.
-    trained_metrics = _metrics(
-        _json_log(work_dir / '*' / 'vis_data' / 'scalars.json'))
+    trained_metrics = _metrics(_scalars(trained_pspnet))
     for key in ('aAcc', 'mIoU', 'mAcc'):
         assert metrics[key] == trained_metrics[key], (metrics, trained_metrics)

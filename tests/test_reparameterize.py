@@ -5,47 +5,34 @@ import glob
 import json
 import os
 import os.path as osp
-import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import (REPO_ROOT, CarriesCode, randomize_batch_norms,
-                     relative_error, run_tool)
 from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
+from helpers import (REPO_ROOT, CarriesCode, mim, output,
+                     randomize_batch_norms, run, run_tool)
 from mmrepvgg import fold_psp_heads, switch_to_deploy
-from mmrepvgg.fileio import CheckpointError
-from mmrepvgg.reparameterize import (VerificationError, build_model,
-                                     deploy_config_path, reparameterize)
-from mmrepvgg.toy_data import make_toy_cityscapes, write_toy_config
+from mmrepvgg.config import build_model, config_dicts
+from mmrepvgg.deploy import deploy_config_path, relative_error, reparameterize
+from mmrepvgg.errors import CheckpointError, UsageError, VerificationError
 
-PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
-                     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 RETINANET_A0 = osp.join(REPO_ROOT, 'configs', 'retinanet',
                         'retinanet_repvgg-a0_fpn_1x_coco.py')
-ITERS = 2
 A0_BLOCKS = 1 + 2 + 4 + 14 + 1  # stem and the four body stages
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    """A toy PSPNet-RepVGG-A0 (SyncBN config) trained by mmengine's Runner.
-    """
-    root = tmp_path_factory.mktemp('trained')
-    data_root = make_toy_cityscapes(str(root / 'data'), num_train=4, num_val=2)
-    config = write_toy_config(
-        PSPNET_A0, data_root, str(root / 'toy.py'), iters=ITERS)
-    cfg = Config.fromfile(config)
-    cfg.work_dir = str(root / 'work')
-    Runner.from_cfg(cfg).train()
-    images = sorted(
-        glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png')))
-    return config, osp.join(cfg.work_dir, f'iter_{ITERS}.pth'), images
+def trained(trained_pspnet):
+    """The shared toy PSPNet-RepVGG-A0 (SyncBN config): config, checkpoint
+    and validation images."""
+    return (trained_pspnet.config, trained_pspnet.checkpoint,
+            trained_pspnet.val_images)
 
 
 @pytest.fixture(scope='module')
@@ -55,17 +42,8 @@ def converted(trained, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('deploy') / 'pspnet_deploy.pth')
     result = run_tool('reparameterize.py', config, checkpoint, out, '--img',
                       *images)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, output(result)
     return out, result
-
-
-def _dicts(node):
-    if isinstance(node, dict):
-        yield node
-        node = list(node.values())
-    if isinstance(node, (list, tuple)):
-        for child in node:
-            yield from _dicts(child)
 
 
 def _weights(path):
@@ -85,9 +63,7 @@ def test_cli_writes_a_safe_deploy_pair(trained, converted):
     # Plain torch, without mmrepvgg's allow-list, reads it weights-only.
     code = ('import torch; c = torch.load(%r, weights_only=True); '
             'print(sorted(c))' % out)
-    loaded = subprocess.run([sys.executable, '-c', code],
-                            capture_output=True,
-                            text=True)
+    loaded = run(sys.executable, '-c', code)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == "['meta', 'state_dict']"
 
@@ -103,7 +79,8 @@ def test_cli_writes_a_safe_deploy_pair(trained, converted):
     assert cfg.model.backbone.deploy is True
     assert cfg.model.backbone.init_cfg is None
     repvgg_nodes = [
-        node for node in _dicts(cfg.to_dict()) if node.get('type') == 'RepVGG'
+        node for node in config_dicts(cfg.to_dict())
+        if node.get('type') == 'RepVGG'
     ]
     # The model's backbone, and the settings variable it was made from.
     assert len(repvgg_nodes) >= 2
@@ -133,26 +110,17 @@ def _runner_test(config, checkpoint, work_dir, label_dir):
 
 
 def _mim_test(config, checkpoint, work_dir, label_dir):
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
-    result = subprocess.run([
-        sys.executable, '-m', 'mim', 'test', 'mmsegmentation', config,
-        '--checkpoint', checkpoint, '--work-dir',
-        str(work_dir), '--out',
-        str(label_dir)
-    ],
-                            capture_output=True,
-                            text=True,
-                            env=env,
-                            timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    result = mim('test', 'mmsegmentation', config, '--checkpoint', checkpoint,
+                 '--work-dir', work_dir, '--out', label_dir)
+    assert result.returncode == 0, output(result)
     logs = glob.glob(str(work_dir / '*' / '*.json'))
     assert len(logs) == 1, logs
     with open(logs[0]) as f:
         return json.loads(f.read().splitlines()[-1])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_mim_test_of_deploy_pair_matches_the_trained_model(
         trained, converted, tmp_path):
     config, checkpoint, images = trained
@@ -375,7 +343,7 @@ def test_output_that_is_an_input_is_refused(trained, tmp_path):
     link.symlink_to(checkpoint)
     inputs = {p: _digest(p) for p in (checkpoint, local_config)}
     for out in (checkpoint, link, tmp_path / 'model.pth'):
-        with pytest.raises(CheckpointError, match='is an input'):
+        with pytest.raises(UsageError, match='is an input'):
             reparameterize(str(local_config), checkpoint, str(out), force=True)
     assert {p: _digest(p) for p in inputs} == inputs
     assert sorted(os.listdir(tmp_path)) == ['link.pth', 'model.py']

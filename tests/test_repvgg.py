@@ -2,11 +2,12 @@ import copy
 
 import pytest
 import torch
-from helpers import randomize_batch_norms, relative_error
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 
+from helpers import randomize_batch_norms
 from mmrepvgg import RepVGG, RepVGGBlock, switch_to_deploy
+from mmrepvgg.deploy import relative_error
 
 ALL_ARCHS = sorted(RepVGG.arch_settings)
 # Parameter counts (M) of the deployed nets with a 1000-class linear head,

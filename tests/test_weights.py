@@ -11,10 +11,11 @@ import re
 
 import pytest
 import torch
-from helpers import randomize_batch_norms, relative_error, run_tool
 
+from apps.mmpretrain import load_mmpretrain_repvgg
+from helpers import randomize_batch_norms, run_tool
 from mmrepvgg import RepVGG
-from mmrepvgg.benchmark import load_mmpretrain_repvgg
+from mmrepvgg.deploy import relative_error
 from mmrepvgg.errors import CheckpointError
 from mmrepvgg.pretrained import convert_pretrained
 

@@ -2,15 +2,16 @@
 configs, side by side (whole segmentors and their backbones)."""
 import argparse
 
-from mmrepvgg.benchmark import (FAST_STEPS, PARTS, check_fast_path,
-                                format_report, load_mmpretrain_repvgg,
-                                plot_chart, run_benchmark, write_json)
+from apps.benchmark import PARTS, BenchmarkSettings, run_benchmark
+from apps.fast_path import FAST_STEPS, check_fast_path
+from apps.mmpretrain import load_mmpretrain_repvgg
+from apps.report import format_report, plot_chart, write_json
 from mmrepvgg.cli import run_cli
-from mmrepvgg.errors import MMRepVGGError
+from mmrepvgg.errors import UsageError
 from mmrepvgg.fileio import check_output_path
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         'config', help='RepVGG segmentor config (path or mmseg::...)')
@@ -71,12 +72,16 @@ def main():
     parser.add_argument(
         '--force', action='store_true', help='overwrite --json/--chart')
     args = parser.parse_args()
-
     if args.batch < 1 or min(args.size) < 1 or args.rounds < 1:
         parser.error('--batch, --size and --rounds must be positive')
+    return parser, args
+
+
+def main():
+    parser, args = parse_args()
     try:
         check_fast_path(args.fast_path, args.config)
-    except ValueError as error:
+    except UsageError as error:
         parser.error(str(error))
     inputs = [p for p in (args.config, args.checkpoint) if p]
     for out in (args.json, args.chart):
@@ -85,21 +90,22 @@ def main():
     if args.mmpretrain:
         load_mmpretrain_repvgg()  # fail now rather than after building
     result = run_benchmark(
-        args.config,
-        references=args.reference,
-        checkpoint=args.checkpoint,
-        shape=(args.batch, 3, *args.size),
-        parts=args.parts,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        threads=args.threads,
-        channels_last=args.channels_last,
-        fast_path=args.fast_path,
-        mmpretrain=args.mmpretrain,
-        device=args.device)
+        BenchmarkSettings(
+            args.config,
+            references=args.reference,
+            checkpoint=args.checkpoint,
+            shape=(args.batch, 3, *args.size),
+            parts=args.parts,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            threads=args.threads,
+            channels_last=args.channels_last,
+            fast_path=args.fast_path,
+            mmpretrain=args.mmpretrain,
+            device=args.device))
     print(format_report(result))
     if args.json:
-        write_json(result, args.json)
+        write_json(result.to_dict(), args.json)
         print(f'wrote {args.json}')
     if args.chart:
         plot_chart(result, args.chart)
@@ -107,4 +113,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError, ImportError))
+    run_cli(main)

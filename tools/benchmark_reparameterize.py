@@ -20,10 +20,11 @@ import tempfile
 import time
 
 import torch
-from mmengine.config import Config
 
-from mmrepvgg.fileio import load_checkpoint_file, save_atomic, weights_of
-from mmrepvgg.reparameterize import build_model, load_weights, reparameterize
+from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
+from mmrepvgg.config import build_model, read_config
+from mmrepvgg.deploy import reparameterize
+from mmrepvgg.fileio import save_atomic
 
 DEFAULT_CONFIG = osp.join(
     osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'pspnet',
@@ -49,7 +50,7 @@ def main():
         copy = osp.join(tmp, 'copy.pth')
         deploy = osp.join(tmp, 'deploy.pth')
         # The values do not change the work, only the shapes do.
-        model = build_model(Config.fromfile(args.config))
+        model = build_model(read_config(args.config))
         torch.save(dict(state_dict=model.state_dict()), checkpoint)
         params = sum(p.numel() for p in model.parameters())
         del model
@@ -61,7 +62,7 @@ def main():
             save_atomic(load_checkpoint_file(checkpoint), copy)
 
         def model_round_trip():
-            model = build_model(Config.fromfile(args.config))
+            model = build_model(read_config(args.config))
             load_weights(model, weights_of(load_checkpoint_file(checkpoint)))
             save_atomic(dict(state_dict=model.state_dict()), copy)
 

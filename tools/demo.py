@@ -2,64 +2,59 @@
 evaluation, re-parameterization, evaluation of the deploy pair, and a speed
 comparison of train and deploy form, summarized in one table and a chart."""
 import argparse
-import inspect
+import dataclasses
 
-from mmrepvgg.benchmark import FAST_STEPS
+from apps.demo import DemoSettings, run_demo
+from apps.fast_path import FAST_STEPS
 from mmrepvgg.cli import run_cli
-from mmrepvgg.demo import DemoError, run_demo
-from mmrepvgg.errors import MMRepVGGError
 
-# One source of truth for the defaults: the library's.
-DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(run_demo).parameters.items()
-}
+HELP = dict(
+    work_dir='where every output goes',
+    config='RepVGG segmentor config',
+    data_root='a real Cityscapes folder; none: toy data',
+    iters='training iterations',
+    image_size='toy image size, also the training crop',
+    num_train='toy training images',
+    num_val='toy validation images',
+    batch_size='training batch size on toy data',
+    lr='learning rate on toy data',
+    bench_size='benchmark input size',
+    bench_rounds='timed benchmark rounds',
+    fast_path='steps of an exact fast path to time too',
+    threads='torch threads for the benchmark',
+    force='reuse a non-empty work dir, overwriting its outputs')
 
 
-def _option(parser, name, help, **kwargs):
-    default = DEFAULTS[name]
-    if isinstance(default, (tuple, list)):
-        shown = ' '.join(map(str, default)) or 'none'
-    else:
-        shown = default
+def _add_option(parser, setting):
+    """An option for one field of DemoSettings, whose default is the
+    library's."""
+    flag = '--' + setting.name.replace('_', '-')
+    if setting.type is bool:
+        parser.add_argument(flag, action='store_true', help=HELP[setting.name])
+        return
+    default = setting.default
+    kwargs = dict(default=default)
+    if isinstance(default, tuple) and setting.name.endswith('size'):
+        kwargs.update(type=int, nargs=2, metavar=('H', 'W'))
+    elif setting.name == 'fast_path':
+        kwargs.update(nargs='*', choices=FAST_STEPS)
+    elif isinstance(default, (int, float)) or setting.name == 'threads':
+        kwargs.update(type=float if isinstance(default, float) else int)
+    shown = ' '.join(map(str, default)) if isinstance(default,
+                                                      (tuple,
+                                                       list)) else default
     parser.add_argument(
-        '--' + name.replace('_', '-'),
-        default=default,
-        help=f'{help} (default: {shown})',
+        flag,
+        help=f'{HELP[setting.name]} (default: {shown or "none"})',
         **kwargs)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        '--work-dir',
-        default='work_dirs/demo',
-        help='where every output goes (default: work_dirs/demo)')
-    _option(parser, 'config', 'RepVGG segmentor config')
-    _option(parser, 'data_root', 'a real Cityscapes folder; none: toy data')
-    _option(parser, 'iters', 'training iterations', type=int)
-    size = dict(type=int, nargs=2, metavar=('H', 'W'))
-    _option(parser, 'image_size', 'toy image size, also the training crop',
-            **size)
-    _option(parser, 'num_train', 'toy training images', type=int)
-    _option(parser, 'num_val', 'toy validation images', type=int)
-    _option(parser, 'batch_size', 'training batch size on toy data', type=int)
-    _option(parser, 'bench_size', 'benchmark input size', **size)
-    _option(parser, 'bench_rounds', 'timed benchmark rounds', type=int)
-    _option(
-        parser,
-        'fast_path',
-        'steps of an exact fast path to time too',
-        nargs='*',
-        choices=FAST_STEPS)
-    _option(parser, 'threads', 'torch threads for the benchmark', type=int)
-    parser.add_argument(
-        '--force',
-        action='store_true',
-        help='reuse a non-empty work dir, overwriting its outputs')
-    args = parser.parse_args()
-    run_demo(**vars(args))
+    for setting in dataclasses.fields(DemoSettings):
+        _add_option(parser, setting)
+    run_demo(DemoSettings(**vars(parser.parse_args())))
 
 
 if __name__ == '__main__':
-    run_cli(main, user_errors=(MMRepVGGError, FileNotFoundError, DemoError))
+    run_cli(main)

@@ -1,4 +1,5 @@
-"""A small Cityscapes-layout dataset that a segmentor can learn quickly.
+"""Toy data for tests and demos: a small Cityscapes-layout dataset that a
+segmentor can learn quickly, and configs that train on it offline.
 
 Scenes are drawn from a few Cityscapes classes, each with its own colour
 and shape (sky above, buildings, road below, round trees, box-like cars and

@@ -23,7 +23,7 @@ from mmseg.models.decode_heads import PSPHead
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .models.fusion import fuse_conv_bn
+from ..models.fusion import fuse_conv_bn
 
 
 def _interpolation_matrix(size, length, align_corners):

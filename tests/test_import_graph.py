@@ -1,0 +1,80 @@
+"""The package stands alone: it never imports the repository's tools, and
+its modules import each other without cycles."""
+import ast
+import os.path as osp
+import pkgutil
+
+import mmrepvgg
+
+PACKAGE_ROOT = osp.dirname(mmrepvgg.__file__)
+
+
+def _modules():
+    """Module name to source path, for every module of the package."""
+    modules = {'mmrepvgg': osp.join(PACKAGE_ROOT, '__init__.py')}
+    for info in pkgutil.walk_packages([PACKAGE_ROOT], 'mmrepvgg.'):
+        path = osp.join(info.module_finder.path, info.name.rsplit('.', 1)[-1])
+        modules[info.name] = osp.join(
+            path, '__init__.py') if info.ispkg else path + '.py'
+    return modules
+
+
+def _imports(name, path):
+    """Names of the modules that a module imports, relative ones
+    resolved."""
+    package = name if path.endswith('__init__.py') else name.rpartition('.')[0]
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level:
+                parent = package.split('.')
+                parent = parent[:len(parent) - node.level + 1]
+                base = '.'.join(parent + ([base] if base else []))
+            yield base
+            yield from (f'{base}.{alias.name}' for alias in node.names)
+
+
+def _graph():
+    modules = _modules()
+    return {
+        name: {m
+               for m in _imports(name, path) if m in modules and m != name}
+        for name, path in modules.items()
+    }, modules
+
+
+def test_the_package_never_imports_the_tools():
+    modules = _modules()
+    assert len(modules) > 15
+    for name, path in modules.items():
+        for imported in _imports(name, path):
+            assert imported.split('.')[0] not in ('tools', 'apps'), (name,
+                                                                     imported)
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    # A package's __init__ imports its own modules by design; cycles are
+    # looked for among the modules below it.
+    edges = {
+        name: {m
+               for m in deps if not name.startswith(m + '.')}
+        for name, deps in graph.items()
+    }
+    state = {}
+
+    def visit(name, path):
+        state[name] = 'open'
+        for dep in sorted(edges[name]):
+            assert state.get(dep) != 'open', ' -> '.join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = 'done'
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])

@@ -1,0 +1,385 @@
+"""Inference speed of segmentors and their backbones, side by side.
+
+Every model runs in one process on the same input: after a warm-up, the
+models take turns in several rounds (the order reversed every other round),
+so a slow spell of a shared machine hits all of them alike. In its turn a
+model runs twice and only the second run is timed, so that it never pays
+for the memory state the previous model left. Speed-ups are the median of
+the per-round ratios, which is steadier than a ratio of medians measured at
+different times.
+
+Besides the train and deploy forms of a config and any reference configs,
+the deploy form can also run on a faster exact fp32 path (``fast_path``);
+its outputs are checked against plain deploy before it is timed.
+"""
+import copy
+import os.path as osp
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from mmengine.model import revert_sync_batchnorm
+
+from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
+from mmrepvgg.config import build_model, read_config
+from mmrepvgg.deploy import relative_error, switch_to_deploy
+from mmrepvgg.deploy.logits import SegmentorLogits
+from mmrepvgg.errors import UsageError
+from .fast_path import check_fast_path, fast_steps_for, optimize
+from .mmpretrain import build_mmpretrain_backbone
+
+PARTS = ('segmentor', 'backbone')
+# The largest relative output difference that still counts as the same
+# fp32 predictions (with an identical argmax label map).
+EXACT_RTOL = 1e-5
+
+
+@dataclass
+class BenchmarkSettings:
+    """What :func:`run_benchmark` times, and how.
+
+    Attributes:
+        config (str): Config of a RepVGG segmentor (path or
+            ``package::path``); its deploy form is derived in memory.
+        references (Sequence[str]): Other configs to time as they are.
+        checkpoint (str, optional): Train-form weights of ``config``; None
+            times random weights (speed does not depend on the values).
+        shape (Sequence[int]): Input ``(N, C, H, W)``.
+        parts (Sequence[str]): Any of ``'segmentor'`` (whole-image logits
+            at input resolution) and ``'backbone'``.
+        rounds (int): Timed rounds; each model runs once per round.
+        warmup (int): Untimed runs of each model first (at least one runs,
+            for the output checks).
+        threads (int, optional): ``torch.set_num_threads``; None leaves it.
+        channels_last (bool): Run every model in channels-last format.
+        fast_path (Sequence[str]): Steps of
+            :func:`apps.fast_path.optimize`; the deploy form also runs on
+            that path (a backbone skips the head's steps), after a check of
+            its outputs against plain deploy.
+        mmpretrain (bool): Also time mmpretrain's deployed RepVGG backbone
+            at the same settings.
+        device (str): ``'cpu'`` or a CUDA device.
+        seed (int): Seed of the random input.
+        name (str, optional): Name of ``config``'s models in the results;
+            None takes the start of the config's file name, such as
+            ``pspnet_repvgg-a0-d8``.
+    """
+    config: str
+    references: Sequence[str] = ()
+    checkpoint: Optional[str] = None
+    shape: Sequence[int] = (1, 3, 512, 1024)
+    parts: Sequence[str] = PARTS
+    rounds: int = 5
+    warmup: int = 2
+    threads: Optional[int] = None
+    channels_last: bool = False
+    fast_path: Sequence[str] = ()
+    mmpretrain: bool = False
+    device: str = 'cpu'
+    seed: int = 0
+    name: Optional[str] = None
+
+    def check(self):
+        """Raise UsageError for settings that cannot run."""
+        check_fast_path(self.fast_path)
+        unknown = set(self.parts) - set(PARTS)
+        if unknown or not self.parts:
+            raise UsageError(
+                f'parts must be among {PARTS}, got {list(self.parts)}')
+        if self.rounds < 1 or self.warmup < 0:
+            raise UsageError('rounds must be >= 1 and warmup >= 0')
+        if len(self.shape) != 4 or min(self.shape) < 1:
+            raise UsageError(f'shape must be 4 positive sizes, got '
+                             f'{list(self.shape)}')
+
+
+@dataclass
+class Entry:
+    """A model being timed: ``run`` maps the input to its outputs."""
+    model: str
+    part: str
+    form: str
+    run: Callable = field(repr=False)
+    # A faster form of the same model's deploy form, compared with it.
+    derived: bool = False
+    times_s: List[float] = field(default_factory=list)
+    output: Any = field(default=None, repr=False)
+
+    @property
+    def name(self):
+        return f'{self.model} ({self.form})'
+
+
+@dataclass
+class Timing:
+    """Seconds per run of one model; ``spread`` is (max - min) / median."""
+    name: str
+    part: str
+    form: str
+    times_s: List[float]
+    median_s: float
+    min_s: float
+    max_s: float
+    spread: float
+
+    @classmethod
+    def of(cls, entry):
+        samples = entry.times_s
+        median = statistics.median(samples)
+        return cls(entry.name, entry.part, entry.form, samples, median,
+                   min(samples), max(samples),
+                   (max(samples) - min(samples)) / median)
+
+
+@dataclass
+class Ratio:
+    """Speed-up of ``candidate`` over ``baseline``: the median, smallest
+    and largest of the per-round ratios of their times."""
+    part: str
+    candidate: str
+    baseline: str
+    speedup: float
+    speedup_min: float
+    speedup_max: float
+
+    @classmethod
+    def of(cls, candidate, baseline):
+        per_round = [
+            b / c for c, b in zip(candidate.times_s, baseline.times_s)
+        ]
+        return cls(candidate.part, candidate.name, baseline.name,
+                   statistics.median(per_round), min(per_round),
+                   max(per_round))
+
+
+@dataclass
+class Check:
+    """How far a model's outputs are from a reference's (see
+    :func:`compare_outputs`)."""
+    part: str
+    candidate: str
+    reference: str
+    max_rel_error: float
+    label_mismatches: Optional[int]
+    exact: bool
+
+
+@dataclass
+class BenchmarkResult:
+    """Settings, per-model timings, speed-ups and output checks."""
+    settings: dict
+    timings: List[Timing]
+    ratios: List[Ratio]
+    checks: List[Check]
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def build_segmentor(config, checkpoint=None):
+    """Build a config's segmentor offline, in eval mode, with plain BN,
+    and load ``checkpoint`` (weights-only) when given."""
+    model = revert_sync_batchnorm(build_model(read_config(config)))
+    if checkpoint is not None:
+        load_weights(model,
+                     weights_of(load_checkpoint_file(checkpoint), checkpoint),
+                     checkpoint, config)
+    return model.eval()
+
+
+def short_name(config):
+    """A config's name up to its second ``_``, e.g. ``pspnet_r18-d8`` for
+    ``mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py``."""
+    name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
+    return '_'.join(name.split('_')[:2])
+
+
+def compare_outputs(actual, expected, part):
+    """How far a model's outputs (a tensor or a sequence of them) are from
+    a reference's; segmentor logits are compared as label maps too.
+
+    Returns:
+        dict: ``max_rel_error`` (the largest ``max|a - e| / max|e|`` over
+        the outputs), ``label_mismatches`` (pixels whose argmax class
+        differs; segmentors only, else None) and ``exact`` (labels equal
+        and error within :data:`EXACT_RTOL`).
+    """
+    pairs = zip(_as_tuple(actual), _as_tuple(expected))
+    error = max(relative_error(a, e) for a, e in pairs)
+    mismatches = None
+    if part == 'segmentor':
+        mismatches = int((actual.argmax(dim=1)
+                          != expected.argmax(dim=1)).sum())
+    return dict(
+        max_rel_error=error,
+        label_mismatches=mismatches,
+        exact=error <= EXACT_RTOL and not mismatches)
+
+
+def _as_tuple(outputs):
+    return tuple(outputs) if isinstance(outputs,
+                                        (tuple, list)) else (outputs, )
+
+
+def _models(settings):
+    """(name, form, segmentor) of the train and deploy forms and the
+    references."""
+    name = settings.name or short_name(settings.config)
+    train = build_segmentor(settings.config, settings.checkpoint)
+    deploy = switch_to_deploy(copy.deepcopy(train))
+    models = [(name, 'train', train), (name, 'deploy', deploy)]
+    for reference in settings.references:
+        models.append(
+            (short_name(reference), 'reference', build_segmentor(reference)))
+    return models
+
+
+def _entries(settings, inputs):
+    entries = []
+    models = _models(settings)
+    for part in settings.parts:
+        for name, form, segmentor in models:
+            module = (
+                SegmentorLogits(segmentor)
+                if part == 'segmentor' else segmentor.backbone)
+            # Not chained: some backbones' train() returns None.
+            module.eval()
+            module.to(settings.device, memory_format=_memory(settings))
+            entries.append(Entry(name, part, form, module))
+        steps = fast_steps_for(part, settings.fast_path)
+        if steps:
+            deploy = _find(entries, part, 'deploy', models[0][0])
+            entries.append(
+                Entry(deploy.model, part, '+'.join(['deploy', *steps]),
+                      optimize(deploy.run, inputs, steps), True))
+        if part == 'backbone' and settings.mmpretrain:
+            backbone = build_mmpretrain_backbone(
+                read_config(settings.config).model.backbone)
+            entries.append(
+                Entry('mmpretrain RepVGG', part, 'deploy',
+                      backbone.to(settings.device)))
+    return entries
+
+
+def _memory(settings):
+    return (torch.channels_last
+            if settings.channels_last else torch.contiguous_format)
+
+
+def _find(entries, part, form, model=None):
+    return next((e for e in entries if e.part == part and e.form == form and (
+        model is None or e.model == model)), None)
+
+
+def _warm_up_and_check(entries, settings, inputs, log):
+    runs = max(settings.warmup, 1)
+    log(f'warm-up: {runs} run(s) of {len(entries)} models')
+    for entry in entries:
+        for _ in range(runs):
+            entry.output = entry.run(inputs)
+    checks = []
+    ours = entries[0].model
+    for part in settings.parts:
+        train, deploy = (
+            _find(entries, part, form, ours) for form in ('train', 'deploy'))
+        pairs = [(deploy, train)]
+        pairs += [(e, deploy) for e in entries if e.part == part and e.derived]
+        for candidate, reference in pairs:
+            checks.append(
+                Check(
+                    part, candidate.name, reference.name,
+                    **compare_outputs(candidate.output, reference.output,
+                                      part)))
+    for entry in entries:
+        entry.output = None
+    return checks
+
+
+def _time_rounds(entries, inputs, rounds, device, log):
+    for index in range(rounds):
+        order = entries if index % 2 == 0 else entries[::-1]
+        for entry in order:
+            # Untimed, so that every timed run follows a run of the same
+            # model, as frame after frame in deployment: no model inherits
+            # the caches or the freed memory of another.
+            entry.run(inputs)
+            _synchronize(device)
+            start = time.perf_counter()
+            entry.run(inputs)
+            _synchronize(device)
+            entry.times_s.append(time.perf_counter() - start)
+        log(f'round {index + 1}/{rounds}: ' +
+            ', '.join(f'{e.part} {e.name} {e.times_s[-1]:.3f}s'
+                      for e in entries))
+
+
+def _synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _ratios(entries, parts):
+    """The deploy form over every other model of its part, and each faster
+    form over the deploy form it derives from."""
+    ratios = []
+    for part in parts:
+        ours = _find(entries, part, 'deploy', entries[0].model)
+        for entry in entries:
+            if entry.part != part or entry is ours:
+                continue
+            if entry.derived:
+                ratios.append(Ratio.of(entry, ours))
+            else:
+                ratios.append(Ratio.of(ours, entry))
+    return ratios
+
+
+def _prepare_device(settings):
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    if device.type == 'cuda':
+        # TF32 would trade fp32 accuracy for speed.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def run_benchmark(settings, log=print):
+    """Time a config's train and deploy forms against reference configs.
+
+    Args:
+        settings (BenchmarkSettings): What to time, and how.
+        log (callable): Receives progress lines. Defaults to ``print``.
+
+    Returns:
+        BenchmarkResult: Timings; speed-ups of the deploy form over every
+        other model of the same part and of each faster form over plain
+        deploy; output checks of deploy against train and of each faster
+        form against deploy.
+    """
+    settings.check()
+    device = _prepare_device(settings)
+    inputs = torch.randn(
+        *settings.shape,
+        generator=torch.Generator().manual_seed(settings.seed)).to(
+            device, memory_format=_memory(settings))
+    log(f'building models for {list(settings.parts)}')
+    entries = _entries(settings, inputs)
+    with torch.inference_mode():
+        checks = _warm_up_and_check(entries, settings, inputs, log)
+        _time_rounds(entries, inputs, settings.rounds, device, log)
+    described = dict(
+        asdict(settings),
+        references=list(settings.references),
+        shape=list(settings.shape),
+        parts=list(settings.parts),
+        fast_path=list(settings.fast_path),
+        threads=torch.get_num_threads(),
+        device=str(device),
+        torch=torch.__version__)
+    return BenchmarkResult(described, [Timing.of(e) for e in entries],
+                           _ratios(entries, settings.parts), checks)

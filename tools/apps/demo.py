@@ -1,0 +1,368 @@
+"""The whole RepVGG workflow in one run, as a user would do it.
+
+1. Data: a learnable toy dataset in Cityscapes' layout, or a real
+   Cityscapes folder.
+2. ``mim train mmsegmentation`` trains the segmentor (its log is shown).
+3. ``mim test mmsegmentation`` evaluates it; :func:`mmrepvgg.reparameterize`
+   converts it; ``mim test`` evaluates the deploy checkpoint and config.
+4. :func:`apps.benchmark.run_benchmark` times train form against deploy
+   form; a summary table and a PNG chart are written.
+
+The mim steps run the command a user would type, and print it.
+"""
+import glob
+import json
+import os
+import os.path as osp
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from mmrepvgg.deploy import deploy_config_path, reparameterize
+from mmrepvgg.errors import MMRepVGGError
+from mmrepvgg.fileio import write_atomic
+from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
+from .benchmark import BenchmarkSettings, run_benchmark, short_name
+from .fast_path import check_fast_path
+from .report import format_report, plot_chart, write_json
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEFAULT_CONFIG = osp.join(
+    REPO_ROOT, 'configs', 'pspnet',
+    'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+IGNORE_INDEX = 255
+
+_REAL_DATA_CONFIG = '''\
+# Derived from {base} to train on the Cityscapes folder {data_root}.
+_base_ = {base!r}
+train_dataloader = dict(dataset=dict(data_root={data_root!r}))
+val_dataloader = dict(dataset=dict(data_root={data_root!r}))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters={iters}, val_interval={iters})
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval={iters}))
+'''
+
+
+class DemoError(MMRepVGGError):
+    """A demo step that cannot run or failed."""
+
+
+@dataclass
+class DemoSettings:
+    """What :func:`run_demo` does.
+
+    Attributes:
+        work_dir (str): Where every output goes; must be new or empty
+            unless ``force``.
+        config (str): Segmentor config with a RepVGG backbone.
+        data_root (str, optional): A real Cityscapes folder (with
+            ``*_labelTrainIds.png`` labels), trained on with the config's
+            own pipelines; None generates a toy dataset.
+        iters (int): Training iterations.
+        image_size (tuple[int]): ``(height, width)`` of toy images, also
+            the training crop.
+        num_train (int): Toy training images.
+        num_val (int): Toy validation images.
+        batch_size (int): Training batch size on toy data.
+        lr (float): Learning rate on toy data.
+        bench_size (tuple[int]): ``(height, width)`` of the benchmark input.
+        bench_rounds (int): Timed benchmark rounds.
+        fast_path (Sequence[str]): Steps of a fast path to time too, see
+            :func:`apps.fast_path.optimize`.
+        threads (int, optional): Torch threads for the benchmark.
+        force (bool): Reuse a non-empty ``work_dir``, overwriting outputs.
+    """
+    work_dir: str = 'work_dirs/demo'
+    config: str = DEFAULT_CONFIG
+    data_root: Optional[str] = None
+    iters: int = 100
+    image_size: Tuple[int, int] = (64, 128)
+    num_train: int = 16
+    num_val: int = 4
+    batch_size: int = 4
+    lr: float = 0.01
+    bench_size: Tuple[int, int] = (512, 1024)
+    bench_rounds: int = 3
+    fast_path: Sequence[str] = ()
+    threads: Optional[int] = None
+    force: bool = False
+
+
+def check_cityscapes(data_root):
+    """Refuse a folder that mmseg's Cityscapes dataset cannot read.
+
+    Raises:
+        DemoError: No ``leftImg8bit/val`` images or no
+            ``*_gtFine_labelTrainIds.png`` labels in ``gtFine/val``.
+    """
+    images = glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png'))
+    labels = glob.glob(
+        osp.join(data_root, 'gtFine', 'val', '*',
+                 '*_gtFine_labelTrainIds.png'))
+    if not images:
+        raise DemoError(f'{data_root}: not a Cityscapes folder (no images in '
+                        'leftImg8bit/val/*/)')
+    if not labels:
+        raise DemoError(
+            f'{data_root}: gtFine/val holds no *_labelTrainIds.png; create '
+            "them with mmseg's tools/dataset_converters/cityscapes.py")
+
+
+def write_cityscapes_config(base, data_root, out, iters):
+    """Write a config that trains ``base`` on the Cityscapes folder
+    ``data_root`` for ``iters`` iterations, with ``base``'s own pipelines
+    and initialization.
+
+    Returns:
+        str: ``out``.
+    """
+    text = _REAL_DATA_CONFIG.format(
+        base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
+    write_atomic(out, lambda f: f.write(text.encode()))
+    return out
+
+
+def majority_class_miou(data_root, split='val'):
+    """mIoU (%) of predicting the most frequent class everywhere.
+
+    The reference for "above chance": that class scores its pixel share as
+    IoU, every other class present scores 0.
+    """
+    counts = np.zeros(IGNORE_INDEX + 1, np.int64)
+    for path in glob.glob(
+            osp.join(data_root, 'gtFine', split, '*',
+                     '*_gtFine_labelTrainIds.png')):
+        labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        counts += np.bincount(labels.ravel(), minlength=counts.size)
+    counts = counts[:IGNORE_INDEX]
+    present = np.count_nonzero(counts)
+    return 100 * counts.max() / counts.sum() / present
+
+
+def _run_mim(name, args, log):
+    """Run ``mim`` as a user would, showing the command and its output; a
+    failure raises :class:`DemoError` that names the step."""
+    command = [sys.executable, '-m', 'mim', *args]
+    log('$ ' + shlex.join(command))
+    returncode = subprocess.run(command).returncode
+    if returncode != 0:
+        raise DemoError(f'{name} failed with exit code {returncode} (its '
+                        'output is above)')
+
+
+def _mim_test(config, checkpoint, work_dir, log):
+    """``mim test mmsegmentation``; returns its metrics (aAcc, mIoU, mAcc)."""
+    _run_mim('mim test', [
+        'test', 'mmsegmentation', config, '--checkpoint', checkpoint,
+        '--work-dir', work_dir
+    ], log)
+    # mmengine's logger writes the test metrics as one JSON line in
+    # WORK_DIR/TIMESTAMP/TIMESTAMP.json; the newest run is last.
+    logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
+    if not logs:
+        raise DemoError(f'mim test wrote no metrics under {work_dir}')
+    with open(logs[-1]) as f:
+        metrics = json.loads(f.read().splitlines()[-1])
+    return {k: metrics[k] for k in ('aAcc', 'mIoU', 'mAcc')}
+
+
+def _check(settings):
+    if settings.iters < 1:
+        raise DemoError('--iters must be at least 1')
+    if not osp.isfile(settings.config):
+        raise DemoError(f'{settings.config}: no such config file')
+    check_fast_path(settings.fast_path, settings.config)
+    if settings.data_root is not None:
+        check_cityscapes(settings.data_root)
+    if osp.isfile(settings.work_dir):
+        raise DemoError(f'{settings.work_dir}: is a file, not a folder')
+    if (osp.isdir(settings.work_dir) and os.listdir(settings.work_dir)
+            and not settings.force):
+        raise DemoError(f'{settings.work_dir}: exists and is not empty; '
+                        'choose a new --work-dir or pass --force to '
+                        'overwrite its outputs')
+
+
+def _prepare_data(settings, train_config, log):
+    """Write the training config (and toy data); returns a description of
+    the data, its root and the majority-class mIoU (None for real data)."""
+    if settings.data_root is not None:
+        write_cityscapes_config(settings.config, settings.data_root,
+                                train_config, settings.iters)
+        return f'Cityscapes at {settings.data_root}', settings.data_root, None
+    height, width = settings.image_size
+    data_root = make_toy_cityscapes(
+        osp.join(settings.work_dir, 'data'),
+        num_train=settings.num_train,
+        num_val=settings.num_val,
+        height=height,
+        width=width)
+    write_toy_config(
+        settings.config,
+        data_root,
+        train_config,
+        iters=settings.iters,
+        crop=settings.image_size,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        log_interval=max(1, settings.iters // 20))
+    data = (f'toy Cityscapes layout, {settings.num_train} train / '
+            f'{settings.num_val} val images of {height}x{width}')
+    log(f'wrote {data} to {data_root}')
+    return data, data_root, majority_class_miou(data_root)
+
+
+def _train(settings, train_config, log):
+    train_dir = osp.join(settings.work_dir, 'train')
+    _run_mim(
+        'mim train',
+        ['train', 'mmsegmentation', train_config, '--work-dir', train_dir],
+        log)
+    checkpoint = osp.join(train_dir, f'iter_{settings.iters}.pth')
+    if not osp.isfile(checkpoint):
+        raise DemoError(f'training wrote no {checkpoint}')
+    return checkpoint
+
+
+def _convert(settings, train_config, checkpoint, log):
+    out = osp.join(settings.work_dir, 'deploy', 'deploy.pth')
+    log('converting with mmrepvgg.reparameterize, as tools/reparameterize.py '
+        f'does: {checkpoint} -> {out}')
+    result = reparameterize(
+        train_config, checkpoint, out, force=settings.force)
+    log(f'converted {result.converted} RepVGG blocks, max relative '
+        f'difference {result.max_error:.1e}; wrote {out} and '
+        f'{result.out_config}')
+    return out
+
+
+def _benchmark(settings, train_config, checkpoint, log):
+    result = run_benchmark(
+        BenchmarkSettings(
+            train_config,
+            checkpoint=checkpoint,
+            shape=(1, 3, *settings.bench_size),
+            rounds=settings.bench_rounds,
+            warmup=1,
+            threads=settings.threads,
+            fast_path=settings.fast_path,
+            name=short_name(settings.config)),
+        log=log)
+    plot_chart(result, osp.join(settings.work_dir, 'speed.png'))
+    return result
+
+
+def run_demo(settings, log=print):
+    """Generate data, train, evaluate, convert, evaluate, benchmark.
+
+    Args:
+        settings (DemoSettings): What to do.
+        log (callable): Receives progress lines. Defaults to ``print``.
+
+    Returns:
+        dict: The summary (data, checkpoints, metrics of both forms,
+        ``same_miou``, seconds per step and the benchmark result), also
+        written to ``work_dir/summary.json``, with the printed table in
+        ``work_dir/summary.txt`` and the speed chart in
+        ``work_dir/speed.png``.
+
+    Raises:
+        MMRepVGGError: Bad settings or a failed step.
+    """
+    _check(settings)
+    settings.work_dir = osp.abspath(settings.work_dir)
+    os.makedirs(settings.work_dir, exist_ok=True)
+    train_config = osp.join(settings.work_dir, 'train_config.py')
+    steps = _StepClock()
+    log('== 1/4 data')
+    data, data_root, chance = _prepare_data(settings, train_config, log)
+    steps.done('data')
+    log(f'== 2/4 training for {settings.iters} iterations')
+    checkpoint = _train(settings, train_config, log)
+    steps.done('train')
+    log('== 3/4 evaluation, re-parameterization, evaluation of the deploy '
+        'pair')
+    metrics = dict(
+        train=_mim_test(train_config, checkpoint,
+                        osp.join(settings.work_dir, 'test_train'), log))
+    deploy_checkpoint = _convert(settings, train_config, checkpoint, log)
+    metrics['deploy'] = _mim_test(
+        deploy_config_path(deploy_checkpoint), deploy_checkpoint,
+        osp.join(settings.work_dir, 'test_deploy'), log)
+    steps.done('evaluate_and_convert')
+    log('== 4/4 speed of train form against deploy form')
+    bench = _benchmark(settings, train_config, checkpoint, log)
+    steps.done('benchmark')
+    summary = dict(
+        config=settings.config,
+        data=data,
+        data_root=data_root,
+        iters=settings.iters,
+        checkpoint=checkpoint,
+        deploy_checkpoint=deploy_checkpoint,
+        deploy_config=deploy_config_path(deploy_checkpoint),
+        majority_class_miou=chance,
+        metrics=metrics,
+        same_miou=metrics['train']['mIoU'] == metrics['deploy']['mIoU'],
+        seconds=steps.seconds,
+        benchmark=bench.to_dict(),
+        chart=osp.join(settings.work_dir, 'speed.png'))
+    _write_summary(summary, format_summary(summary, bench), settings, log)
+    return summary
+
+
+class _StepClock:
+    """Seconds each step took."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.started = time.perf_counter()
+
+    def done(self, step):
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self.started, 1)
+        self.started = now
+
+
+def _write_summary(summary, table, settings, log):
+    write_atomic(
+        osp.join(settings.work_dir, 'summary.txt'),
+        lambda f: f.write(table.encode() + b'\n'))
+    write_json(summary, osp.join(settings.work_dir, 'summary.json'))
+    log(table)
+
+
+def format_summary(summary, bench):
+    """The demo's one summary table: accuracy of both forms, then the
+    benchmark report."""
+    metrics = summary['metrics']
+    chance = summary['majority_class_miou']
+    lines = [
+        '=' * 72,
+        f'RepVGG demo: {osp.basename(summary["config"])}',
+        f'data: {summary["data"]}',
+        f'trained {summary["iters"]} iterations: {summary["checkpoint"]}',
+        f'deploy pair: {summary["deploy_checkpoint"]} + .py',
+        f'{"form":<14} {"mIoU":>8} {"mAcc":>8} {"aAcc":>8}',
+    ]
+    for form in ('train', 'deploy'):
+        m = metrics[form]
+        lines.append(f'{form:<14} {m["mIoU"]:>8.2f} {m["mAcc"]:>8.2f} '
+                     f'{m["aAcc"]:>8.2f}')
+    if chance is not None:
+        lines.append(f'{"majority class":<14} {chance:>8.2f}')
+    lines.append('same mIoU for both forms: ' +
+                 ('yes' if summary['same_miou'] else 'NO'))
+    lines.append(format_report(bench))
+    lines.append(f'speed chart: {summary["chart"]}')
+    lines.append('seconds per step: ' +
+                 ', '.join(f'{step} {value:.0f}'
+                           for step, value in summary['seconds'].items()))
+    lines.append('=' * 72)
+    return '\n'.join(lines)
