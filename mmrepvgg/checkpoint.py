@@ -11,7 +11,6 @@ Allow-listing exactly those classes keeps the safe unpickler and makes
 """
 import os.path as osp
 import pickle
-import zipfile
 
 import numpy as np
 import torch
@@ -19,22 +18,96 @@ from mmengine.logging import HistoryBuffer
 
 from .errors import CheckpointError, first_keys, first_line
 
+_MULTIARRAY = getattr(np, '_core', None) or np.core
+_MULTIARRAY_MODULES = ('numpy.core.multiarray', 'numpy._core.multiarray')
+# Booleans, signed and unsigned integers, floats and complex numbers.
+_NUMERIC_KINDS = 'biufc'
 
-def _numpy_globals():
-    # What pickling numpy arrays, dtypes and scalars references: the array
-    # reconstructor, and one dtype class per dtype (numpy >= 1.25).
-    multiarray = getattr(np, '_core', None) or np.core
-    found = [
-        np.ndarray, np.dtype, multiarray.multiarray._reconstruct,
-        multiarray.multiarray.scalar
-    ]
+
+def _numeric(dtype):
+    """``dtype`` if it is one of numpy's shared dtypes of numbers."""
+    if not (isinstance(dtype, np.dtype) and dtype.isbuiltin == 1
+            and dtype.kind in _NUMERIC_KINDS):
+        raise pickle.UnpicklingError(
+            f'refused numpy data of dtype {dtype!r} in a checkpoint: only '
+            'numbers are loaded')
+    return dtype
+
+
+def _dtype(spec, align=False, copy=False):
+    # numpy.dtype as pickles call it. Only numpy's shared dtypes of numbers
+    # are returned: numpy ignores a pickled state on those, so a file cannot
+    # turn one into a dtype that holds objects.
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        raise pickle.UnpicklingError(
+            f'refused numpy dtype {spec!r} in a checkpoint') from None
+    return _numeric(dtype)
+
+
+class _LoadedArray(np.ndarray):
+    """The only numpy array a checkpoint can build: numbers, as many as
+    its bytes hold. It pickles as a plain ``numpy.ndarray`` again."""
+
+    def __new__(cls, *args, **kwargs):
+        # Reachable from a file by name; ndarray's own constructor would
+        # build an array over raw bytes of any dtype.
+        raise pickle.UnpicklingError(
+            'refused a direct numpy array construction in a checkpoint')
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError(
+                'refused a malformed numpy array in a checkpoint')
+        _numeric(state[2])
+        super().__setstate__(state)
+
+    def __reduce__(self):
+        return self.view(np.ndarray).__reduce__()
+
+    def __repr__(self):
+        return repr(self.view(np.ndarray))
+
+
+def _ndarray_name(*args, **kwargs):
+    # What ``numpy.ndarray`` resolves to: array pickles name it only as the
+    # first argument of ``_reconstruct``, never to call it.
+    raise pickle.UnpicklingError(
+        'refused a direct numpy array construction in a checkpoint')
+
+
+def _reconstruct(subtype, shape, dtype):
+    # An empty array; the pickle's next step sets its shape, dtype and
+    # bytes, which numpy checks against each other.
+    if subtype is not _ndarray_name:
+        raise pickle.UnpicklingError(
+            'refused a numpy array of another type in a checkpoint')
+    return np.ndarray.__new__(_LoadedArray, (0, ), np.uint8)
+
+
+def _scalar(dtype, data):
+    return _MULTIARRAY.multiarray.scalar(_numeric(dtype), data)
+
+
+def _numeric_dtype_classes():
+    # numpy >= 1.25 gives every dtype a class; dtypes of numbers are built
+    # by the pickle's state step, which needs their classes allowed.
+    # Calling one returns numpy's shared dtype.
     dtypes = getattr(np, 'dtypes', None)
-    if dtypes is not None:
-        found += [
-            getattr(dtypes, name) for name in dir(dtypes)
-            if name.endswith('DType')
-        ]
-    return found
+    classes = [getattr(dtypes, n) for n in dir(dtypes)] if dtypes else []
+    return list({
+        c: (c, f'numpy.dtypes.{c.__name__}')
+        for c in classes if isinstance(c, type) and issubclass(c, np.dtype)
+        and c is not np.dtype and _is_numeric_class(c)
+    }.values())
+
+
+def _is_numeric_class(cls):
+    try:
+        return cls().kind in _NUMERIC_KINDS
+    except TypeError:  # parametric dtypes (strings, structs) need arguments
+        return False
 
 
 def _history_buffer_method(owner, name):
@@ -49,9 +122,15 @@ def _history_buffer_method(owner, name):
 
 
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+# What mmengine's Runner writes besides tensors: the message hub's
+# HistoryBuffers, holding numpy arrays and scalars of numbers. Each numpy
+# name resolves to a checked stand-in.
 MMENGINE_CHECKPOINT_GLOBALS = [
-    HistoryBuffer, *_numpy_globals(),
-    (_history_buffer_method, 'builtins.getattr')
+    HistoryBuffer, _LoadedArray, (_history_buffer_method, 'builtins.getattr'),
+    (_dtype, 'numpy.dtype'), (_ndarray_name, 'numpy.ndarray'),
+    *[(_reconstruct, f'{m}._reconstruct') for m in _MULTIARRAY_MODULES],
+    *[(_scalar, f'{m}.scalar')
+      for m in _MULTIARRAY_MODULES], *_numeric_dtype_classes()
 ]
 
 
@@ -73,37 +152,41 @@ def load_checkpoint_file(path):
 
     Raises:
         CheckpointError: The file is missing, unreadable, not a checkpoint,
-            or stores objects whose loading would run code.
+            or stores objects other than weights and numbers.
     """
     if not osp.isfile(path):
         raise CheckpointError(f'{path}: no such file')
+    return read_checkpoint(path, path)
+
+
+def read_checkpoint(file, name):
+    """:func:`load_checkpoint_file` for an open file or a path; ``name``
+    names it in messages."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
-        message = first_line(error)
-        # An unknown opcode means bytes that are no pickle at all (text,
-        # garbage), not a pickle of code.
-        if 'Unsupported operand' in str(error):
-            raise CheckpointError(
-                f'{path}: not a readable checkpoint (not a file written by '
-                'torch.save)') from None
-        if 'Weights only load failed' in message or 'global' in str(
-                error).lower():
-            raise CheckpointError(
-                f'{path}: refused, it stores objects other than weights '
-                'whose loading could run code') from None
+        raise CheckpointError(f'{name}: {_refusal(error)}') from None
+    except (Exception, MemoryError, RecursionError) as error:
+        # Bytes that are no checkpoint can fail the unpickler in any way.
         raise CheckpointError(
-            f'{path}: not a readable checkpoint ({message})') from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile,
-            ValueError) as error:
-        raise CheckpointError(
-            f'{path}: not a readable checkpoint, truncated or corrupt '
-            f'({first_line(error)})') from None
+            f'{name}: not a readable checkpoint, truncated or corrupt '
+            f'({type(error).__name__}: {first_line(error)})') from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f'{path}: not a checkpoint (holds a {type(checkpoint).__name__}, '
+            f'{name}: not a checkpoint (holds a {type(checkpoint).__name__}, '
             'not a dict of weights)')
     return checkpoint
+
+
+def _refusal(error):
+    # An unknown opcode means bytes that are no pickle at all (text,
+    # garbage), not a pickle of code.
+    if 'Unsupported operand' in str(error):
+        return 'not a readable checkpoint (not a file written by torch.save)'
+    if 'Weights only load failed' in str(error):
+        return ('refused, it stores objects other than weights and numbers '
+                '(loading them could run code or crash)')
+    return f'not a readable checkpoint ({first_line(error)})'
 
 
 def weights_of(checkpoint, path='checkpoint'):
@@ -112,18 +195,62 @@ def weights_of(checkpoint, path='checkpoint'):
 
     Accepts mmengine checkpoints (``state_dict``), ``model`` wrappers and
     plain state dicts.
+
+    Raises:
+        CheckpointError: No dict of tensors under names.
     """
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
     if not checkpoint or not all(
-            isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            isinstance(k, str) and isinstance(v, torch.Tensor)
+            for k, v in checkpoint.items()):
         raise CheckpointError(f'{path}: holds no weights (expected a state '
-                              'dict of tensors)')
+                              'dict of tensors under names)')
     if all(k.startswith('module.') for k in checkpoint):
         checkpoint = {k[len('module.'):]: v for k, v in checkpoint.items()}
     return dict(checkpoint)
+
+
+# Deep enough for any metadata mmengine writes; a deeper nest is refused
+# before anything walks it recursively.
+_MAX_META_DEPTH = 32
+_PLAIN_VALUES = (str, bytes, int, float, bool, type(None), np.generic,
+                 np.ndarray, torch.Tensor)
+
+
+def checkpoint_meta(checkpoint, path='checkpoint'):
+    """The checkpoint's ``meta`` ({} without one), checked to be plain data:
+    dicts with string keys, lists and tuples of numbers, strings and
+    arrays, nested at most 32 deep.
+
+    Raises:
+        CheckpointError: ``meta`` is not such a dict.
+    """
+    meta = checkpoint.get('meta')
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f'{path}: its meta is a {type(meta).__name__}, '
+                              'not a dict')
+    stack = [(meta, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_META_DEPTH:
+            raise CheckpointError(f'{path}: its meta is nested deeper than '
+                                  f'{_MAX_META_DEPTH} levels')
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                raise CheckpointError(f'{path}: its meta has keys that are '
+                                      'not strings')
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, depth + 1) for v in node]
+        elif not isinstance(node, _PLAIN_VALUES):
+            raise CheckpointError(f'{path}: its meta holds a '
+                                  f'{type(node).__name__}')
+    return meta
 
 
 def load_weights(model, weights, checkpoint='checkpoint', config='config'):

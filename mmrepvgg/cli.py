@@ -22,7 +22,8 @@ def run_cli(main):
     stderr.
 
     Third-party warnings go to stdout, so that stderr holds the error line
-    alone; SIGTERM unwinds like Ctrl-C, so that no temporary file stays.
+    alone; Ctrl-C and SIGTERM unwind the stack, so that no temporary file
+    stays.
 
     Args:
         main (callable): The tool's entry point.
@@ -35,3 +36,6 @@ def run_cli(main):
         sys.stdout.flush()
         print(f'error: {error}', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)

@@ -6,7 +6,9 @@ as data and never run code).
 """
 import copy
 import importlib.util
+import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
@@ -14,16 +16,44 @@ from mmengine.registry import MODELS, init_default_scope
 from .errors import ConfigError, first_line
 
 _PRETRAINED = ('Pretrained', 'PretrainedInit')
+# Lists receiving the files opened while configs are read.
+_READERS = []
 
 
-def read_config(path):
+def _record_opened_files(event, args):
+    if event == 'open' and _READERS and isinstance(args[0], (str, bytes)):
+        for files in _READERS:
+            files.append(os.fsdecode(args[0]))
+
+
+def read_config(path, files_read=None):
     """Read a config file, or a ``package::path`` config of an installed
     OpenMMLab package such as ``mmseg::pspnet/pspnet_r18-...py``.
+
+    Args:
+        path (str): The config.
+        files_read (list, optional): Receives the path of every file that
+            reading the config opened: the config, its ``_base_`` files at
+            any depth, and whatever its code read. Tools must not write
+            over any of them.
 
     Raises:
         ConfigError: The file or package is missing, or the config does not
             parse (its first error line is given).
     """
+    if files_read is None:
+        return _read_config(path)
+    if not _READERS:
+        # Audit hooks cannot be removed; this one only looks at _READERS.
+        sys.addaudithook(_record_opened_files)
+    _READERS.append(files_read)
+    try:
+        return _read_config(path)
+    finally:
+        _READERS.remove(files_read)
+
+
+def _read_config(path):
     if '::' in path:
         return _read_package_config(path)
     if not osp.isfile(path):

@@ -5,7 +5,7 @@ import torch
 
 from .checkpoint import load_checkpoint_file, weights_of
 from .errors import CheckpointError
-from .fileio import check_output_path, save_atomic
+from .fileio import check_output_path, serialize, write_files
 from .models import RepVGG
 from .models.weight_layouts import check_weights_fit, to_mmrepvgg_layout
 
@@ -76,13 +76,13 @@ def convert_pretrained(src, dst, arch=None, force=False):
         arch, deploy = match_arch(weights, layout, arch)
     except CheckpointError as error:
         raise CheckpointError(f'{src}: {error}') from None
-    save_atomic(
+    data = serialize(
         dict(
             state_dict={
                 f'backbone.{k}': v
                 for k, v in weights.items()
             },
             meta=dict(
-                converted_from=osp.basename(src), arch=arch, deploy=deploy)),
-        dst)
+                converted_from=osp.basename(src), arch=arch, deploy=deploy)))
+    write_files({dst: data}, force)
     return len(weights), arch, deploy

@@ -186,7 +186,9 @@ def test_ddp_checkpoint_with_optimizer_converts_to_the_same_weights(
         assert torch.equal(written['state_dict'][key], value), key
 
 
-def test_fp16_checkpoints_keep_their_dtypes(trained, tmp_path):
+@pytest.mark.parametrize('half_dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_convert_exactly(trained, tmp_path,
+                                                    half_dtype):
     config, checkpoint, _ = trained
     model = build_model(Config.fromfile(config))
     state = torch.load(checkpoint)['state_dict']
@@ -196,14 +198,14 @@ def test_fp16_checkpoints_keep_their_dtypes(trained, tmp_path):
             model.get_submodule(key.rsplit('.', 1)[0]),
             nn.modules.batchnorm._BatchNorm)
     }
-    # Values that float16 holds exactly; converted in float32 they are the
-    # reference.
+    # Values that the half dtype holds exactly; converted in float32 they
+    # are the reference.
     single = {
-        k: v.half().float() if v.is_floating_point() else v
+        k: v.to(half_dtype).float() if v.is_floating_point() else v
         for k, v in state.items()
     }
     half = {
-        k: v.half() if v.is_floating_point() else v
+        k: v.to(half_dtype) if v.is_floating_point() else v
         for k, v in single.items()
     }
     # Half-precision training in mmcv's style keeps the norms in float32.
@@ -214,6 +216,7 @@ def test_fp16_checkpoints_keep_their_dtypes(trained, tmp_path):
         torch.save(dict(state_dict=weights), tmp_path / f'{name}.pth')
         result = reparameterize(config, str(tmp_path / f'{name}.pth'),
                                 str(tmp_path / f'{name}_deploy.pth'))
+        # Measured on the pair as written, read back.
         assert result.max_error <= 1e-5
         written[name] = _weights(tmp_path / f'{name}_deploy.pth')
     reference = written.pop('single')
@@ -221,8 +224,9 @@ def test_fp16_checkpoints_keep_their_dtypes(trained, tmp_path):
         source = half if name == 'half' else mixed
         assert list(weights) == list(reference)
         for key, value in weights.items():
-            # Fused tensors are new: they take their block's conv dtype.
-            dtype = source[key].dtype if key in source else torch.float16
+            # Tensors of the checkpoint keep their dtype; fused ones are
+            # float32, as exact as from a float32 checkpoint.
+            dtype = source[key].dtype if key in source else torch.float32
             assert value.dtype == dtype, (name, key)
             assert torch.equal(value, reference[key].to(dtype)), (name, key)
 

@@ -105,10 +105,10 @@ def main():
             device=args.device))
     print(format_report(result))
     if args.json:
-        write_json(result.to_dict(), args.json)
+        write_json(result.to_dict(), args.json, args.force)
         print(f'wrote {args.json}')
     if args.chart:
-        plot_chart(result, args.chart)
+        plot_chart(result, args.chart, args.force)
         print(f'wrote {args.chart}')
 
 

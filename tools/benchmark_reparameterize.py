@@ -24,7 +24,7 @@ import torch
 from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import reparameterize
-from mmrepvgg.fileio import save_atomic
+from mmrepvgg.fileio import serialize, write_files
 
 DEFAULT_CONFIG = osp.join(
     osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'pspnet',
@@ -59,12 +59,14 @@ def main():
               f'{torch.get_num_threads()} threads')
 
         def file_round_trip():
-            save_atomic(load_checkpoint_file(checkpoint), copy)
+            write_files({copy: serialize(load_checkpoint_file(checkpoint))},
+                        force=True)
 
         def model_round_trip():
             model = build_model(read_config(args.config))
             load_weights(model, weights_of(load_checkpoint_file(checkpoint)))
-            save_atomic(dict(state_dict=model.state_dict()), copy)
+            write_files({copy: serialize(dict(state_dict=model.state_dict()))},
+                        force=True)
 
         def convert():
             reparameterize(args.config, checkpoint, deploy, force=True)

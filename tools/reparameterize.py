@@ -7,8 +7,8 @@ trained one did.
 import argparse
 
 from mmrepvgg.cli import run_cli
-from mmrepvgg.deploy.reparameterize import (DEFAULT_INPUT_SIZE,
-                                            DEFAULT_TOLERANCE, reparameterize)
+from mmrepvgg.deploy.pair import (DEFAULT_INPUT_SIZE, DEFAULT_TOLERANCE,
+                                  reparameterize)
 
 
 def main():

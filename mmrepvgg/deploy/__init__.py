@@ -2,8 +2,7 @@
 form, verified deploy checkpoints, and faster inference heads."""
 from .convert import switch_to_deploy
 from .folded_psp import FoldedPSPHead, fold_psp_heads
-from .reparameterize import (ReparameterizeResult, deploy_config_path,
-                             reparameterize)
+from .pair import ReparameterizeResult, deploy_config_path, reparameterize
 from .verify import relative_error
 
 __all__ = [

@@ -5,10 +5,18 @@ import os.path as osp
 import torch
 from mmengine.dataset import Compose, pseudo_collate
 from mmengine.structures import BaseDataElement
+from PIL import Image
 from torch import nn
 
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, UsageError, first_line
 from .convert import deploy_roots
+
+# Verification runs whole images through the model: a limit on their size
+# keeps a huge image from taking all memory (a 2048x2048 input checks
+# PSPNet-RepVGG-B2 in a few GB).
+MAX_INPUT_PIXELS = 2048 * 2048
+# A larger image file is not even decoded.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 def relative_error(actual, expected):
@@ -76,6 +84,17 @@ def _tensors(output):
     return []
 
 
+def check_input_size(size):
+    """Raise UsageError unless ``size`` is a (height, width) of positive
+    integers within :data:`MAX_INPUT_PIXELS`."""
+    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
+        raise UsageError(f'an input size is two positive integers (height '
+                         f'width), got {" ".join(map(str, size))}')
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise UsageError(f'an input of {size[0]}x{size[1]} is larger than the '
+                         f'{MAX_INPUT_PIXELS:,} pixels verified at most')
+
+
 def random_input(model, size, seed=0):
     """A seeded random batch of one for ``model``'s tensor-mode forward:
     ``inputs`` of ``size`` (height, width) with the channels of the model's
@@ -99,11 +118,12 @@ def image_input(cfg, model, img):
     annotations) and ``model``'s data preprocessor.
 
     Raises:
-        UsageError: The image is missing or unreadable.
+        UsageError: The image is missing, unreadable, or larger than
+            :data:`MAX_IMAGE_PIXELS`, or the pipeline makes it larger than
+            :data:`MAX_INPUT_PIXELS`.
         ConfigError: The config has no test pipeline.
     """
-    if not osp.isfile(img):
-        raise UsageError(f'{img}: no such file')
+    _check_image_file(img)
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     transforms = dataset.get('pipeline') or cfg.get('test_pipeline')
     if not transforms:
@@ -111,5 +131,31 @@ def image_input(cfg, model, img):
             f'{cfg.filename}: has no test pipeline to read {img} with')
     pipeline = Compose(
         [t for t in transforms if 'LoadAnnotations' not in str(t['type'])])
-    data = pseudo_collate([pipeline(dict(img_path=img, img_id=0))])
-    return model.data_preprocessor(data, False)
+    try:
+        data = pipeline(dict(img_path=img, img_id=0))
+    except Exception as error:  # any transform may fail on a bad image
+        raise UsageError(
+            f'{img}: not a readable image '
+            f'({type(error).__name__}: {first_line(error)})') from None
+    height, width = data['inputs'].shape[-2:]
+    if height * width > MAX_INPUT_PIXELS:
+        raise UsageError(
+            f'{img}: the test pipeline makes it a {height}x{width} input, '
+            f'larger than the {MAX_INPUT_PIXELS:,} pixels verified at most; '
+            'resize it first')
+    return model.data_preprocessor(pseudo_collate([data]), False)
+
+
+def _check_image_file(img):
+    if not osp.isfile(img):
+        raise UsageError(f'{img}: no such file')
+    try:
+        with Image.open(img) as image:  # reads the header only
+            width, height = image.size
+    except Exception as error:  # Pillow raises many kinds
+        raise UsageError(
+            f'{img}: not a readable image '
+            f'({type(error).__name__}: {first_line(error)})') from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UsageError(f'{img}: {width}x{height} is larger than the '
+                         f'{MAX_IMAGE_PIXELS:,} pixels read at most')

@@ -26,7 +26,7 @@ import numpy as np
 
 from mmrepvgg.deploy import deploy_config_path, reparameterize
 from mmrepvgg.errors import MMRepVGGError
-from mmrepvgg.fileio import write_atomic
+from mmrepvgg.fileio import write_files
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 from .benchmark import BenchmarkSettings, run_benchmark, short_name
 from .fast_path import check_fast_path
@@ -124,7 +124,7 @@ def write_cityscapes_config(base, data_root, out, iters):
     """
     text = _REAL_DATA_CONFIG.format(
         base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
-    write_atomic(out, lambda f: f.write(text.encode()))
+    write_files({out: text.encode()}, force=True)
     return out
 
 
@@ -331,9 +331,9 @@ class _StepClock:
 
 
 def _write_summary(summary, table, settings, log):
-    write_atomic(
-        osp.join(settings.work_dir, 'summary.txt'),
-        lambda f: f.write(table.encode() + b'\n'))
+    write_files(
+        {osp.join(settings.work_dir, 'summary.txt'): table.encode() + b'\n'},
+        force=True)
     write_json(summary, osp.join(settings.work_dir, 'summary.json'))
     log(table)
 

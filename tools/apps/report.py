@@ -1,7 +1,8 @@
 """The benchmark's results as a text table, JSON and a PNG chart."""
+import io
 import json
 
-from mmrepvgg.fileio import write_atomic
+from mmrepvgg.fileio import write_files
 from .benchmark import EXACT_RTOL, Ratio
 
 
@@ -49,13 +50,13 @@ def format_report(result):
     return '\n'.join(lines)
 
 
-def write_json(data, path):
-    """Write JSON-serializable ``data`` to ``path`` (atomically)."""
-    text = json.dumps(data, indent=2).encode()
-    write_atomic(path, lambda f: f.write(text))
+def write_json(data, path, force=True):
+    """Write JSON-serializable ``data`` to ``path`` (atomically; an
+    existing file only with ``force``)."""
+    write_files({path: json.dumps(data, indent=2).encode()}, force)
 
 
-def plot_chart(result, path):
+def plot_chart(result, path, force=True):
     """Draw the median time of every model as a bar chart (PNG).
 
     One panel per part; whiskers span the fastest and slowest round, and
@@ -66,6 +67,7 @@ def plot_chart(result, path):
         result (BenchmarkResult): As returned by
             :func:`apps.benchmark.run_benchmark`.
         path (str): PNG to write (atomically).
+        force (bool): Replace an existing file. Defaults to True.
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -82,8 +84,10 @@ def plot_chart(result, path):
         axis.set_title(part)
     figure.suptitle(_describe(result.settings))
     figure.tight_layout()
-    write_atomic(path, lambda f: figure.savefig(f, format='png', dpi=100))
+    png = io.BytesIO()
+    figure.savefig(png, format='png', dpi=100)
     plt.close(figure)
+    write_files({path: png.getvalue()}, force)
 
 
 def _plot_part(axis, timings):

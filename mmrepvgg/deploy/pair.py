@@ -2,27 +2,31 @@
 
 :func:`reparameterize` builds the training-form model from its config
 without downloading anything, loads the checkpoint with the weights-only
-loader, folds every RepVGG block into one conv, checks that the deploy
-model computes what the trained one did, and only then writes the deploy
-checkpoint and its config.
+loader, folds every RepVGG block into one conv, rebuilds the deploy model
+from exactly the bytes it is about to write, checks that it computes what
+the trained one did, and only then writes the deploy checkpoint and its
+config, together.
 """
 import copy
+import io
 import os.path as osp
 from dataclasses import dataclass
 
 import torch
+from mmengine.config import Config
 from mmengine.registry import DATASETS
 from mmengine.utils import ProgressBar
 
-from ..checkpoint import load_checkpoint_file, load_weights, weights_of
+from ..checkpoint import (checkpoint_meta, load_checkpoint_file, load_weights,
+                          read_checkpoint, weights_of)
 from ..config import build_model, deploy_config, read_config
-from ..errors import (CheckpointError, ConfigError, UsageError,
-                      VerificationError, first_keys)
-from ..fileio import check_output_path, save_atomic, write_atomic
+from ..errors import (CheckpointError, ConfigError, MMRepVGGError, UsageError,
+                      VerificationError, first_line)
+from ..fileio import check_output_path, serialize, write_files
 from ..models import RepVGGBlock
 from .convert import switch_to_deploy
-from .verify import (converted_outputs, image_input, random_input,
-                     relative_error)
+from .verify import (check_input_size, converted_outputs, image_input,
+                     random_input, relative_error)
 
 # Small enough to be quick on a CPU, large enough that every tap of a
 # dilation-4 kernel at output stride 8 reads the image.
@@ -74,18 +78,20 @@ def reparameterize(config,
                    progress=False):
     """Write the deploy form of a trained checkpoint, and its config.
 
-    Every RepVGG block anywhere in the model is folded into one conv. Before
-    anything is written, the converted modules' outputs are compared with
-    the trained model's on a random input and on ``imgs``, in float32; a
-    mismatch writes nothing. Weights keep the dtypes they have in
-    ``checkpoint``; new fused tensors take the dtype of the block they
-    replace.
+    Every RepVGG block anywhere in the model is folded into one conv. The
+    deploy model is then rebuilt from the config text and checkpoint bytes
+    about to be written, and its converted modules' outputs are compared
+    with the trained model's on a random input and on ``imgs``, in float32;
+    a mismatch writes nothing. Tensors of the checkpoint keep their dtypes;
+    fused tensors are float32 (or float64) even when the checkpoint is
+    float16 or bfloat16: rounded to half precision they would move the
+    logits by 1e-3 to 1e-2 and can overflow.
 
     Args:
         config (str): The config the checkpoint was trained with (RepVGG
             in training or deploy form; SyncBN is fine).
         checkpoint (str): An mmengine checkpoint or plain state dict,
-            optionally with a ``module.`` prefix and in float16.
+            optionally with a ``module.`` prefix and in half precision.
         out (str): The deploy checkpoint to write. The deploy config goes
             to :func:`deploy_config_path` of it.
         imgs (Sequence[str]): Images to verify on too, read through the
@@ -107,51 +113,54 @@ def reparameterize(config,
     Raises:
         MMRepVGGError: A missing, unreadable or unsafe input, a config that
             does not match the checkpoint, an input already in deploy form,
-            an output path that is an input or exists
-            (:class:`CheckpointError`, :class:`ConfigError`,
-            :class:`UsageError`), or a deploy model whose outputs differ
-            (:class:`VerificationError`).
+            an output path that is an input (the config's ``_base_`` files
+            included), exists or cannot be written (:class:`CheckpointError`,
+            :class:`ConfigError`, :class:`UsageError`), or a deploy pair
+            whose outputs differ (:class:`VerificationError`).
     """
-    cfg = read_config(config)
-    out_config = _check_outputs(config, checkpoint, out, force)
+    check_input_size(input_size)
+    if not tolerance > 0:
+        raise UsageError(f'tolerance must be positive, got {tolerance}')
+    config_files = []
+    cfg = read_config(config, config_files)
+    out_config = _check_outputs(out, [config, checkpoint, *config_files],
+                                force)
     loaded = load_checkpoint_file(checkpoint)
-    model = _trained_model(cfg, loaded, checkpoint, config)
-    blocks = sum(
-        isinstance(m, RepVGGBlock) and not m.deploy for m in model.modules())
+    meta = checkpoint_meta(loaded, checkpoint)
+    weights = weights_of(loaded, checkpoint)
+    model = _trained_model(cfg, weights, checkpoint, config)
+    blocks = sum(isinstance(m, RepVGGBlock) for m in model.modules())
     inputs = [random_input(model, input_size)]
     inputs += [image_input(cfg, model, img) for img in imgs]
     bar = ProgressBar(2 * len(inputs)) if progress else None
     expected = _outputs(model, inputs, bar)
     params_before = _num_params(model)
     convert(model)
-    max_error = _compare(
-        _outputs(model, inputs, bar), expected, tolerance, checkpoint)
-    deploy_cfg = deploy_config(cfg)
-    state_dict = _state_dict_to_write(model, weights_of(loaded, checkpoint))
-    _check_deploy_config(deploy_cfg, state_dict)
-    text = deploy_cfg.pretty_text
-    save_atomic(
+    text = deploy_config(cfg).pretty_text
+    data = serialize(
         dict(
-            meta=_deploy_meta(loaded, deploy_cfg, text, checkpoint),
-            state_dict=state_dict), out)
-    write_atomic(out_config, lambda f: f.write(text.encode('utf-8')))
-    return ReparameterizeResult(blocks, params_before, _num_params(model),
+            meta=_deploy_meta(meta, cfg, text, checkpoint),
+            state_dict=_state_dict_to_write(model, weights, checkpoint)))
+    written = _rebuild(text, data, out, out_config)
+    max_error = _compare(
+        _outputs(written, inputs, bar), expected, tolerance, checkpoint)
+    write_files({out: data, out_config: text.encode('utf-8')}, force)
+    return ReparameterizeResult(blocks, params_before, _num_params(written),
                                 max_error, len(inputs), out, out_config)
 
 
-def _check_outputs(config, checkpoint, out, force):
+def _check_outputs(out, inputs, force):
     out_config = deploy_config_path(out)
     if out_config == out:
         raise UsageError(
             f'{out}: must not end in .py, the deploy config is written to '
             'the checkpoint path with its suffix replaced by .py')
     for path in (out, out_config):
-        check_output_path(path, [config, checkpoint], force)
+        check_output_path(path, inputs, force)
     return out_config
 
 
-def _trained_model(cfg, loaded, checkpoint, config):
-    weights = weights_of(loaded, checkpoint)
+def _trained_model(cfg, weights, checkpoint, config):
     if any('.branch_reparam.' in key for key in weights):
         raise CheckpointError(
             f'{checkpoint}: already in deploy form, nothing to convert')
@@ -167,7 +176,12 @@ def _trained_model(cfg, loaded, checkpoint, config):
 def _outputs(model, inputs, bar):
     outputs = []
     for data in inputs:
-        outputs.append(converted_outputs(model, data))
+        try:
+            outputs.append(converted_outputs(model, data))
+        except (RuntimeError, ValueError, IndexError) as error:
+            size = 'x'.join(map(str, data['inputs'].shape[-2:]))
+            raise UsageError(f'the model cannot run on a {size} input '
+                             f'({first_line(error)})') from None
         if bar is not None:
             bar.update()
             if bar.completed == bar.task_num:
@@ -176,9 +190,11 @@ def _outputs(model, inputs, bar):
 
 
 def _compare(actual, expected, tolerance, checkpoint):
-    max_error = max(
+    # torch's max propagates NaN, Python's would drop it by position.
+    max_error = torch.tensor([
         relative_error(a, e) for outs, expects in zip(actual, expected)
-        for a, e in zip(outs, expects))
+        for a, e in zip(outs, expects)
+    ]).max().item()
     if not max_error <= tolerance:
         raise VerificationError(
             f'{checkpoint}: the deploy model differs from the trained one '
@@ -187,40 +203,27 @@ def _compare(actual, expected, tolerance, checkpoint):
     return max_error
 
 
-def _state_dict_to_write(model, weights):
+def _state_dict_to_write(model, weights, checkpoint):
     dtypes = {key: value.dtype for key, value in weights.items()}
-    return {
-        key: value.to(_original_dtype(key, dtypes))
-        for key, value in model.state_dict().items()
-    }
+    state_dict = {}
+    for key, value in model.state_dict().items():
+        if key in dtypes:
+            state_dict[key] = value.to(dtypes[key])
+            continue
+        # A fused tensor: at least float32, whatever the block's dtype.
+        value = value.to(
+            torch.promote_types(_enclosing_dtype(key, dtypes), torch.float32))
+        if not value.isfinite().all():
+            raise VerificationError(
+                f'{checkpoint}: the fused {key} is not finite (batch-norm '
+                'statistics out of range); nothing written')
+        state_dict[key] = value
+    return state_dict
 
 
-def _check_deploy_config(deploy_cfg, state_dict):
-    # The deploy config must rebuild exactly the converted model; its
-    # skeleton on the meta device costs no memory and no initialization.
-    with torch.device('meta'):
-        skeleton = build_model(deploy_cfg, deploy=True)
-    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
-    differing = [
-        k for k in shapes.keys() | state_dict.keys() if k not in shapes
-        or k not in state_dict or shapes[k] != state_dict[k].shape
-    ]
-    if differing:
-        raise VerificationError(
-            f'{deploy_cfg.filename}: its deploy form does not rebuild the '
-            f'converted model (keys {first_keys(sorted(differing))})')
-
-
-def _num_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def _original_dtype(key, dtypes):
-    # A fused tensor is new: it takes the dtype of the first tensor that the
-    # checkpoint holds under the nearest enclosing module (the block's 3x3
-    # conv weight).
-    if key in dtypes:
-        return dtypes[key]
+def _enclosing_dtype(key, dtypes):
+    # The dtype of the first tensor that the checkpoint holds under the
+    # nearest module enclosing ``key`` (the block's 3x3 conv weight).
     parts = key.split('.')
     for end in range(len(parts) - 1, -1, -1):
         prefix = '.'.join(parts[:end] + [''])
@@ -230,12 +233,31 @@ def _original_dtype(key, dtypes):
     return torch.float32
 
 
-def _deploy_meta(checkpoint, deploy_cfg, text, path):
-    meta = dict(checkpoint.get('meta') or {})
+def _rebuild(text, data, out, out_config):
+    """The deploy model as the written config text and checkpoint bytes
+    give it, read back the way users will read them."""
+    try:
+        cfg = Config.fromstring(text, '.py')
+        weights = weights_of(read_checkpoint(io.BytesIO(data), out), out)
+        model = build_model(cfg, deploy=True)
+        load_weights(model, weights, out, out_config)
+    except MMRepVGGError as error:
+        raise VerificationError(
+            f'the deploy pair does not rebuild the converted model ({error}); '
+            'nothing written') from None
+    return model
+
+
+def _num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _deploy_meta(meta, cfg, text, path):
+    meta = dict(meta)
     meta['cfg'] = text
     meta['reparameterized_from'] = osp.basename(path)
     if 'dataset_meta' not in meta:
-        dataset_meta = _config_dataset_meta(deploy_cfg)
+        dataset_meta = _config_dataset_meta(cfg)
         if dataset_meta is not None:
             meta['dataset_meta'] = dataset_meta
     return meta
