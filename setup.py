@@ -65,10 +65,14 @@ setup(
     ],
     extras_require={
         'det': ['mmdet>=3.0.0,<4.0.0'],
-        'deploy': ['onnx', 'onnxscript', 'onnxruntime', 'openvino'],
+        'deploy': [
+            'onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.32',
+            'openvino>=2026.4'
+        ],
         'tests': [
             'pytest', 'pycocotools', 'mmdet>=3.0.0,<4.0.0', 'matplotlib',
-            'prettytable', 'onnx', 'onnxscript', 'onnxruntime', 'openvino'
+            'prettytable', 'onnx>=1.23', 'onnxscript>=0.7',
+            'onnxruntime>=1.32', 'openvino>=2026.4'
         ],
         'mim': ['openmim>=0.3.9'],
     },

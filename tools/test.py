@@ -1,8 +1,11 @@
-"""Evaluate a checkpoint with mmengine, as mmseg's tools/test.py."""
+"""Evaluate a checkpoint, or an ONNX model written by tools/export.py, on
+the config's test set with mmseg's metrics (mmengine's Runner, as mmseg's
+tools/test.py)."""
 import argparse
 
 from mmrepvgg.checkpoint import load_checkpoint_file
 from mmrepvgg.cli import run_cli
+from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS, read_model_info
 from mmrepvgg.runner import (add_launch_arguments, build_runner,
                              load_launch_config)
 
@@ -10,15 +13,37 @@ from mmrepvgg.runner import (add_launch_arguments, build_runner,
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument(
+        'checkpoint', help='checkpoint file, or an ONNX model (.onnx)')
     parser.add_argument(
         '--out', help='the dir to save the predicted label maps')
+    parser.add_argument(
+        '--backend',
+        choices=BACKENDS,
+        default='onnxruntime',
+        help='engine that runs an ONNX model (default: onnxruntime)')
+    parser.add_argument(
+        '--precision',
+        choices=PRECISIONS,
+        default='fp32',
+        help='precision of an ONNX model on OpenVINO (default: fp32)')
+    parser.add_argument(
+        '--threads', type=int, help='engine threads (default: its own)')
     args = add_launch_arguments(parser).parse_args()
     cfg = load_launch_config(args)
-    # Refuse a missing, corrupt or unsafe file in one line, before the
+    # A missing, corrupt or unsafe file is refused in one line, before the
     # Runner reads it.
-    load_checkpoint_file(args.checkpoint)
-    cfg.load_from = args.checkpoint
+    if args.checkpoint.endswith('.onnx'):
+        read_model_info(args.checkpoint)
+        cfg.model = dict(
+            type='EngineSegmentor',
+            model=args.checkpoint,
+            backend=args.backend,
+            threads=args.threads,
+            precision=args.precision)
+    else:
+        load_checkpoint_file(args.checkpoint)
+        cfg.load_from = args.checkpoint
     if args.out is not None:
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True

@@ -149,6 +149,42 @@ def reparameterize(config,
                                 max_error, len(inputs), out, out_config)
 
 
+def deploy_model(cfg,
+                 checkpoint,
+                 config='config',
+                 input_size=DEFAULT_INPUT_SIZE,
+                 tolerance=DEFAULT_TOLERANCE):
+    """The deploy-form model of a checkpoint in either form, in eval mode.
+
+    A deploy checkpoint (as :func:`reparameterize` writes them) loads into
+    the deploy form of ``cfg``'s model. A trained one is converted and
+    checked as :func:`reparameterize` checks it, on a random input. A model
+    without RepVGG blocks is loaded as it is.
+
+    Args:
+        cfg (Config): The model's config (training or deploy form).
+        checkpoint (str): A trained or a deploy checkpoint.
+        config (str): Name of the config, for messages.
+        input_size (tuple[int]): ``(height, width)`` of the random input.
+        tolerance (float): Largest relative difference accepted.
+
+    Returns:
+        tuple[nn.Module, dict]: The model and the loaded checkpoint.
+    """
+    loaded = load_checkpoint_file(checkpoint)
+    weights = weights_of(loaded, checkpoint)
+    deploy = any('.branch_reparam.' in key for key in weights)
+    model = build_model(cfg, deploy=deploy)
+    load_weights(model, weights, checkpoint, config)
+    if deploy or not _convertible(model):
+        return model, loaded
+    inputs = [random_input(model, input_size)]
+    expected = _outputs(model, inputs, None)
+    switch_to_deploy(model)
+    _compare(_outputs(model, inputs, None), expected, tolerance, checkpoint)
+    return model, loaded
+
+
 def _check_outputs(out, inputs, force):
     out_config = deploy_config_path(out)
     if out_config == out:
@@ -166,11 +202,14 @@ def _trained_model(cfg, weights, checkpoint, config):
             f'{checkpoint}: already in deploy form, nothing to convert')
     model = build_model(cfg, deploy=False)
     load_weights(model, weights, checkpoint, config)
-    if not any(
-            isinstance(m, RepVGGBlock) and not m.deploy
-            for m in model.modules()):
+    if not _convertible(model):
         raise ConfigError(f'{config}: its model holds no RepVGG blocks')
     return model
+
+
+def _convertible(model):
+    return any(
+        isinstance(m, RepVGGBlock) and not m.deploy for m in model.modules())
 
 
 def _outputs(model, inputs, bar):
@@ -256,15 +295,18 @@ def _deploy_meta(meta, cfg, text, path):
     meta = dict(meta)
     meta['cfg'] = text
     meta['reparameterized_from'] = osp.basename(path)
-    if 'dataset_meta' not in meta:
-        dataset_meta = _config_dataset_meta(cfg)
-        if dataset_meta is not None:
-            meta['dataset_meta'] = dataset_meta
+    dataset = dataset_meta(cfg, meta)
+    if dataset is not None:
+        meta['dataset_meta'] = dataset
     return meta
 
 
-def _config_dataset_meta(cfg):
-    # Plain state dicts carry no class names: take the test dataset's.
+def dataset_meta(cfg, meta):
+    """The class names (and palette) of a checkpoint's ``meta``, or of the
+    config's test dataset when the checkpoint has none (plain state dicts
+    carry no class names); None if neither has them."""
+    if 'dataset_meta' in meta:
+        return meta['dataset_meta']
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     with DATASETS.switch_scope_and_registry(
             cfg.get('default_scope')) as registry:

@@ -123,7 +123,7 @@ def image_input(cfg, model, img):
             :data:`MAX_INPUT_PIXELS`.
         ConfigError: The config has no test pipeline.
     """
-    _check_image_file(img)
+    check_image_file(img)
     dataset = cfg.get('test_dataloader', {}).get('dataset', {})
     transforms = dataset.get('pipeline') or cfg.get('test_pipeline')
     if not transforms:
@@ -146,7 +146,7 @@ def image_input(cfg, model, img):
     return model.data_preprocessor(pseudo_collate([data]), False)
 
 
-def _check_image_file(img):
+def check_image_file(img):
     if not osp.isfile(img):
         raise UsageError(f'{img}: no such file')
     try:

@@ -1,0 +1,413 @@
+"""Exporting mmseg segmentors to ONNX, verified on ONNX Runtime first.
+
+The exported model is self-contained: it takes images as ``mmcv.imread``
+gives them and returns logits and labels (see
+:class:`mmrepvgg.deploy.logits.ImageSegmentor`); what a runtime needs to
+know (classes, palette, input size) is in its metadata
+(:class:`ExportedModelInfo`).
+"""
+import copy
+import hashlib
+import json
+import logging
+import os.path as osp
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Tuple
+
+import mmcv
+import numpy as np
+import torch
+from mmengine.dataset import Compose
+from mmengine.model import revert_sync_batchnorm
+from mmseg.models.segmentors import EncoderDecoder
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from ..config import read_config
+from ..errors import ConfigError, UsageError, VerificationError, first_line
+from ..fileio import check_output_path, write_files
+from ..version import __version__
+from .logits import ImageSegmentor
+from .pair import dataset_meta, deploy_model
+from .verify import check_image_file, check_input_size, relative_error
+
+OPSET = 18
+# The frame the default export size is derived from: Cityscapes'.
+CITYSCAPES_FRAME = (1024, 2048)
+# fp32 engines sum in other orders than PyTorch; 1e-6 is typical.
+EXPORT_TOLERANCE = 1e-5
+
+
+class SlicedAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` with integer bins, computed as ONNX exports
+    it well: each bin's rows averaged, then each bin's columns, over
+    PyTorch's own windows.
+
+    The exporter unrolls adaptive pooling whose bins do not divide the
+    input into one gather per window element (about 10,000 nodes and two
+    minutes for PSPNet at 1024x2048) and fixes the windows to the example's
+    size; slices and means stay small and follow the input's size.
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = _pair(output_size)
+
+    def forward(self, x):
+        rows, columns = self.output_size
+        return _pool(_pool(x, rows, 2), columns, 3)
+
+
+def _pool(x, bins, dim):
+    length = x.shape[dim]
+    if bins == 1:
+        return x.mean(dim, keepdim=True)
+    windows = []
+    for i in range(bins):
+        start = i * length // bins
+        # A ceiling without negative floor division, which ONNX's integer
+        # Div (rounding towards zero) would get wrong.
+        end = ((i + 1) * length + bins - 1) // bins
+        windows.append(
+            x.narrow(dim, start, end - start).mean(dim, keepdim=True))
+    return torch.cat(windows, dim)
+
+
+def replace_adaptive_pools(model):
+    """Replace every ``nn.AdaptiveAvgPool2d`` with integer bins inside
+    ``model`` by a :class:`SlicedAdaptiveAvgPool2d`, in place.
+
+    Returns:
+        int: How many were replaced.
+    """
+    found = [(name, module) for name, module in model.named_modules()
+             if type(module) is nn.AdaptiveAvgPool2d and all(
+                 isinstance(s, int) for s in _pair(module.output_size))]
+    for name, module in found:
+        parent, _, attribute = name.rpartition('.')
+        setattr(
+            model.get_submodule(parent), attribute,
+            SlicedAdaptiveAvgPool2d(module.output_size))
+    return len(found)
+
+
+@dataclass
+class ExportedModelInfo:
+    """What an exported model's metadata says, as ONNX ``metadata_props``
+    of JSON values.
+
+    Attributes:
+        classes (list[str]): Class names, one per logit channel.
+        palette (list[list[int]]): An RGB colour per class.
+        input_size (list[int], optional): ``(height, width)`` the model
+            takes; None if it takes any size.
+        align_corners (bool): How the logits are resized, as mmseg does.
+        precision (str): ``'fp32'`` or ``'int8'``.
+        source (str): The checkpoint's file name.
+        source_sha256 (str): The checkpoint's SHA-256.
+        config (str): The config's file name.
+        mmrepvgg (str): The version that exported the model.
+        agreement (dict): For int8 models: the label agreement with the
+            fp32 model and the images it was measured on.
+    """
+    classes: List[str]
+    palette: List[List[int]]
+    input_size: Optional[List[int]]
+    align_corners: bool
+    precision: str = 'fp32'
+    source: str = ''
+    source_sha256: str = ''
+    config: str = ''
+    mmrepvgg: str = __version__
+    agreement: dict = field(default_factory=dict)
+
+    def to_props(self):
+        return {key: json.dumps(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_props(cls, props):
+        names = cls.__dataclass_fields__
+        return cls(**{
+            key: json.loads(value)
+            for key, value in props.items() if key in names
+        })
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and how closely it matches PyTorch.
+
+    Attributes:
+        out (str): The ONNX file.
+        input_size (tuple[int]): The size it was exported and checked at.
+        dynamic (bool): Whether it takes any input size.
+        max_error (float): Largest ``max|onnx - torch| / max|torch|`` of
+            the logits over the checked inputs.
+        tied_flips (int): Pixels whose label differs where PyTorch's two
+            best classes tie within the tolerance (labels elsewhere are
+            identical, or nothing is written).
+        num_inputs (int): Inputs checked: random ones and the images.
+        info (ExportedModelInfo): The model's metadata.
+    """
+    out: str
+    input_size: Tuple[int, int]
+    dynamic: bool
+    max_error: float
+    tied_flips: int
+    num_inputs: int
+    info: ExportedModelInfo
+
+
+def pipeline_size(cfg, frame=CITYSCAPES_FRAME):
+    """The ``(height, width)`` that the config's test pipeline makes of an
+    image of size ``frame``."""
+    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
+    transforms = dataset.get('pipeline') or cfg.get('test_pipeline') or []
+    pipeline = Compose([t for t in transforms if 'Load' not in str(t['type'])])
+    image = np.zeros((*frame, 3), np.uint8)
+    results = pipeline(
+        dict(img=image, img_shape=frame, ori_shape=frame, img_path=''))
+    return tuple(results['inputs'].shape[-2:])
+
+
+@contextmanager
+def _quiet_exporter():
+    logger = logging.getLogger('torch.onnx')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def to_onnx(module, size, dynamic=False, info=None):
+    """Export an :class:`ImageSegmentor` to ONNX bytes.
+
+    Args:
+        module (ImageSegmentor): The model, with its adaptive pools
+            replaced (:func:`replace_adaptive_pools`).
+        size (tuple[int]): ``(height, width)`` of the example input.
+        dynamic (bool): Let height and width vary. The batch size always
+            may.
+        info (ExportedModelInfo, optional): Metadata to store.
+
+    Returns:
+        bytes: The model, with no trace of the exporting machine in it.
+    """
+    batch = torch.export.Dim('batch', min=1, max=1024)
+    shapes = {0: batch}
+    if dynamic:
+        shapes.update({
+            2: torch.export.Dim('height', min=8, max=16384),
+            3: torch.export.Dim('width', min=8, max=16384)
+        })
+    # Two images: a batch of one would be specialized to one.
+    example = torch.zeros(2, 3, *size)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module, (example, ),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=['images'],
+            output_names=['logits', 'labels'],
+            dynamic_shapes={'images': shapes},
+            verbose=False)
+    proto = program.model_proto
+    _check_dynamic_dims(proto, dynamic)
+    for node in proto.graph.node:
+        # Source paths and stack traces of the exporting machine.
+        del node.metadata_props[:]
+    if info is not None:
+        import onnx
+        onnx.helper.set_model_props(proto, info.to_props())
+    return proto.SerializeToString()
+
+
+def _check_dynamic_dims(proto, dynamic):
+    # The exporter may fall back to static sizes with a log line only.
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    wanted = [0, 2, 3] if dynamic else [0]
+    fixed = [i for i in wanted if not dims[i].dim_param]
+    if fixed:
+        names = ', '.join(('batch', '', 'height', 'width')[i] for i in fixed)
+        raise VerificationError(
+            f'the model did not export with a free {names}: some operation '
+            'of it depends on the input size')
+
+
+def onnxruntime_session(model, threads=None):
+    """An ONNX Runtime CPU session for model bytes or a path."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(
+        model, options, providers=['CPUExecutionProvider'])
+
+
+def compare_labels(actual, expected_logits, tolerance):
+    """Pixels whose labels differ, in all and outside near-ties.
+
+    A label may only flip where the two best classes of the reference
+    logits are within ``2 * tolerance * max|logits|`` of each other, since
+    each logit may move by ``tolerance * max|logits|``.
+
+    Returns:
+        tuple[int, int]: Differing pixels, and those among them where the
+        reference's two best classes do not tie.
+    """
+    expected = expected_logits.argmax(1)
+    differ = actual != expected
+    top2 = expected_logits.topk(2, dim=1).values
+    tie = (top2[:, 0] - top2[:, 1]) <= (2 * tolerance *
+                                        expected_logits.abs().max())
+    return int(differ.sum()), int((differ & ~tie).sum())
+
+
+def check_onnx(model, reference, inputs, tolerance=EXPORT_TOLERANCE):
+    """Run the exported model on ONNX Runtime and compare it with
+    ``reference`` (its PyTorch form).
+
+    Returns:
+        tuple[float, int]: The largest relative error of the logits, and
+        the label flips at near-ties.
+
+    Raises:
+        VerificationError: The logits differ by more than ``tolerance`` or
+            a label differs outside a near-tie.
+    """
+    session = onnxruntime_session(model)
+    max_error, tied = 0.0, 0
+    for images in inputs:
+        with torch.no_grad():
+            expected, _ = reference(images)
+        logits, labels = session.run(None, {'images': images.numpy()})
+        error = relative_error(torch.from_numpy(logits), expected)
+        flips, untied = compare_labels(
+            torch.from_numpy(labels), expected, tolerance)
+        if not error <= tolerance or untied:
+            raise VerificationError(
+                f'ONNX Runtime differs from PyTorch (max relative difference '
+                f'{error:.2e}, {untied} label(s) differ outside near-ties); '
+                'nothing written')
+        max_error, tied = max(max_error, error), tied + flips
+    return max_error, tied
+
+
+def load_image(path):
+    """An image file as ``mmcv.imread`` reads it: ``(H, W, 3)`` BGR uint8.
+
+    Raises:
+        UsageError: The file is missing, unreadable or too large.
+    """
+    check_image_file(path)
+    try:
+        image = mmcv.imread(path)
+    except Exception as error:  # decoders fail in many ways
+        raise UsageError(
+            f'{path}: not a readable image ({first_line(error)})') from None
+    if image is None:
+        raise UsageError(f'{path}: not a readable image')
+    return image
+
+
+def as_batch(image, size=None):
+    """An ``(H, W, 3)`` image as the exported model takes it: a float32
+    ``(1, 3, H, W)`` batch, resized to ``size`` (height, width) if given."""
+    if size is not None:
+        image = mmcv.imresize(image, tuple(size[::-1]))
+    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+
+
+def _inputs(size, imgs, dynamic):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [size]
+    if dynamic:
+        sizes.append((size[0] * 3 // 4, size[1] * 3 // 4))
+    inputs = [torch.rand(1, 3, *s, generator=generator) * 255 for s in sizes]
+    return inputs + [
+        as_batch(load_image(img), None if dynamic else size) for img in imgs
+    ]
+
+
+def _segmentor(cfg, checkpoint, config):
+    model, loaded = deploy_model(cfg, checkpoint, config)
+    if not isinstance(model, EncoderDecoder):
+        raise ConfigError(f'{config}: exports mmseg EncoderDecoder '
+                          f'segmentors, not a {type(model).__name__}')
+    return revert_sync_batchnorm(model).eval(), loaded
+
+
+def _info(cfg, model, loaded, checkpoint, config, size):
+    meta = dataset_meta(cfg, loaded.get('meta') or {}) or {}
+    classes = list(meta.get('classes') or [])
+    palette = [list(map(int, c)) for c in meta.get('palette') or []]
+    with open(checkpoint, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return ExportedModelInfo(
+        classes=classes,
+        palette=palette,
+        input_size=list(size) if size else None,
+        align_corners=bool(model.align_corners),
+        source=osp.basename(checkpoint),
+        source_sha256=digest,
+        config=osp.basename(config))
+
+
+def export_onnx(config,
+                checkpoint,
+                out,
+                size=None,
+                imgs=(),
+                dynamic=False,
+                force=False,
+                tolerance=EXPORT_TOLERANCE):
+    """Export a segmentor to a verified, self-contained ONNX model.
+
+    Args:
+        config (str): An mmseg ``EncoderDecoder`` config (RepVGG or not).
+        checkpoint (str): A trained checkpoint (converted to deploy form
+            and checked, as :func:`reparameterize` does) or a deploy
+            checkpoint.
+        out (str): The ONNX file to write.
+        size (tuple[int], optional): ``(height, width)`` of the input.
+            Defaults to what the config's test pipeline makes of a
+            Cityscapes frame (1024x2048 for the shipped configs).
+        imgs (Sequence[str]): Images to check on too (resized to ``size``
+            unless ``dynamic``).
+        dynamic (bool): Take any input size; the checks run at ``size``
+            and at 3/4 of it.
+        force (bool): Overwrite ``out``. Defaults to False.
+        tolerance (float): Largest relative difference of the logits
+            accepted. Defaults to 1e-5.
+
+    Returns:
+        ExportResult: What was written.
+
+    Raises:
+        MMRepVGGError: Bad input, or a model that ONNX Runtime does not
+            compute as PyTorch does; nothing is written.
+    """
+    files = []
+    cfg = read_config(config, files)
+    check_output_path(out, [config, checkpoint, *files], force)
+    model, loaded = _segmentor(cfg, checkpoint, config)
+    size = tuple(size or pipeline_size(cfg))
+    check_input_size(size)
+    info = _info(cfg, model, loaded, checkpoint, config,
+                 None if dynamic else size)
+    exportable = ImageSegmentor(copy.deepcopy(model)).eval()
+    replace_adaptive_pools(exportable)
+    data = to_onnx(exportable, size, dynamic, info)
+    inputs = _inputs(size, imgs, dynamic)
+    max_error, tied = check_onnx(data,
+                                 ImageSegmentor(model).eval(), inputs,
+                                 tolerance)
+    write_files({out: data}, force)
+    return ExportResult(out, size, dynamic, max_error, tied, len(inputs), info)

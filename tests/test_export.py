@@ -1,0 +1,239 @@
+"""Exported ONNX models compute what PyTorch does, on ONNX Runtime and
+OpenVINO, and evaluate like the checkpoint they came from."""
+import glob
+import hashlib
+import json
+import os
+import os.path as osp
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import REPO_ROOT, output, randomize_batch_norms, run_tool
+from mmrepvgg.config import build_model, read_config
+from mmrepvgg.deploy import SegmentationEngine, deploy_model, export_onnx
+from mmrepvgg.deploy.export import compare_labels, pipeline_size
+from mmrepvgg.deploy.logits import ImageSegmentor
+from mmrepvgg.deploy.verify import relative_error
+from mmrepvgg.errors import ConfigError, UsageError
+
+SEGMENTORS = sorted(
+    osp.relpath(path, REPO_ROOT)
+    for path in glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))
+    if 'cityscapes' in path)
+# DeepLabV3 and V3+ must take any size; PSPNet's pyramid pooling does too.
+DYNAMIC = [path for path in SEGMENTORS if 'a0' in path]
+PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
+SIZE = (64, 128)
+TOLERANCE = 1e-5
+
+
+def random_checkpoint(config, path):
+    """A training-form checkpoint of ``config``'s model with random weights
+    and batch-norm statistics."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build_model(read_config(config)), seed=1)
+    torch.save(dict(state_dict=model.state_dict()), path)
+    return str(path)
+
+
+def reference(config, checkpoint):
+    """The checkpoint's model in PyTorch, from images to logits."""
+    model, _ = deploy_model(read_config(config), checkpoint)
+    return ImageSegmentor(model).eval()
+
+
+def assert_matches(engine, model, images):
+    with torch.no_grad():
+        expected, _ = model(images)
+    logits, labels = engine(images.numpy())
+    assert relative_error(torch.from_numpy(logits), expected) <= TOLERANCE
+    _, untied = compare_labels(torch.from_numpy(labels), expected, TOLERANCE)
+    assert untied == 0
+
+
+def images(size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, *size, generator=generator) * 255
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', SEGMENTORS + [PSPNET_R18])
+def test_every_segmentor_exports_and_runs_on_both_engines(config, tmp_path):
+    config = config if '::' in config else osp.join(REPO_ROOT, config)
+    checkpoint = random_checkpoint(config, tmp_path / 'model.pth')
+    out = tmp_path / 'model.onnx'
+    result = export_onnx(config, checkpoint, str(out), size=SIZE)
+    assert result.max_error <= TOLERANCE and out.is_file()
+    model = reference(config, checkpoint)
+    for backend in ('onnxruntime', 'openvino'):
+        engine = SegmentationEngine(str(out), backend, threads=2)
+        assert engine.info.input_size == list(SIZE)
+        assert_matches(engine, model, images(SIZE, seed=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', DYNAMIC)
+def test_dynamic_export_runs_at_any_size(config, tmp_path):
+    config = osp.join(REPO_ROOT, config)
+    checkpoint = random_checkpoint(config, tmp_path / 'model.pth')
+    out = tmp_path / 'model.onnx'
+    result = export_onnx(config, checkpoint, str(out), size=SIZE, dynamic=True)
+    assert result.dynamic and result.num_inputs == 2
+    model = reference(config, checkpoint)
+    for backend in ('onnxruntime', 'openvino'):
+        engine = SegmentationEngine(str(out), backend)
+        assert engine.info.input_size is None
+        for size in ((48, 96), (80, 200)):
+            assert_matches(engine, model, images(size))
+
+
+def test_default_size_is_what_the_test_pipeline_makes_of_a_frame():
+    config = osp.join(REPO_ROOT, SEGMENTORS[0])
+    assert pipeline_size(read_config(config)) == (1024, 2048)
+
+
+@pytest.fixture(scope='module')
+def exported(trained_pspnet, tmp_path_factory):
+    """The shared toy PSPNet exported by the command line."""
+    out = tmp_path_factory.mktemp('onnx') / 'pspnet.onnx'
+    result = run_tool('export.py', trained_pspnet.config,
+                      trained_pspnet.checkpoint, out, '--shape', *SIZE,
+                      '--img', *trained_pspnet.val_images)
+    assert result.returncode == 0, output(result)
+    return out, result.stdout
+
+
+@pytest.mark.integration
+def test_export_tool_reports_and_writes_metadata(trained_pspnet, exported):
+    out, stdout = exported
+    assert 'exported at 64x128' in stdout
+    assert f'on {1 + len(trained_pspnet.val_images)} input(s)' in stdout
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ['images']
+    assert [o.name for o in model.graph.output] == ['logits', 'labels']
+    props = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert len(props['classes']) == len(props['palette']) == 19
+    assert props['classes'][0] == 'road'
+    with open(trained_pspnet.checkpoint, 'rb') as f:
+        assert props['source_sha256'] == hashlib.sha256(f.read()).hexdigest()
+    assert props['input_size'] == list(SIZE)
+    # Nothing of the exporting machine: no paths in the graph.
+    assert b'/tmp/' not in out.read_bytes()
+
+
+def _test_metrics(trained_pspnet, model, work_dir, *options):
+    result = run_tool('test.py', trained_pspnet.config, model, '--work-dir',
+                      work_dir, *options)
+    assert result.returncode == 0, output(result)
+    logs = glob.glob(str(work_dir / '*' / '*.json'))
+    assert len(logs) == 1, logs
+    with open(logs[0]) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_onnx_model_evaluates_like_its_checkpoint(trained_pspnet, exported,
+                                                  tmp_path):
+    out, _ = exported
+    expected = _test_metrics(trained_pspnet, trained_pspnet.checkpoint,
+                             tmp_path / 'checkpoint')
+    for backend in ('onnxruntime', 'openvino'):
+        metrics = _test_metrics(trained_pspnet, out, tmp_path / backend,
+                                '--backend', backend)
+        for key in ('aAcc', 'mIoU', 'mAcc'):
+            assert metrics[key] == expected[key], (backend, key)
+
+
+@pytest.mark.integration
+def test_infer_writes_label_maps_in_the_palette(trained_pspnet, exported,
+                                                tmp_path):
+    out, _ = exported
+    image = trained_pspnet.val_images[0]
+    result = run_tool('infer.py', out, image, '--out-dir', tmp_path)
+    assert result.returncode == 0, output(result)
+    stem = osp.splitext(osp.basename(image))[0]
+    assert sorted(
+        os.listdir(tmp_path)) == [f'{stem}_labels.png', f'{stem}_overlay.png']
+    labels = cv2.imread(str(tmp_path / f'{stem}_labels.png'))
+    engine = SegmentationEngine(str(out))
+    expected = engine.predict(cv2.imread(image))
+    palette = np.asarray(engine.info.palette, np.uint8)[:, ::-1]
+    assert np.array_equal(labels, palette[expected])
+    overlay = cv2.imread(str(tmp_path / f'{stem}_overlay.png'))
+    blend = (cv2.imread(image) * 0.5 + palette[expected] * 0.5 + 0.5)
+    assert np.array_equal(overlay, blend.astype(np.uint8))
+
+    again = run_tool('infer.py', out, image, '--out-dir', tmp_path)
+    assert again.returncode == 1
+    assert again.stderr.strip().endswith(
+        '_labels.png: already exists; pass --force to overwrite it')
+
+
+def test_engine_refuses_what_it_cannot_run(exported, tmp_path):
+    out, _ = exported
+    with pytest.raises(
+            UsageError, match='ONNX Runtime runs this model in '
+            'fp32 only'):
+        SegmentationEngine(str(out), 'onnxruntime', precision='bf16')
+    with pytest.raises(UsageError, match='backend must be one of'):
+        SegmentationEngine(str(out), 'tensorrt')
+    foreign = tmp_path / 'foreign.onnx'
+    model = onnx.load(str(out))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    with pytest.raises(UsageError, match='not exported by mmrepvgg'):
+        SegmentationEngine(str(foreign))
+    garbage = tmp_path / 'garbage.onnx'
+    garbage.write_bytes(b'not a model')
+    with pytest.raises(UsageError, match='not a readable ONNX model'):
+        SegmentationEngine(str(garbage))
+
+
+def test_a_detector_is_refused(tmp_path):
+    config = osp.join(REPO_ROOT, 'configs', 'retinanet',
+                      'retinanet_repvgg-a0_fpn_1x_coco.py')
+    checkpoint = random_checkpoint(config, tmp_path / 'retinanet.pth')
+    with pytest.raises(
+            ConfigError,
+            match='exports mmseg EncoderDecoder segmentors, not '
+            'a RetinaNet'):
+        export_onnx(config, checkpoint, str(tmp_path / 'out.onnx'))
+    assert sorted(os.listdir(tmp_path)) == ['retinanet.pth']
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('arguments, message', [
+    (['--shape', '0', '64'], 'an input size is two positive integers'),
+    (['--img', 'missing.png'], 'missing.png: no such file'),
+])
+def test_export_tool_refuses_bad_input(trained_pspnet, tmp_path, arguments,
+                                       message):
+    result = run_tool('export.py', trained_pspnet.config,
+                      trained_pspnet.checkpoint, tmp_path / 'out.onnx',
+                      '--shape', *SIZE, *arguments)
+    assert result.returncode == 1, output(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.integration
+def test_export_tool_keeps_existing_files_and_inputs(trained_pspnet, exported,
+                                                     tmp_path):
+    out, _ = exported
+    before = out.read_bytes()
+    result = run_tool('export.py', trained_pspnet.config,
+                      trained_pspnet.checkpoint, out, '--shape', *SIZE)
+    assert result.returncode == 1
+    assert 'already exists; pass --force' in result.stderr
+    assert out.read_bytes() == before
+    over_input = run_tool('export.py', trained_pspnet.config,
+                          trained_pspnet.checkpoint, trained_pspnet.checkpoint,
+                          '--force')
+    assert over_input.returncode == 1
+    assert 'is an input' in over_input.stderr

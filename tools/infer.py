@@ -1,0 +1,51 @@
+"""Segment images with an ONNX model written by tools/export.py, on ONNX
+Runtime or OpenVINO: for each image, a coloured label map and an overlay
+(PNG) in the dataset's palette."""
+import argparse
+
+from mmrepvgg.cli import run_cli
+from mmrepvgg.deploy.infer import segment_images
+from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('model', help='ONNX model written by tools/export.py')
+    parser.add_argument('img', nargs='+', help='images to segment')
+    parser.add_argument(
+        '--out-dir', required=True, help='where the PNGs are written')
+    parser.add_argument(
+        '--backend',
+        choices=BACKENDS,
+        default='onnxruntime',
+        help='inference engine (default: onnxruntime)')
+    parser.add_argument(
+        '--precision',
+        choices=PRECISIONS,
+        default='fp32',
+        help='bf16 runs on OpenVINO only (default: fp32)')
+    parser.add_argument(
+        '--threads', type=int, help='engine threads (default: its own)')
+    parser.add_argument(
+        '--opacity',
+        type=float,
+        default=0.5,
+        help='of the label colours in the overlay (default: 0.5)')
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite existing PNGs')
+    args = parser.parse_args()
+    written = segment_images(
+        args.model,
+        args.img,
+        args.out_dir,
+        backend=args.backend,
+        precision=args.precision,
+        threads=args.threads,
+        opacity=args.opacity,
+        force=args.force)
+    for path in written:
+        print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    run_cli(main)
