@@ -16,7 +16,9 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .checkpoint import load_checkpoint_file
 from .config import config_dicts, read_config
+from .deploy.runtime import read_model_info
 from .errors import UsageError
 
 
@@ -101,6 +103,57 @@ def build_runner(cfg):
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def use_checkpoint_or_engine(cfg,
+                             checkpoint,
+                             backend='onnxruntime',
+                             threads=None,
+                             precision='fp32'):
+    """Make ``cfg`` evaluate a checkpoint, or an exported ONNX model on an
+    inference engine (:class:`mmrepvgg.deploy.EngineSegmentor`).
+
+    The file is checked first: a missing, corrupt or unsafe one is refused
+    in one line, before the Runner reads it.
+
+    Args:
+        cfg (Config): A test config, modified in place.
+        checkpoint (str): A checkpoint, or an ONNX model (``.onnx``).
+        backend (str): The engine of an ONNX model.
+        threads (int, optional): Its threads.
+        precision (str): Its precision (``'fp32'`` or ``'bf16'``).
+    """
+    if checkpoint.endswith('.onnx'):
+        read_model_info(checkpoint)
+        cfg.model = dict(
+            type='EngineSegmentor',
+            model=checkpoint,
+            backend=backend,
+            threads=threads,
+            precision=precision)
+        cfg.load_from = None
+    else:
+        load_checkpoint_file(checkpoint)
+        cfg.load_from = checkpoint
+
+
+def evaluate(config,
+             checkpoint,
+             work_dir,
+             backend='onnxruntime',
+             threads=None,
+             precision='fp32'):
+    """Evaluate a checkpoint or an exported ONNX model on the config's test
+    set, in this process, as ``tools/test.py`` does.
+
+    Returns:
+        dict: mmseg's metrics (``aAcc``, ``mIoU``, ``mAcc``), as Python
+        numbers.
+    """
+    cfg = load_config(config, work_dir)
+    use_checkpoint_or_engine(cfg, checkpoint, backend, threads, precision)
+    metrics = build_runner(cfg).test()
+    return {k: getattr(v, 'item', lambda: v)() for k, v in metrics.items()}
 
 
 def enable_amp(cfg):

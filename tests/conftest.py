@@ -1,4 +1,4 @@
-"""Expensive setup that the tests share: one trained toy PSPNet."""
+"""Expensive setup that the tests share: toy PSPNets trained once."""
 import glob
 import os.path as osp
 from dataclasses import dataclass
@@ -6,34 +6,56 @@ from typing import List
 
 import pytest
 
-from helpers import PSPNET_A0, mim, output
+from helpers import PSPNET_A0, PSPNET_QAREPVGG_A0, mim, output
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 TRAIN_ITERS = 4
+QAREPVGG_ITERS = 60
 
 
 @dataclass
 class TrainedPSPNet:
-    """A toy PSPNet-RepVGG-A0 (the shipped SyncBN config) trained by
-    ``mim train mmsegmentation``, as users run it."""
+    """A toy PSPNet (a shipped SyncBN config) trained by ``mim train
+    mmsegmentation``, as users run it."""
     config: str
     checkpoint: str
     work_dir: str
     data_root: str
     val_images: List[str]
-    iters: int = TRAIN_ITERS
+    iters: int
 
 
-@pytest.fixture(scope='session')
-def trained_pspnet(tmp_path_factory):
-    root = tmp_path_factory.mktemp('trained_pspnet')
-    data_root = make_toy_cityscapes(str(root / 'data'), num_train=8, num_val=4)
+def train_with_mim(root, base, iters, num_train=8, **options):
+    """Train ``base`` on a toy dataset with ``mim train mmsegmentation``;
+    ``options`` go to :func:`mmrepvgg.testing.write_toy_config`."""
+    data_root = make_toy_cityscapes(
+        str(root / 'data'), num_train=num_train, num_val=4)
     config = write_toy_config(
-        PSPNET_A0, data_root, str(root / 'pspnet_toy.py'), iters=TRAIN_ITERS)
+        base, data_root, str(root / 'toy.py'), iters=iters, **options)
     work_dir = root / 'train'
     result = mim('train', 'mmsegmentation', config, '--work-dir', work_dir)
     assert result.returncode == 0, output(result)
     images = sorted(
         glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png')))
-    return TrainedPSPNet(config, str(work_dir / f'iter_{TRAIN_ITERS}.pth'),
-                         str(work_dir), data_root, images)
+    return TrainedPSPNet(config, str(work_dir / f'iter_{iters}.pth'),
+                         str(work_dir), data_root, images, iters)
+
+
+@pytest.fixture(scope='session')
+def trained_pspnet(tmp_path_factory):
+    """PSPNet-RepVGG-A0 after a few iterations."""
+    return train_with_mim(
+        tmp_path_factory.mktemp('trained_pspnet'), PSPNET_A0, TRAIN_ITERS)
+
+
+@pytest.fixture(scope='session')
+def trained_qarepvgg(tmp_path_factory):
+    """PSPNet-QARepVGG-A0, trained long enough that its labels mean
+    something (its mIoU is far above the majority class's)."""
+    return train_with_mim(
+        tmp_path_factory.mktemp('trained_qarepvgg'),
+        PSPNET_QAREPVGG_A0,
+        QAREPVGG_ITERS,
+        num_train=16,
+        batch_size=4,
+        log_interval=10)

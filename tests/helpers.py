@@ -11,6 +11,9 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))
 PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+PSPNET_QAREPVGG_A0 = osp.join(
+    REPO_ROOT, 'configs', 'pspnet',
+    'pspnet_qarepvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 
 
 def run(*command, env=None, cwd=REPO_ROOT, timeout=900):

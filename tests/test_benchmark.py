@@ -31,6 +31,8 @@ FAST_FORMS = dict(
     segmentor='deploy+fold_psp+channels_last+jit',
     backbone='deploy+channels_last+jit')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+# Forms that the engines add to every segmentor.
+ENGINE_FORMS = ('onnxruntime fp32', 'openvino fp32', 'openvino bf16')
 
 
 @pytest.fixture(scope='module')
@@ -43,16 +45,22 @@ def result():
             rounds=2,
             warmup=1,
             threads=2,
-            fast_path=FAST_PATH),
+            fast_path=FAST_PATH,
+            backends=('torch', 'onnxruntime', 'openvino'),
+            precisions=('fp32', 'bf16')),
         log=lambda line: None)
 
 
 def test_every_model_is_timed_in_every_round(result):
     forms = {(t.part, t.form) for t in result.timings}
-    assert forms == {(part, form)
-                     for part in PARTS
-                     for form in ('train', 'deploy', 'reference',
-                                  FAST_FORMS[part])}
+    assert forms == {
+        (part, form)
+        for part in PARTS
+        for form in ('train', 'deploy', 'reference', FAST_FORMS[part])
+    } | {('segmentor', form)
+         for form in ENGINE_FORMS}
+    # ONNX Runtime has no bf16 on CPUs; both models run on each engine.
+    assert sum(t.form in ENGINE_FORMS for t in result.timings) == 2 * 3
     for timing in result.timings:
         assert len(timing.times_s) == 2
         assert timing.min_s <= timing.median_s <= timing.max_s
@@ -78,12 +86,18 @@ def test_speedups_are_median_per_round_ratios(result):
         assert (part, f'{a0} (deploy)', f'{a0} (train)') in pairs
         assert (part, f'{a0} (deploy)', f'{r18} (reference)') in pairs
         assert (part, f'{a0} ({FAST_FORMS[part]})', f'{a0} (deploy)') in pairs
-    assert len(pairs) == 3 * len(PARTS)
+    for form in ENGINE_FORMS:
+        # Each engine form over its own PyTorch model, and ours over the
+        # reference on the same engine.
+        assert ('segmentor', f'{a0} ({form})', f'{a0} (deploy)') in pairs
+        assert ('segmentor', f'{r18} ({form})', f'{r18} (reference)') in pairs
+        assert ('segmentor', f'{a0} ({form})', f'{r18} ({form})') in pairs
+    assert len(pairs) == 3 * len(PARTS) + 3 * len(ENGINE_FORMS)
 
 
 def test_deploy_and_fast_path_predict_the_same(result):
     checks = {(c.part, c.candidate): c for c in result.checks}
-    assert len(checks) == 2 * len(PARTS)
+    assert len(checks) == 2 * len(PARTS) + 2 * len(ENGINE_FORMS)
     for part in PARTS:
         for form in ('deploy', FAST_FORMS[part]):
             check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
@@ -91,6 +105,21 @@ def test_deploy_and_fast_path_predict_the_same(result):
             assert check.max_rel_error <= EXACT_RTOL
             if part == 'segmentor':
                 assert check.label_mismatches == 0
+
+
+@pytest.mark.parametrize('model', ['pspnet_repvgg-a0-d8', 'pspnet_r18-d8'])
+def test_engines_are_checked_against_their_pytorch_model(result, model):
+    checks = {c.candidate: c for c in result.checks}
+    pytorch = 'deploy' if 'repvgg' in model else 'reference'
+    for form in ENGINE_FORMS:
+        check = checks[f'{model} ({form})']
+        assert check.reference == f'{model} ({pytorch})'
+        if form.endswith('fp32'):
+            assert check.exact, check
+        else:
+            # bf16 trades exactness for speed (where the CPU has bf16
+            # units); most labels survive.
+            assert 0.9 < check.label_agreement <= 1, check
 
 
 def test_report_json_and_chart(result, tmp_path):

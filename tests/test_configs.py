@@ -10,6 +10,7 @@ from mmengine.config import Config
 from mmengine.runner.checkpoint import get_mmcls_models
 
 from helpers import REPO_ROOT
+from mmrepvgg import QARepVGGBlock, RepVGGBlock
 
 CONFIGS = sorted(
     osp.relpath(path, REPO_ROOT)
@@ -17,10 +18,14 @@ CONFIGS = sorted(
     if '_base_' not in path)
 SEGMENTORS = [path for path in CONFIGS if 'cityscapes' in path]
 DETECTORS = [path for path in CONFIGS if 'coco' in path]
+# No QARepVGG ImageNet weights exist in the OpenMMLab zoo.
+REPVGG = [path for path in CONFIGS if '_qarepvgg-' not in path]
+QAREPVGG = [path for path in CONFIGS if '_qarepvgg-' in path]
 
 
 def _arch_in_name(path):
-    return re.search(r'_repvgg-([a-z0-9]+)', osp.basename(path)).group(1)
+    return re.search(r'_(?:qa)?repvgg-([a-z0-9]+)',
+                     osp.basename(path)).group(1)
 
 
 def _build(path, registry):
@@ -32,11 +37,27 @@ def _build(path, registry):
 
 
 def test_every_config_is_covered():
-    assert len(SEGMENTORS) == 9 and len(DETECTORS) == 3
+    assert len(SEGMENTORS) == 12 and len(DETECTORS) == 3
     assert sorted(SEGMENTORS + DETECTORS) == CONFIGS
+    assert len(QAREPVGG) == 3
 
 
-@pytest.mark.parametrize('path', CONFIGS)
+@pytest.mark.parametrize('path', QAREPVGG)
+def test_qarepvgg_configs_name_the_block_and_start_from_scratch(path):
+    cfg = Config.fromfile(osp.join(REPO_ROOT, path))
+    backbone = cfg.model.backbone
+    assert backbone.block_cfg.type == 'QARepVGGBlock'
+    assert backbone.arch.lower() == _arch_in_name(path)
+    assert backbone.init_cfg is None
+    from mmseg.registry import MODELS
+    _, model = _build(path, MODELS)
+    blocks = [
+        m for m in model.backbone.modules() if isinstance(m, RepVGGBlock)
+    ]
+    assert blocks and all(type(b) is QARepVGGBlock for b in blocks)
+
+
+@pytest.mark.parametrize('path', REPVGG)
 def test_backbone_starts_from_the_named_zoo_weights(path):
     cfg = Config.fromfile(osp.join(REPO_ROOT, path))
     backbone = cfg.model.backbone

@@ -46,6 +46,10 @@ def test_demo_trains_converts_and_evaluates_both_forms(demo):
     assert deploy == train
     assert summary['same_miou'] is True
     assert 0 < summary['majority_class_miou'] < 100
+    # The exported deploy pair, evaluated on ONNX Runtime.
+    assert osp.isfile(work_dir / 'onnx' / 'model_fp32.onnx')
+    engine = summary['engines']['onnxruntime fp32']
+    assert {k: engine[k] for k in deploy} == deploy
 
 
 @pytest.mark.slow
@@ -63,6 +67,8 @@ def test_demo_benchmarks_train_against_deploy(demo):
         speedup = pairs[part, 'pspnet_repvgg-a0-d8 (deploy)',
                         'pspnet_repvgg-a0-d8 (train)']
         assert speedup > 0
+    assert pairs['segmentor', 'pspnet_repvgg-a0-d8 (onnxruntime fp32)',
+                 'pspnet_repvgg-a0-d8 (deploy)'] > 0
     # The trained weights give the same predictions in both forms.
     assert all(check['exact'] for check in bench['checks']), bench['checks']
     png = (work_dir / 'speed.png').read_bytes()
@@ -75,7 +81,8 @@ def test_demo_prints_and_keeps_one_summary_table(demo):
     work_dir, stdout, summary = demo
     table = (work_dir / 'summary.txt').read_text()
     assert table.strip() in stdout
-    assert 'same mIoU for both forms: yes' in table
+    assert 'same mIoU for both torch forms: yes' in table
+    assert 'onnxruntime fp32' in table
     assert f'{summary["metrics"]["train"]["mIoU"]:.2f}' in table
     assert 'pspnet_repvgg-a0-d8 (deploy) over pspnet_repvgg-a0-d8 (train)' \
         in table

@@ -25,7 +25,7 @@ SEGMENTORS = sorted(
     for path in glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py'))
     if 'cityscapes' in path)
 # DeepLabV3 and V3+ must take any size; PSPNet's pyramid pooling does too.
-DYNAMIC = [path for path in SEGMENTORS if 'a0' in path]
+DYNAMIC = [path for path in SEGMENTORS if '_repvgg-a0' in path]
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SIZE = (64, 128)
 TOLERANCE = 1e-5

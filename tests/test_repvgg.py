@@ -6,7 +6,7 @@ from mmdet.registry import MODELS as MMDET_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 
 from helpers import randomize_batch_norms
-from mmrepvgg import RepVGG, RepVGGBlock, switch_to_deploy
+from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, switch_to_deploy
 from mmrepvgg.deploy import relative_error
 
 ALL_ARCHS = sorted(RepVGG.arch_settings)
@@ -260,3 +260,66 @@ def test_pretrained_argument_becomes_init_cfg():
     assert model.init_cfg == dict(type='Pretrained', checkpoint='some.pth')
     with pytest.raises(ValueError, match='pretrained'):
         RepVGG('A0', pretrained='a.pth', init_cfg=dict(type='Kaiming'))
+
+
+QA = dict(block_cfg=dict(type='QARepVGGBlock'))
+
+
+def test_block_cfg_picks_the_block_and_both_registries_know_it():
+    assert all(
+        type(m) is RepVGGBlock for m in RepVGG('A0').modules()
+        if isinstance(m, RepVGGBlock))
+    for registry in (MMSEG_MODELS, MMDET_MODELS):
+        model = registry.build(dict(type='RepVGG', arch='A0', **QA))
+        blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+        assert len(blocks) == 22
+        assert all(type(b) is QARepVGGBlock for b in blocks)
+        block = registry.build(
+            dict(type='QARepVGGBlock', in_channels=8, out_channels=8))
+        assert type(block) is QARepVGGBlock
+
+
+def test_qarepvgg_block_trains_as_the_paper_defines_it():
+    block = QARepVGGBlock(8, 8).eval()
+    randomize_batch_norms(block)
+    # No BN after the 1x1 conv, none on the identity, one after the sum.
+    assert not hasattr(block.branch_1x1, 'norm')
+    assert block.branch_1x1.conv.bias is None
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        expected = torch.relu(
+            block.norm(block.branch_3x3(x) + block.branch_1x1.conv(x) + x))
+        assert torch.equal(block(x), expected)
+    strided = QARepVGGBlock(8, 8, stride=2)
+    assert not strided.has_identity
+
+
+@pytest.mark.parametrize('arch', ALL_ARCHS)
+def test_qarepvgg_deploy_is_equivalent_for_every_arch(arch):
+    torch.manual_seed(0)
+    deployed = assert_deploy_equivalent(
+        RepVGG(arch, **QA), torch.rand(1, 3, 64, 64))
+    assert all(
+        type(m) is QARepVGGBlock for m in deployed.modules()
+        if isinstance(m, RepVGGBlock))
+
+
+@pytest.mark.parametrize('setting', [d8, fast_d8])
+@pytest.mark.parametrize('arch', ['A0', 'B1g2', 'D2se'])
+def test_qarepvgg_deploy_is_equivalent_dilated(arch, setting):
+    torch.manual_seed(0)
+    assert_deploy_equivalent(
+        RepVGG(**setting(arch), **QA), torch.rand(1, 3, 64, 128))
+
+
+@pytest.mark.parametrize('arch', ['A0', 'B1g4', 'D2se'])
+def test_qarepvgg_deploy_is_exact_in_float64(arch):
+    torch.manual_seed(0)
+    model = RepVGG(**fast_d8(arch), **QA).double()
+    randomize_batch_norms(model, gain=(0.5, 1.5)).eval()
+    x = torch.rand(1, 3, 64, 128, dtype=torch.float64)
+    with torch.no_grad():
+        train_out = model(x)
+        deploy_out = switch_to_deploy(model)(x)
+    for t, d in zip(train_out, deploy_out):
+        assert relative_error(d, t) <= 1e-10

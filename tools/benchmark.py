@@ -3,6 +3,7 @@ configs, side by side (whole segmentors and their backbones)."""
 import argparse
 
 from apps.benchmark import PARTS, BenchmarkSettings, run_benchmark
+from apps.engines import ENGINES, PRECISIONS
 from apps.fast_path import FAST_STEPS, check_fast_path
 from apps.mmpretrain import load_mmpretrain_repvgg
 from apps.report import format_report, plot_chart, write_json
@@ -66,6 +67,30 @@ def parse_args():
         action='store_true',
         help="also time mmpretrain's deployed RepVGG backbone")
     parser.add_argument(
+        '--backends',
+        nargs='+',
+        choices=['torch', *ENGINES],
+        default=['torch'],
+        help='torch, and the engines that also run every segmentor '
+        'exported to ONNX (default: torch)')
+    parser.add_argument(
+        '--precisions',
+        nargs='+',
+        choices=PRECISIONS,
+        default=['fp32'],
+        help=('of the engines: fp32, bf16 (OpenVINO), int8 (every model '
+              "calibrated on images of the config's training set) "
+              '(default: fp32)'))
+    parser.add_argument(
+        '--calib-num',
+        type=int,
+        default=16,
+        help='int8 calibration images (default: 16)')
+    parser.add_argument(
+        '--image',
+        help='an image to run on, resized to --size (default: random '
+        'pixels)')
+    parser.add_argument(
         '--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
     parser.add_argument('--json', help='write the results as JSON here')
     parser.add_argument('--chart', help='write a PNG bar chart here')
@@ -102,7 +127,11 @@ def main():
             channels_last=args.channels_last,
             fast_path=args.fast_path,
             mmpretrain=args.mmpretrain,
-            device=args.device))
+            device=args.device,
+            backends=args.backends,
+            precisions=args.precisions,
+            image=args.image,
+            calib_num=args.calib_num))
     print(format_report(result))
     if args.json:
         write_json(result.to_dict(), args.json, args.force)

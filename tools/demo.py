@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from apps.demo import DemoSettings, run_demo
+from apps.engines import ENGINES, PRECISIONS
 from apps.fast_path import FAST_STEPS
 from mmrepvgg.cli import run_cli
 
@@ -21,8 +22,14 @@ HELP = dict(
     bench_size='benchmark input size',
     bench_rounds='timed benchmark rounds',
     fast_path='steps of an exact fast path to time too',
-    threads='torch threads for the benchmark',
+    threads='torch and engine threads for the benchmark',
+    backends='torch and the engines that evaluate and time the ONNX model',
+    precisions='precisions of the engines: fp32, bf16, int8',
+    calib_num='training images that int8 is calibrated on',
     force='reuse a non-empty work dir, overwriting its outputs')
+
+CHOICES = dict(
+    fast_path=FAST_STEPS, backends=('torch', *ENGINES), precisions=PRECISIONS)
 
 
 def _add_option(parser, setting):
@@ -36,8 +43,8 @@ def _add_option(parser, setting):
     kwargs = dict(default=default)
     if isinstance(default, tuple) and setting.name.endswith('size'):
         kwargs.update(type=int, nargs=2, metavar=('H', 'W'))
-    elif setting.name == 'fast_path':
-        kwargs.update(nargs='*', choices=FAST_STEPS)
+    elif setting.name in CHOICES:
+        kwargs.update(nargs='*', choices=CHOICES[setting.name])
     elif isinstance(default, (int, float)) or setting.name == 'threads':
         kwargs.update(type=float if isinstance(default, float) else int)
     shown = ' '.join(map(str, default)) if isinstance(default,

@@ -9,6 +9,9 @@ import argparse
 
 from mmrepvgg.cli import run_cli
 from mmrepvgg.deploy.export import EXPORT_TOLERANCE, export_onnx
+from mmrepvgg.deploy.quantize import Int8Settings
+
+INT8 = Int8Settings()
 
 
 def main():
@@ -37,8 +40,33 @@ def main():
         default=EXPORT_TOLERANCE,
         help='largest relative difference of the logits accepted')
     parser.add_argument(
+        '--int8',
+        action='store_true',
+        help='write an int8 model (QDQ, per-channel weights), calibrated on '
+        "images of the config's training set, if its labels agree with the "
+        "fp32 model's on the validation set")
+    parser.add_argument(
+        '--calib-num',
+        type=int,
+        default=INT8.calib_num,
+        help=f'training images to calibrate on (default: {INT8.calib_num})')
+    parser.add_argument(
+        '--eval-num',
+        type=int,
+        default=INT8.eval_num,
+        help='validation images to measure the agreement on (default: '
+        f'{INT8.eval_num})')
+    parser.add_argument(
+        '--min-agreement',
+        type=float,
+        default=INT8.min_agreement,
+        help='share of pixels whose int8 label must equal the fp32 one '
+        f'(default: {INT8.min_agreement})')
+    parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists')
     args = parser.parse_args()
+    int8 = Int8Settings(args.calib_num, args.eval_num,
+                        args.min_agreement) if args.int8 else None
     result = export_onnx(
         args.config,
         args.checkpoint,
@@ -47,12 +75,20 @@ def main():
         imgs=args.img,
         dynamic=args.dynamic,
         force=args.force,
-        tolerance=args.tolerance)
+        tolerance=args.tolerance,
+        int8=int8)
     shape = 'x'.join(map(str, result.input_size))
     print(f'exported at {shape}' + (' (any size)' if result.dynamic else ''))
     print(f'ONNX Runtime vs PyTorch on {result.num_inputs} input(s): max '
           f'relative difference {result.max_error:.1e}, '
           f'{result.tied_flips} label(s) flipped at near-ties')
+    if int8 is not None:
+        agreement = result.info.agreement
+        print(f'int8, calibrated on {result.info.calibration["images"]} '
+              f'training image(s): labels agree with fp32 on '
+              f'{agreement["labels"]:.2%} of the pixels of '
+              f'{agreement["images"]} validation image(s) (logits within '
+              f'{agreement["max_rel_error"]:.1e} relative)')
     print(f'wrote {result.out}')
 
 

@@ -3,11 +3,10 @@ the config's test set with mmseg's metrics (mmengine's Runner, as mmseg's
 tools/test.py)."""
 import argparse
 
-from mmrepvgg.checkpoint import load_checkpoint_file
 from mmrepvgg.cli import run_cli
-from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS, read_model_info
+from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS
 from mmrepvgg.runner import (add_launch_arguments, build_runner,
-                             load_launch_config)
+                             load_launch_config, use_checkpoint_or_engine)
 
 
 def main():
@@ -31,19 +30,8 @@ def main():
         '--threads', type=int, help='engine threads (default: its own)')
     args = add_launch_arguments(parser).parse_args()
     cfg = load_launch_config(args)
-    # A missing, corrupt or unsafe file is refused in one line, before the
-    # Runner reads it.
-    if args.checkpoint.endswith('.onnx'):
-        read_model_info(args.checkpoint)
-        cfg.model = dict(
-            type='EngineSegmentor',
-            model=args.checkpoint,
-            backend=args.backend,
-            threads=args.threads,
-            precision=args.precision)
-    else:
-        load_checkpoint_file(args.checkpoint)
-        cfg.load_from = args.checkpoint
+    use_checkpoint_or_engine(cfg, args.checkpoint, args.backend, args.threads,
+                             args.precision)
     if args.out is not None:
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True

@@ -2,8 +2,9 @@
 form, verified deploy checkpoints, ONNX export, inference engines, and
 faster inference heads."""
 from .convert import switch_to_deploy
-from .export import ExportedModelInfo, ExportResult, export_onnx
+from .export import ExportResult, export_onnx
 from .folded_psp import FoldedPSPHead, fold_psp_heads
+from .onnx_model import ExportedModelInfo
 from .pair import (ReparameterizeResult, deploy_config_path, deploy_model,
                    reparameterize)
 from .runtime import EngineSegmentor, SegmentationEngine

@@ -8,15 +8,13 @@ know (classes, palette, input size) is in its metadata
 """
 import copy
 import hashlib
-import json
 import logging
 import os.path as osp
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Tuple
 
-import mmcv
 import numpy as np
 import torch
 from mmengine.dataset import Compose
@@ -26,12 +24,14 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..config import read_config
-from ..errors import ConfigError, UsageError, VerificationError, first_line
+from ..errors import ConfigError, VerificationError
 from ..fileio import check_output_path, write_files
-from ..version import __version__
 from .logits import ImageSegmentor
+from .onnx_model import (ExportedModelInfo, as_batch, load_image,
+                         onnxruntime_session, set_info)
 from .pair import dataset_meta, deploy_model
-from .verify import check_image_file, check_input_size, relative_error
+from .quantize import int8_model
+from .verify import check_input_size, relative_error
 
 OPSET = 18
 # The frame the default export size is derived from: Cityscapes'.
@@ -94,48 +94,6 @@ def replace_adaptive_pools(model):
 
 
 @dataclass
-class ExportedModelInfo:
-    """What an exported model's metadata says, as ONNX ``metadata_props``
-    of JSON values.
-
-    Attributes:
-        classes (list[str]): Class names, one per logit channel.
-        palette (list[list[int]]): An RGB colour per class.
-        input_size (list[int], optional): ``(height, width)`` the model
-            takes; None if it takes any size.
-        align_corners (bool): How the logits are resized, as mmseg does.
-        precision (str): ``'fp32'`` or ``'int8'``.
-        source (str): The checkpoint's file name.
-        source_sha256 (str): The checkpoint's SHA-256.
-        config (str): The config's file name.
-        mmrepvgg (str): The version that exported the model.
-        agreement (dict): For int8 models: the label agreement with the
-            fp32 model and the images it was measured on.
-    """
-    classes: List[str]
-    palette: List[List[int]]
-    input_size: Optional[List[int]]
-    align_corners: bool
-    precision: str = 'fp32'
-    source: str = ''
-    source_sha256: str = ''
-    config: str = ''
-    mmrepvgg: str = __version__
-    agreement: dict = field(default_factory=dict)
-
-    def to_props(self):
-        return {key: json.dumps(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_props(cls, props):
-        names = cls.__dataclass_fields__
-        return cls(**{
-            key: json.loads(value)
-            for key, value in props.items() if key in names
-        })
-
-
-@dataclass
 class ExportResult:
     """What :func:`export_onnx` wrote and how closely it matches PyTorch.
 
@@ -149,7 +107,8 @@ class ExportResult:
             best classes tie within the tolerance (labels elsewhere are
             identical, or nothing is written).
         num_inputs (int): Inputs checked: random ones and the images.
-        info (ExportedModelInfo): The model's metadata.
+        info (ExportedModelInfo): The model's metadata (for an int8 model,
+            its calibration and its agreement with the fp32 model).
     """
     out: str
     input_size: Tuple[int, int]
@@ -223,8 +182,7 @@ def to_onnx(module, size, dynamic=False, info=None):
         # Source paths and stack traces of the exporting machine.
         del node.metadata_props[:]
     if info is not None:
-        import onnx
-        onnx.helper.set_model_props(proto, info.to_props())
+        set_info(proto, info)
     return proto.SerializeToString()
 
 
@@ -238,17 +196,6 @@ def _check_dynamic_dims(proto, dynamic):
         raise VerificationError(
             f'the model did not export with a free {names}: some operation '
             'of it depends on the input size')
-
-
-def onnxruntime_session(model, threads=None):
-    """An ONNX Runtime CPU session for model bytes or a path."""
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(
-        model, options, providers=['CPUExecutionProvider'])
 
 
 def compare_labels(actual, expected_logits, tolerance):
@@ -300,31 +247,6 @@ def check_onnx(model, reference, inputs, tolerance=EXPORT_TOLERANCE):
     return max_error, tied
 
 
-def load_image(path):
-    """An image file as ``mmcv.imread`` reads it: ``(H, W, 3)`` BGR uint8.
-
-    Raises:
-        UsageError: The file is missing, unreadable or too large.
-    """
-    check_image_file(path)
-    try:
-        image = mmcv.imread(path)
-    except Exception as error:  # decoders fail in many ways
-        raise UsageError(
-            f'{path}: not a readable image ({first_line(error)})') from None
-    if image is None:
-        raise UsageError(f'{path}: not a readable image')
-    return image
-
-
-def as_batch(image, size=None):
-    """An ``(H, W, 3)`` image as the exported model takes it: a float32
-    ``(1, 3, H, W)`` batch, resized to ``size`` (height, width) if given."""
-    if size is not None:
-        image = mmcv.imresize(image, tuple(size[::-1]))
-    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
-
-
 def _inputs(size, imgs, dynamic):
     generator = torch.Generator().manual_seed(0)
     sizes = [size]
@@ -367,7 +289,8 @@ def export_onnx(config,
                 imgs=(),
                 dynamic=False,
                 force=False,
-                tolerance=EXPORT_TOLERANCE):
+                tolerance=EXPORT_TOLERANCE,
+                int8=None):
     """Export a segmentor to a verified, self-contained ONNX model.
 
     Args:
@@ -386,6 +309,9 @@ def export_onnx(config,
         force (bool): Overwrite ``out``. Defaults to False.
         tolerance (float): Largest relative difference of the logits
             accepted. Defaults to 1e-5.
+        int8 (Int8Settings, optional): Write an int8 model, calibrated
+            and checked as these settings say, instead of the fp32 one
+            (which is checked first all the same). Defaults to None.
 
     Returns:
         ExportResult: What was written.
@@ -394,6 +320,8 @@ def export_onnx(config,
         MMRepVGGError: Bad input, or a model that ONNX Runtime does not
             compute as PyTorch does; nothing is written.
     """
+    if int8 is not None:
+        int8.check()
     files = []
     cfg = read_config(config, files)
     check_output_path(out, [config, checkpoint, *files], force)
@@ -409,5 +337,7 @@ def export_onnx(config,
     max_error, tied = check_onnx(data,
                                  ImageSegmentor(model).eval(), inputs,
                                  tolerance)
+    if int8 is not None:
+        data = int8_model(cfg, data, info, size, int8)
     write_files({out: data}, force)
     return ExportResult(out, size, dynamic, max_error, tied, len(inputs), info)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..fileio import check_output_path, write_files
-from .export import load_image
+from .onnx_model import load_image
 from .runtime import SegmentationEngine
 
 

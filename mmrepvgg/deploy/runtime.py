@@ -11,39 +11,13 @@ import torch.nn.functional as F
 from mmseg.models.segmentors import BaseSegmentor
 from mmseg.registry import MODELS
 
-from ..errors import UsageError, first_line
-from .export import ExportedModelInfo, as_batch, onnxruntime_session
+from ..errors import UsageError
+from .onnx_model import as_batch, onnxruntime_session, read_model_info
 
 BACKENDS = ('onnxruntime', 'openvino')
 # bf16 is OpenVINO's default on CPUs with bf16 units, and changes labels:
 # it runs only when asked. An int8 model is int8 at any precision.
 PRECISIONS = ('fp32', 'bf16')
-
-
-def read_model_info(model):
-    """The metadata and graph of an exported model (a path or bytes).
-
-    Returns:
-        tuple[ExportedModelInfo, onnx.ModelProto]: Its metadata and graph.
-
-    Raises:
-        UsageError: No ONNX model, or one that mmrepvgg did not export.
-    """
-    import onnx
-    try:
-        proto = (
-            onnx.load_from_string(model)
-            if isinstance(model, bytes) else onnx.load(model))
-    except Exception as error:  # protobuf and file errors alike
-        name = 'the model' if isinstance(model, bytes) else model
-        raise UsageError(
-            f'{name}: not a readable ONNX model ({first_line(error)})'
-        ) from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if 'classes' not in props:
-        raise UsageError('the ONNX model was not exported by mmrepvgg (its '
-                         'metadata names no classes)')
-    return ExportedModelInfo.from_props(props), proto
 
 
 def _openvino_model(proto, threads, precision):

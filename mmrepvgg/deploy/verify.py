@@ -36,7 +36,7 @@ class _RootsDone(Exception):
 
 def converted_outputs(model, data):
     """The outputs of the modules that conversion changes (see
-    :func:`mmrepvgg.deploy.convert.deploy_roots`), in float32, for one
+    :func:`mmrepvgg.deploy.convert.deploy_roots`), for one
     tensor-mode forward of ``model`` on ``data``.
 
     The rest of the model is the same before and after conversion and is not
@@ -55,7 +55,7 @@ def converted_outputs(model, data):
     outputs, finished = [], set()
 
     def record(name, output):
-        outputs.extend(t.detach().float().clone() for t in _tensors(output))
+        outputs.extend(t.detach().clone() for t in _tensors(output))
         finished.add(name)
         if len(finished) == len(roots):
             raise _RootsDone

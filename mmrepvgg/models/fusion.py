@@ -8,18 +8,20 @@ import torch
 from torch import nn
 
 
-def fuse_conv_bn(kernel, norm):
+def fuse_conv_bn(kernel, norm, bias=None):
     """Fold a batch norm into the convolution kernel that feeds it.
 
-    ``norm(conv(x, kernel))`` equals ``conv(x, fused_kernel) + fused_bias`` in
-    eval mode, with ``fused_kernel = kernel * gamma / std`` and
-    ``fused_bias = beta - mean * gamma / std``.
+    ``norm(conv(x, kernel) + bias)`` equals ``conv(x, fused_kernel) +
+    fused_bias`` in eval mode, with ``fused_kernel = kernel * gamma / std``
+    and ``fused_bias = beta + (bias - mean) * gamma / std``.
 
     Args:
         kernel (Tensor): Convolution kernel of shape ``(C_out, C_in/g, k, k)``
-            that feeds ``norm`` and has no bias of its own.
+            that feeds ``norm``.
         norm (nn.Module): Any batch norm with running statistics (BN,
             SyncBN, mmcv's MMSyncBN, ...).
+        bias (Tensor, optional): The convolution's bias. Defaults to None
+            (no bias).
 
     Returns:
         tuple[Tensor, Tensor]: The fused kernel and bias, in float64.
@@ -31,7 +33,8 @@ def fuse_conv_bn(kernel, norm):
     scale = gamma / std
     fused_kernel = kernel.detach().to(torch.float64, copy=True)
     fused_kernel.mul_(scale.reshape(-1, 1, 1, 1))
-    return fused_kernel, beta - mean.double() * scale
+    shift = mean.double() if bias is None else mean.double() - bias.double()
+    return fused_kernel, beta - shift * scale
 
 
 def identity_kernel(channels, groups, kernel_size=3, device=None):

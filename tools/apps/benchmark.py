@@ -9,8 +9,10 @@ the per-round ratios, which is steadier than a ratio of medians measured at
 different times.
 
 Besides the train and deploy forms of a config and any reference configs,
-the deploy form can also run on a faster exact fp32 path (``fast_path``);
-its outputs are checked against plain deploy before it is timed.
+the deploy form can also run on a faster exact fp32 path (``fast_path``),
+and every segmentor can run exported to ONNX on ONNX Runtime and OpenVINO,
+in fp32, bf16 (OpenVINO) and calibrated int8; the outputs of each of these
+are compared with the PyTorch model's before it is timed.
 """
 import copy
 import os.path as osp
@@ -25,8 +27,11 @@ from mmengine.model import revert_sync_batchnorm
 from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import relative_error, switch_to_deploy
-from mmrepvgg.deploy.logits import SegmentorLogits
+from mmrepvgg.deploy.logits import ImageSegmentor
+from mmrepvgg.deploy.onnx_model import as_batch, load_image
 from mmrepvgg.errors import UsageError
+from .engines import (check_engines, engine_forms, engine_runner,
+                      exported_models)
 from .fast_path import check_fast_path, fast_steps_for, optimize
 from .mmpretrain import build_mmpretrain_backbone
 
@@ -65,6 +70,15 @@ class BenchmarkSettings:
         name (str, optional): Name of ``config``'s models in the results;
             None takes the start of the config's file name, such as
             ``pspnet_repvgg-a0-d8``.
+        backends (Sequence[str]): ``'torch'`` (always) and any of
+            ``'onnxruntime'`` and ``'openvino'``, which run every segmentor
+            exported to ONNX (CPU only).
+        precisions (Sequence[str]): The engines' precisions: ``'fp32'``,
+            ``'bf16'`` (OpenVINO) and ``'int8'`` (every model calibrated on
+            images of ``config``'s training set).
+        image (str, optional): An image to run on, resized to the input
+            size; None runs on random pixels.
+        calib_num (int): Calibration images for int8.
     """
     config: str
     references: Sequence[str] = ()
@@ -80,10 +94,18 @@ class BenchmarkSettings:
     device: str = 'cpu'
     seed: int = 0
     name: Optional[str] = None
+    backends: Sequence[str] = ('torch', )
+    precisions: Sequence[str] = ('fp32', )
+    image: Optional[str] = None
+    calib_num: int = 16
 
     def check(self):
         """Raise UsageError for settings that cannot run."""
         check_fast_path(self.fast_path)
+        check_engines(self.backends, self.precisions)
+        if self.device != 'cpu' and set(self.backends) != {'torch'}:
+            raise UsageError('the inference engines run on the CPU: use '
+                             '--backends torch with --device cuda')
         unknown = set(self.parts) - set(PARTS)
         if unknown or not self.parts:
             raise UsageError(
@@ -97,12 +119,14 @@ class BenchmarkSettings:
 
 @dataclass
 class Entry:
-    """A model being timed: ``run`` maps the input to its outputs."""
+    """A model being timed: ``run`` maps ``input`` to its outputs."""
     model: str
     part: str
     form: str
     run: Callable = field(repr=False)
-    # A faster form of the same model's deploy form, compared with it.
+    input: Any = field(repr=False)
+    # A faster form of the same model's PyTorch deploy form, compared with
+    # it: a fast path, or an engine.
     derived: bool = False
     times_s: List[float] = field(default_factory=list)
     output: Any = field(default=None, repr=False)
@@ -163,6 +187,7 @@ class Check:
     reference: str
     max_rel_error: float
     label_mismatches: Optional[int]
+    label_agreement: Optional[float]
     exact: bool
 
 
@@ -202,19 +227,22 @@ def compare_outputs(actual, expected, part):
 
     Returns:
         dict: ``max_rel_error`` (the largest ``max|a - e| / max|e|`` over
-        the outputs), ``label_mismatches`` (pixels whose argmax class
-        differs; segmentors only, else None) and ``exact`` (labels equal
-        and error within :data:`EXACT_RTOL`).
+        the outputs), ``label_mismatches`` and ``label_agreement`` (pixels
+        whose argmax class differs, and the share that does not;
+        segmentors only, else None) and ``exact`` (labels equal and error
+        within :data:`EXACT_RTOL`).
     """
     pairs = zip(_as_tuple(actual), _as_tuple(expected))
     error = max(relative_error(a, e) for a, e in pairs)
-    mismatches = None
+    mismatches = agreement = None
     if part == 'segmentor':
-        mismatches = int((actual.argmax(dim=1)
-                          != expected.argmax(dim=1)).sum())
+        differ = actual.argmax(dim=1) != expected.argmax(dim=1)
+        mismatches = int(differ.sum())
+        agreement = 1 - mismatches / differ.numel()
     return dict(
         max_rel_error=error,
         label_mismatches=mismatches,
+        label_agreement=agreement,
         exact=error <= EXACT_RTOL and not mismatches)
 
 
@@ -224,7 +252,7 @@ def _as_tuple(outputs):
 
 
 def _models(settings):
-    """(name, form, segmentor) of the train and deploy forms and the
+    """(name, form, segmentor) of the train and deploy forms and of the
     references."""
     name = settings.name or short_name(settings.config)
     train = build_segmentor(settings.config, settings.checkpoint)
@@ -236,30 +264,72 @@ def _models(settings):
     return models
 
 
-def _entries(settings, inputs):
+def _raw_images(settings):
+    """The input as images: ``settings.image`` resized to the input size,
+    or random pixels; BGR values 0-255."""
+    batch, _, height, width = settings.shape
+    if settings.image is None:
+        generator = torch.Generator().manual_seed(settings.seed)
+        return torch.rand(*settings.shape, generator=generator) * 255
+    image = as_batch(load_image(settings.image), (height, width))
+    return image.expand(batch, -1, -1, -1).contiguous()
+
+
+def _torch_entries(settings, models, images, part):
     entries = []
+    for name, form, segmentor in models:
+        module = ImageSegmentor(segmentor).eval()
+        inputs = module.normalize(images).to(
+            settings.device, memory_format=_memory(settings))
+        run = module.logits if part == 'segmentor' else segmentor.backbone
+        # Not chained: some backbones' train() returns None.
+        run.eval()
+        run.to(settings.device, memory_format=_memory(settings))
+        entries.append(Entry(name, part, form, run, inputs))
+    steps = fast_steps_for(part, settings.fast_path)
+    if steps:
+        deploy = entries[1]
+        entries.append(
+            Entry(deploy.model, part, '+'.join(['deploy', *steps]),
+                  optimize(deploy.run, deploy.input, steps), deploy.input,
+                  True))
+    if part == 'backbone' and settings.mmpretrain:
+        backbone = build_mmpretrain_backbone(
+            read_config(settings.config).model.backbone)
+        entries.append(
+            Entry('mmpretrain RepVGG', part, 'deploy',
+                  backbone.to(settings.device), entries[1].input))
+    return entries
+
+
+def _engine_entries(settings, models, images, log):
+    forms = engine_forms(settings.backends, settings.precisions)
+    entries = []
+    for name, form, segmentor in models:
+        if form == 'train' or not forms:
+            continue
+        log(f'exporting {name} ({", ".join(settings.precisions)})')
+        exported = exported_models(segmentor, settings.config,
+                                   settings.shape[2:], settings.precisions,
+                                   settings.calib_num)
+        for backend, precision in forms:
+            run = engine_runner(
+                exported['int8' if precision == 'int8' else 'fp32'], backend,
+                precision, settings.threads)
+            entries.append(
+                Entry(name, 'segmentor', f'{backend} {precision}', run, images,
+                      True))
+    return entries
+
+
+def _entries(settings, log):
     models = _models(settings)
+    images = _raw_images(settings)
+    entries = []
     for part in settings.parts:
-        for name, form, segmentor in models:
-            module = (
-                SegmentorLogits(segmentor)
-                if part == 'segmentor' else segmentor.backbone)
-            # Not chained: some backbones' train() returns None.
-            module.eval()
-            module.to(settings.device, memory_format=_memory(settings))
-            entries.append(Entry(name, part, form, module))
-        steps = fast_steps_for(part, settings.fast_path)
-        if steps:
-            deploy = _find(entries, part, 'deploy', models[0][0])
-            entries.append(
-                Entry(deploy.model, part, '+'.join(['deploy', *steps]),
-                      optimize(deploy.run, inputs, steps), True))
-        if part == 'backbone' and settings.mmpretrain:
-            backbone = build_mmpretrain_backbone(
-                read_config(settings.config).model.backbone)
-            entries.append(
-                Entry('mmpretrain RepVGG', part, 'deploy',
-                      backbone.to(settings.device)))
+        entries += _torch_entries(settings, models, images, part)
+        if part == 'segmentor':
+            entries += _engine_entries(settings, models, images, log)
     return entries
 
 
@@ -273,19 +343,27 @@ def _find(entries, part, form, model=None):
         model is None or e.model == model)), None)
 
 
-def _warm_up_and_check(entries, settings, inputs, log):
+def _pytorch_form(entries, entry):
+    """The PyTorch deploy form that a derived entry is compared with."""
+    return next(
+        e for e in entries
+        if e.part == entry.part and e.model == entry.model and e.form in (
+            'deploy', 'reference'))
+
+
+def _warm_up_and_check(entries, settings, log):
     runs = max(settings.warmup, 1)
     log(f'warm-up: {runs} run(s) of {len(entries)} models')
     for entry in entries:
         for _ in range(runs):
-            entry.output = entry.run(inputs)
+            entry.output = entry.run(entry.input)
     checks = []
     ours = entries[0].model
     for part in settings.parts:
-        train, deploy = (
-            _find(entries, part, form, ours) for form in ('train', 'deploy'))
-        pairs = [(deploy, train)]
-        pairs += [(e, deploy) for e in entries if e.part == part and e.derived]
+        pairs = [(_find(entries, part, 'deploy',
+                        ours), _find(entries, part, 'train', ours))]
+        pairs += [(e, _pytorch_form(entries, e)) for e in entries
+                  if e.part == part and e.derived]
         for candidate, reference in pairs:
             checks.append(
                 Check(
@@ -297,17 +375,17 @@ def _warm_up_and_check(entries, settings, inputs, log):
     return checks
 
 
-def _time_rounds(entries, inputs, rounds, device, log):
+def _time_rounds(entries, rounds, device, log):
     for index in range(rounds):
         order = entries if index % 2 == 0 else entries[::-1]
         for entry in order:
             # Untimed, so that every timed run follows a run of the same
             # model, as frame after frame in deployment: no model inherits
             # the caches or the freed memory of another.
-            entry.run(inputs)
+            entry.run(entry.input)
             _synchronize(device)
             start = time.perf_counter()
-            entry.run(inputs)
+            entry.run(entry.input)
             _synchronize(device)
             entry.times_s.append(time.perf_counter() - start)
         log(f'round {index + 1}/{rounds}: ' +
@@ -321,18 +399,26 @@ def _synchronize(device):
 
 
 def _ratios(entries, parts):
-    """The deploy form over every other model of its part, and each faster
-    form over the deploy form it derives from."""
+    """Our deploy form over every other PyTorch model of its part; each
+    derived form (fast path, engine) over the PyTorch form it comes from;
+    and our model in each engine form over the references in the same
+    form."""
     ratios = []
+    ours = entries[0].model
     for part in parts:
-        ours = _find(entries, part, 'deploy', entries[0].model)
+        deploy = _find(entries, part, 'deploy', ours)
         for entry in entries:
-            if entry.part != part or entry is ours:
+            if entry.part != part or entry is deploy:
                 continue
             if entry.derived:
-                ratios.append(Ratio.of(entry, ours))
+                ratios.append(Ratio.of(entry, _pytorch_form(entries, entry)))
             else:
-                ratios.append(Ratio.of(ours, entry))
+                ratios.append(Ratio.of(deploy, entry))
+        for entry in entries:
+            if entry.part == part and entry.derived and entry.model != ours:
+                candidate = _find(entries, part, entry.form, ours)
+                if candidate is not None:
+                    ratios.append(Ratio.of(candidate, entry))
     return ratios
 
 
@@ -363,21 +449,19 @@ def run_benchmark(settings, log=print):
     """
     settings.check()
     device = _prepare_device(settings)
-    inputs = torch.randn(
-        *settings.shape,
-        generator=torch.Generator().manual_seed(settings.seed)).to(
-            device, memory_format=_memory(settings))
     log(f'building models for {list(settings.parts)}')
-    entries = _entries(settings, inputs)
+    entries = _entries(settings, log)
     with torch.inference_mode():
-        checks = _warm_up_and_check(entries, settings, inputs, log)
-        _time_rounds(entries, inputs, settings.rounds, device, log)
+        checks = _warm_up_and_check(entries, settings, log)
+        _time_rounds(entries, settings.rounds, device, log)
     described = dict(
         asdict(settings),
         references=list(settings.references),
         shape=list(settings.shape),
         parts=list(settings.parts),
         fast_path=list(settings.fast_path),
+        backends=list(settings.backends),
+        precisions=list(settings.precisions),
         threads=torch.get_num_threads(),
         device=str(device),
         torch=torch.__version__)

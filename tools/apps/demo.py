@@ -5,8 +5,11 @@
 2. ``mim train mmsegmentation`` trains the segmentor (its log is shown).
 3. ``mim test mmsegmentation`` evaluates it; :func:`mmrepvgg.reparameterize`
    converts it; ``mim test`` evaluates the deploy checkpoint and config.
-4. :func:`apps.benchmark.run_benchmark` times train form against deploy
-   form; a summary table and a PNG chart are written.
+4. :func:`mmrepvgg.deploy.export_onnx` exports the deploy pair to ONNX (and
+   calibrated int8 if asked), and each engine evaluates it with mmseg's
+   metrics.
+5. :func:`apps.benchmark.run_benchmark` times train form, deploy form and
+   the engines; a summary table and a PNG chart are written.
 
 The mim steps run the command a user would type, and print it.
 """
@@ -24,11 +27,14 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from mmrepvgg.deploy import deploy_config_path, reparameterize
+from mmrepvgg.deploy import deploy_config_path, export_onnx, reparameterize
+from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
+from mmrepvgg.runner import evaluate
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 from .benchmark import BenchmarkSettings, run_benchmark, short_name
+from .engines import check_engines, engine_forms
 from .fast_path import check_fast_path
 from .report import format_report, plot_chart, write_json
 
@@ -75,7 +81,13 @@ class DemoSettings:
         bench_rounds (int): Timed benchmark rounds.
         fast_path (Sequence[str]): Steps of a fast path to time too, see
             :func:`apps.fast_path.optimize`.
-        threads (int, optional): Torch threads for the benchmark.
+        threads (int, optional): Torch and engine threads for the
+            benchmark.
+        backends (Sequence[str]): ``'torch'`` and the engines that evaluate
+            and time the exported model.
+        precisions (Sequence[str]): The engines' precisions (``'fp32'``,
+            ``'bf16'``, ``'int8'``).
+        calib_num (int): Training images that int8 is calibrated on.
         force (bool): Reuse a non-empty ``work_dir``, overwriting outputs.
     """
     work_dir: str = 'work_dirs/demo'
@@ -91,6 +103,9 @@ class DemoSettings:
     bench_rounds: int = 3
     fast_path: Sequence[str] = ()
     threads: Optional[int] = None
+    backends: Sequence[str] = ('torch', 'onnxruntime')
+    precisions: Sequence[str] = ('fp32', )
+    calib_num: int = 16
     force: bool = False
 
 
@@ -178,6 +193,7 @@ def _check(settings):
     if not osp.isfile(settings.config):
         raise DemoError(f'{settings.config}: no such config file')
     check_fast_path(settings.fast_path, settings.config)
+    check_engines(settings.backends, settings.precisions)
     if settings.data_root is not None:
         check_cityscapes(settings.data_root)
     if osp.isfile(settings.work_dir):
@@ -242,7 +258,53 @@ def _convert(settings, train_config, checkpoint, log):
     return out
 
 
-def _benchmark(settings, train_config, checkpoint, log):
+def _export(settings, train_config, checkpoint, precision, log):
+    out = osp.join(settings.work_dir, 'onnx', f'model_{precision}.onnx')
+    log(f'exporting with mmrepvgg.deploy.export_onnx, as tools/export.py '
+        f'does{" with --int8" if precision == "int8" else ""}: {out}')
+    # The demo reports the int8 agreement rather than refusing a model.
+    int8 = Int8Settings(settings.calib_num, settings.num_val,
+                        0) if precision == 'int8' else None
+    result = export_onnx(
+        train_config,
+        checkpoint,
+        out,
+        size=None if settings.data_root else settings.image_size,
+        force=settings.force,
+        int8=int8)
+    log(f'ONNX Runtime vs PyTorch: max relative difference '
+        f'{result.max_error:.1e}')
+    return out, result.info.agreement
+
+
+def _export_and_evaluate(settings, train_config, checkpoint, log):
+    """Metrics, and for int8 the label agreement with fp32, of the exported
+    model on each engine form."""
+    forms = engine_forms(settings.backends, settings.precisions)
+    models = {
+        precision: _export(settings, train_config, checkpoint, precision, log)
+        for precision in {'int8' if p == 'int8' else 'fp32'
+                          for _, p in forms}
+    }
+    engines = {}
+    for backend, precision in forms:
+        model, agreement = models['int8' if precision == 'int8' else 'fp32']
+        log(f'evaluating {osp.basename(model)} on {backend} ({precision})')
+        metrics = evaluate(
+            train_config,
+            model,
+            osp.join(settings.work_dir, f'test_{backend}_{precision}'),
+            backend=backend,
+            threads=settings.threads,
+            precision='bf16' if precision == 'bf16' else 'fp32')
+        engines[f'{backend} {precision}'] = dict(
+            {k: metrics[k]
+             for k in ('aAcc', 'mIoU', 'mAcc')},
+            agreement=agreement.get('labels'))
+    return engines
+
+
+def _benchmark(settings, train_config, checkpoint, image, log):
     result = run_benchmark(
         BenchmarkSettings(
             train_config,
@@ -252,7 +314,11 @@ def _benchmark(settings, train_config, checkpoint, log):
             warmup=1,
             threads=settings.threads,
             fast_path=settings.fast_path,
-            name=short_name(settings.config)),
+            name=short_name(settings.config),
+            backends=settings.backends,
+            precisions=settings.precisions,
+            image=image,
+            calib_num=settings.calib_num),
         log=log)
     plot_chart(result, osp.join(settings.work_dir, 'speed.png'))
     return result
@@ -280,14 +346,38 @@ def run_demo(settings, log=print):
     os.makedirs(settings.work_dir, exist_ok=True)
     train_config = osp.join(settings.work_dir, 'train_config.py')
     steps = _StepClock()
-    log('== 1/4 data')
-    data, data_root, chance = _prepare_data(settings, train_config, log)
+    summary = dict(config=settings.config, iters=settings.iters)
+    log('== 1/5 data')
+    summary.update(
+        zip(('data', 'data_root', 'majority_class_miou'),
+            _prepare_data(settings, train_config, log)))
     steps.done('data')
-    log(f'== 2/4 training for {settings.iters} iterations')
-    checkpoint = _train(settings, train_config, log)
+    log(f'== 2/5 training for {settings.iters} iterations')
+    summary['checkpoint'] = checkpoint = _train(settings, train_config, log)
     steps.done('train')
-    log('== 3/4 evaluation, re-parameterization, evaluation of the deploy '
+    log('== 3/5 evaluation, re-parameterization, evaluation of the deploy '
         'pair')
+    summary.update(
+        _evaluate_and_convert(settings, train_config, checkpoint, log))
+    steps.done('evaluate_and_convert')
+    log('== 4/5 ONNX export, evaluation on the engines')
+    summary['engines'] = _export_and_evaluate(settings, train_config,
+                                              summary['deploy_checkpoint'],
+                                              log)
+    steps.done('export_and_evaluate')
+    log('== 5/5 speed of the train form, the deploy form and the engines')
+    bench = _benchmark(settings, train_config, checkpoint,
+                       _first_val_image(summary['data_root']), log)
+    steps.done('benchmark')
+    summary.update(
+        seconds=steps.seconds,
+        benchmark=bench.to_dict(),
+        chart=osp.join(settings.work_dir, 'speed.png'))
+    _write_summary(summary, format_summary(summary, bench), settings, log)
+    return summary
+
+
+def _evaluate_and_convert(settings, train_config, checkpoint, log):
     metrics = dict(
         train=_mim_test(train_config, checkpoint,
                         osp.join(settings.work_dir, 'test_train'), log))
@@ -295,26 +385,16 @@ def run_demo(settings, log=print):
     metrics['deploy'] = _mim_test(
         deploy_config_path(deploy_checkpoint), deploy_checkpoint,
         osp.join(settings.work_dir, 'test_deploy'), log)
-    steps.done('evaluate_and_convert')
-    log('== 4/4 speed of train form against deploy form')
-    bench = _benchmark(settings, train_config, checkpoint, log)
-    steps.done('benchmark')
-    summary = dict(
-        config=settings.config,
-        data=data,
-        data_root=data_root,
-        iters=settings.iters,
-        checkpoint=checkpoint,
+    return dict(
+        metrics=metrics,
         deploy_checkpoint=deploy_checkpoint,
         deploy_config=deploy_config_path(deploy_checkpoint),
-        majority_class_miou=chance,
-        metrics=metrics,
-        same_miou=metrics['train']['mIoU'] == metrics['deploy']['mIoU'],
-        seconds=steps.seconds,
-        benchmark=bench.to_dict(),
-        chart=osp.join(settings.work_dir, 'speed.png'))
-    _write_summary(summary, format_summary(summary, bench), settings, log)
-    return summary
+        same_miou=metrics['train']['mIoU'] == metrics['deploy']['mIoU'])
+
+
+def _first_val_image(data_root):
+    return sorted(
+        glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png')))[0]
 
 
 class _StepClock:
@@ -338,26 +418,52 @@ def _write_summary(summary, table, settings, log):
     log(table)
 
 
+def _speeds(bench, name):
+    """Speed of each segmentor form relative to PyTorch deploy (segmentor
+    part, median of per-round ratios)."""
+    speeds = {'deploy': 1.0}
+    for ratio in bench.ratios:
+        if ratio.part != 'segmentor':
+            continue
+        if ratio.candidate == f'{name} (deploy)':
+            speeds[ratio.baseline[len(name) + 2:-1]] = 1 / ratio.speedup
+        elif ratio.baseline == f'{name} (deploy)':
+            speeds[ratio.candidate[len(name) + 2:-1]] = ratio.speedup
+    return speeds
+
+
+def _row(form, metrics, speed, agreement=None):
+    agreed = '' if agreement is None else f'{agreement:.2%}'
+    shown = '' if speed is None else f'{speed:.2f}x'
+    return (f'{form:<18} {metrics["mIoU"]:>7.2f} {metrics["mAcc"]:>7.2f} '
+            f'{metrics["aAcc"]:>7.2f} {agreed:>10} {shown:>9}')
+
+
 def format_summary(summary, bench):
-    """The demo's one summary table: accuracy of both forms, then the
-    benchmark report."""
-    metrics = summary['metrics']
+    """The demo's one summary table: accuracy and speed of every form,
+    then the benchmark report."""
     chance = summary['majority_class_miou']
+    speeds = _speeds(bench, short_name(summary['config']))
     lines = [
         '=' * 72,
         f'RepVGG demo: {osp.basename(summary["config"])}',
         f'data: {summary["data"]}',
         f'trained {summary["iters"]} iterations: {summary["checkpoint"]}',
         f'deploy pair: {summary["deploy_checkpoint"]} + .py',
-        f'{"form":<14} {"mIoU":>8} {"mAcc":>8} {"aAcc":>8}',
+        f'{"form":<18} {"mIoU":>7} {"mAcc":>7} {"aAcc":>7} '
+        f'{"=fp32 px":>10} {"speed":>9}',
     ]
     for form in ('train', 'deploy'):
-        m = metrics[form]
-        lines.append(f'{form:<14} {m["mIoU"]:>8.2f} {m["mAcc"]:>8.2f} '
-                     f'{m["aAcc"]:>8.2f}')
+        lines.append(
+            _row(f'torch {form}', summary['metrics'][form], speeds.get(form)))
+    for form, metrics in summary['engines'].items():
+        lines.append(
+            _row(form, metrics, speeds.get(form), metrics['agreement']))
     if chance is not None:
-        lines.append(f'{"majority class":<14} {chance:>8.2f}')
-    lines.append('same mIoU for both forms: ' +
+        lines.append(f'{"majority class":<18} {chance:>7.2f}')
+    lines.append('speed: of the segmentor, over PyTorch deploy; =fp32 px: '
+                 'int8 labels equal to fp32 ones, on the val set')
+    lines.append('same mIoU for both torch forms: ' +
                  ('yes' if summary['same_miou'] else 'NO'))
     lines.append(format_report(bench))
     lines.append(f'speed chart: {summary["chart"]}')

@@ -1,0 +1,191 @@
+"""A QARepVGG PSPNet trains through mim, converts, exports to calibrated
+INT8 that runs on ONNX Runtime and OpenVINO, and keeps its fp32 labels."""
+import glob
+import json
+import os
+import os.path as osp
+from collections import Counter
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import mmrepvgg.deploy.quantize as quantize
+from apps.demo import majority_class_miou
+from helpers import output, run_tool
+from mmrepvgg.deploy import SegmentationEngine, export_onnx
+from mmrepvgg.deploy.onnx_model import as_batch
+from mmrepvgg.deploy.quantize import Int8Settings
+from mmrepvgg.errors import UsageError, VerificationError
+
+SIZE = (64, 128)
+# What a toy QARepVGG trained for 60 iterations keeps of its fp32 labels
+# in int8 at the least (it measured 98.75% when this was written).
+AGREEMENT_FLOOR = 0.97
+INT8 = Int8Settings(calib_num=8, eval_num=4, min_agreement=AGREEMENT_FLOOR)
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope='module')
+def int8_export(trained_qarepvgg, tmp_path_factory):
+    """The toy QARepVGG exported to int8, with the batches it was
+    calibrated on."""
+    out = tmp_path_factory.mktemp('int8') / 'int8.onnx'
+    calibrated = []
+    real_quantize = quantize.quantize_int8
+
+    def recording(model, calibration):
+        calibrated.extend(calibration)
+        return real_quantize(model, calibration)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, 'quantize_int8', recording)
+        result = export_onnx(
+            trained_qarepvgg.config,
+            trained_qarepvgg.checkpoint,
+            str(out),
+            size=SIZE,
+            int8=INT8)
+    return out, result, calibrated
+
+
+def test_qarepvgg_learns(trained_qarepvgg):
+    with open(
+            glob.glob(
+                osp.join(trained_qarepvgg.work_dir, '*', 'vis_data',
+                         'scalars.json'))[0]) as f:
+        metrics = [json.loads(line) for line in f if 'mIoU' in line][-1]
+    assert metrics['mIoU'] > 2 * majority_class_miou(
+        trained_qarepvgg.data_root)
+
+
+def test_qarepvgg_checkpoint_converts(trained_qarepvgg, tmp_path):
+    result = run_tool('reparameterize.py', trained_qarepvgg.config,
+                      trained_qarepvgg.checkpoint, tmp_path / 'deploy.pth',
+                      '--img', *trained_qarepvgg.val_images)
+    assert result.returncode == 0, output(result)
+    assert 'converted 22 RepVGG blocks' in result.stdout
+    state = torch.load(tmp_path / 'deploy.pth')['state_dict']
+    assert not any('.norm.' in k for k in state if k.startswith('backbone'))
+
+
+def test_calibration_reads_the_training_images(trained_qarepvgg, int8_export):
+    _, result, calibrated = int8_export
+    train = sorted(
+        glob.glob(
+            osp.join(trained_qarepvgg.data_root, 'leftImg8bit', 'train', '*',
+                     '*.png')))
+    assert len(
+        calibrated) == INT8.calib_num == result.info.calibration['images']
+    # Every calibration batch is one of the training images as the test
+    # pipeline reads it (the toy pipeline does not resize), in order.
+    chosen = np.linspace(0, len(train) - 1, INT8.calib_num).round()
+    for batch, index in zip(calibrated, chosen.astype(int)):
+        expected = as_batch(cv2.imread(train[index]), SIZE)
+        assert torch.equal(batch, expected)
+
+
+def test_int8_model_keeps_the_fp32_labels_on_both_engines(
+        trained_qarepvgg, int8_export, tmp_path):
+    out, result, _ = int8_export
+    agreement = result.info.agreement
+    assert result.info.precision == 'int8'
+    assert agreement['split'] == 'val' and agreement['images'] == 4
+    assert agreement['labels'] >= AGREEMENT_FLOOR
+    model = onnx.load(str(out))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops['QuantizeLinear'] > 20 and ops['DequantizeLinear'] > 20
+    fp32 = tmp_path / 'fp32.onnx'
+    export_onnx(
+        trained_qarepvgg.config,
+        trained_qarepvgg.checkpoint,
+        str(fp32),
+        size=SIZE)
+    reference = SegmentationEngine(str(fp32))
+    for backend in ('onnxruntime', 'openvino'):
+        engine = SegmentationEngine(str(out), backend)
+        same = total = 0
+        for path in trained_qarepvgg.val_images:
+            image = cv2.imread(path)
+            labels = engine.predict(image)
+            same += int((labels == reference.predict(image)).sum())
+            total += labels.size
+        assert same / total >= AGREEMENT_FLOOR, backend
+
+
+def test_openvino_runs_the_convolutions_in_int8(int8_export):
+    import openvino
+    out, _, _ = int8_export
+    core = openvino.Core()
+    compiled = core.compile_model(
+        core.read_model(str(out)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    precisions = Counter(
+        op.get_rt_info()['runtimePrecision'].astype(str)
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()['layerType'].astype(str) == 'Convolution')
+    assert precisions['u8'] + precisions['i8'] >= 22, precisions
+
+
+def test_int8_model_evaluates_close_to_fp32(trained_qarepvgg, int8_export,
+                                            tmp_path):
+    out, _, _ = int8_export
+
+    def miou(model, name):
+        result = run_tool('test.py', trained_qarepvgg.config, model,
+                          '--work-dir', tmp_path / name)
+        assert result.returncode == 0, output(result)
+        log, = glob.glob(str(tmp_path / name / '*' / '*.json'))
+        with open(log) as f:
+            return json.loads(f.read().splitlines()[-1])['mIoU']
+
+    assert abs(miou(out, 'int8') -
+               miou(trained_qarepvgg.checkpoint, 'fp32')) <= 2
+
+
+def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
+                                                       int8_export, tmp_path):
+    _, result, _ = int8_export
+    asked = result.info.agreement['labels'] + 1e-9
+    if asked > 1:
+        pytest.skip('the int8 labels all agree with fp32')
+    with pytest.raises(VerificationError, match='below the'):
+        export_onnx(
+            trained_qarepvgg.config,
+            trained_qarepvgg.checkpoint,
+            str(tmp_path / 'int8.onnx'),
+            size=SIZE,
+            int8=Int8Settings(8, 4, asked))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (['--calib-num', '0'], 'must be at least 1'),
+    (['--min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
+])
+def test_int8_export_refuses_bad_arguments(trained_qarepvgg, tmp_path,
+                                           arguments, message):
+    result = run_tool('export.py', trained_qarepvgg.config,
+                      trained_qarepvgg.checkpoint, tmp_path / 'out.onnx',
+                      '--int8', *arguments)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert os.listdir(tmp_path) == []
+
+
+def test_int8_export_without_a_dataset_is_refused(trained_qarepvgg, tmp_path):
+    config = tmp_path / 'no_data.py'
+    config.write_text(f'_base_ = {trained_qarepvgg.config!r}\n'
+                      'train_dataloader = dict(dataset=dict('
+                      f'data_root={str(tmp_path / "nowhere")!r}))\n')
+    with pytest.raises(UsageError, match='no train images to read'):
+        export_onnx(
+            str(config),
+            trained_qarepvgg.checkpoint,
+            str(tmp_path / 'out.onnx'),
+            size=SIZE,
+            int8=INT8)
+    assert sorted(os.listdir(tmp_path)) == ['no_data.py']
