@@ -3,6 +3,7 @@ import signal
 import sys
 import warnings
 
+from .deploy.runtime import BACKENDS, PRECISIONS
 from .errors import MMRepVGGError
 
 
@@ -39,3 +40,21 @@ def run_cli(main):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+
+
+def add_engine_arguments(parser):
+    """``--backend``, ``--precision`` and ``--threads``: the options of the
+    tools that run an exported model."""
+    parser.add_argument(
+        '--backend',
+        choices=BACKENDS,
+        default='onnxruntime',
+        help='inference engine of an ONNX model (default: onnxruntime)')
+    parser.add_argument(
+        '--precision',
+        choices=PRECISIONS,
+        default='fp32',
+        help='bf16 runs on OpenVINO only (default: fp32)')
+    parser.add_argument(
+        '--threads', type=int, help='engine threads (default: its own)')
+    return parser

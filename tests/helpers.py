@@ -1,4 +1,6 @@
 """Shared by the tests."""
+import glob
+import json
 import os
 import os.path as osp
 import subprocess
@@ -81,3 +83,13 @@ def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):
                 module.weight.copy_(uniform(module.weight, *gain))
                 module.bias.copy_(uniform(module.bias, -0.2, 0.2))
     return model
+
+
+def logged_metrics(work_dir):
+    """The metrics of the one evaluation logged under ``work_dir``:
+    mmengine writes them as the last JSON line of
+    ``WORK_DIR/TIMESTAMP/TIMESTAMP.json``."""
+    logs = glob.glob(osp.join(str(work_dir), '*', '*.json'))
+    assert len(logs) == 1, logs
+    with open(logs[0]) as f:
+        return json.loads(f.read().splitlines()[-1])

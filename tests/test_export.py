@@ -12,7 +12,8 @@ import onnx
 import pytest
 import torch
 
-from helpers import REPO_ROOT, output, randomize_batch_norms, run_tool
+from helpers import (REPO_ROOT, logged_metrics, output, randomize_batch_norms,
+                     run_tool)
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import SegmentationEngine, deploy_model, export_onnx
 from mmrepvgg.deploy.export import compare_labels, pipeline_size
@@ -129,10 +130,7 @@ def _test_metrics(trained_pspnet, model, work_dir, *options):
     result = run_tool('test.py', trained_pspnet.config, model, '--work-dir',
                       work_dir, *options)
     assert result.returncode == 0, output(result)
-    logs = glob.glob(str(work_dir / '*' / '*.json'))
-    assert len(logs) == 1, logs
-    with open(logs[0]) as f:
-        return json.loads(f.read().splitlines()[-1])
+    return logged_metrics(work_dir)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 
 import mmrepvgg.deploy.quantize as quantize
 from apps.demo import majority_class_miou
-from helpers import output, run_tool
+from helpers import logged_metrics, output, run_tool
 from mmrepvgg.deploy import SegmentationEngine, export_onnx
 from mmrepvgg.deploy.onnx_model import as_batch
 from mmrepvgg.deploy.quantize import Int8Settings
@@ -137,9 +137,7 @@ def test_int8_model_evaluates_close_to_fp32(trained_qarepvgg, int8_export,
         result = run_tool('test.py', trained_qarepvgg.config, model,
                           '--work-dir', tmp_path / name)
         assert result.returncode == 0, output(result)
-        log, = glob.glob(str(tmp_path / name / '*' / '*.json'))
-        with open(log) as f:
-            return json.loads(f.read().splitlines()[-1])['mIoU']
+        return logged_metrics(tmp_path / name)['mIoU']
 
     assert abs(miou(out, 'int8') -
                miou(trained_qarepvgg.checkpoint, 'fp32')) <= 2

@@ -1,8 +1,6 @@
 """tools/reparameterize.py turns trained checkpoints into deploy pairs that
 mmseg and mmdet use unchanged, and refuses bad input without writing."""
 import copy
-import glob
-import json
 import os
 import os.path as osp
 import sys
@@ -15,7 +13,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
-from helpers import (REPO_ROOT, CarriesCode, mim, output,
+from helpers import (REPO_ROOT, CarriesCode, logged_metrics, mim, output,
                      randomize_batch_norms, run, run_tool)
 from mmrepvgg import fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, config_dicts
@@ -113,10 +111,7 @@ def _mim_test(config, checkpoint, work_dir, label_dir):
     result = mim('test', 'mmsegmentation', config, '--checkpoint', checkpoint,
                  '--work-dir', work_dir, '--out', label_dir)
     assert result.returncode == 0, output(result)
-    logs = glob.glob(str(work_dir / '*' / '*.json'))
-    assert len(logs) == 1, logs
-    with open(logs[0]) as f:
-        return json.loads(f.read().splitlines()[-1])
+    return logged_metrics(work_dir)
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from mmrepvgg.errors import UsageError
 from mmrepvgg.fileio import check_output_path
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_model_options(parser):
+    """What is timed: the config, its weights and references."""
     parser.add_argument(
         'config', help='RepVGG segmentor config (path or mmseg::...)')
     parser.add_argument(
@@ -25,6 +25,20 @@ def parse_args():
     parser.add_argument(
         '--checkpoint', help='train-form weights (default: random init)')
     parser.add_argument(
+        '--mmpretrain',
+        action='store_true',
+        help="also time mmpretrain's deployed RepVGG backbone")
+    parser.add_argument(
+        '--parts',
+        nargs='+',
+        choices=PARTS,
+        default=list(PARTS),
+        help='what to time (default: both)')
+
+
+def add_input_options(parser):
+    """What the models run on, and how they are timed."""
+    parser.add_argument(
         '--size',
         type=int,
         nargs=2,
@@ -34,11 +48,9 @@ def parse_args():
     parser.add_argument(
         '--batch', type=int, default=1, help='batch size (default: 1)')
     parser.add_argument(
-        '--parts',
-        nargs='+',
-        choices=PARTS,
-        default=list(PARTS),
-        help='what to time (default: both)')
+        '--image',
+        help='an image to run on, resized to --size (default: random '
+        'pixels)')
     parser.add_argument(
         '--rounds', type=int, default=5, help='timed rounds (default: 5)')
     parser.add_argument(
@@ -48,6 +60,12 @@ def parse_args():
         help='untimed runs per model first (default: 2)')
     parser.add_argument(
         '--threads', type=int, help='torch threads (default: unchanged)')
+    parser.add_argument(
+        '--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
+
+
+def add_path_options(parser):
+    """The faster forms of the deploy model that are timed too."""
     parser.add_argument(
         '--channels-last',
         action='store_true',
@@ -62,10 +80,6 @@ def parse_args():
         'pooling folded into its bottleneck conv; channels_last: memory '
         'format; mkldnn: the backbone on oneDNN tensors; jit: trace and '
         'freeze; compile: torch.compile with frozen weights)')
-    parser.add_argument(
-        '--mmpretrain',
-        action='store_true',
-        help="also time mmpretrain's deployed RepVGG backbone")
     parser.add_argument(
         '--backends',
         nargs='+',
@@ -86,12 +100,13 @@ def parse_args():
         type=int,
         default=16,
         help='int8 calibration images (default: 16)')
-    parser.add_argument(
-        '--image',
-        help='an image to run on, resized to --size (default: random '
-        'pixels)')
-    parser.add_argument(
-        '--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    for add_options in (add_model_options, add_input_options,
+                        add_path_options):
+        add_options(parser)
     parser.add_argument('--json', help='write the results as JSON here')
     parser.add_argument('--chart', help='write a PNG bar chart here')
     parser.add_argument(

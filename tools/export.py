@@ -14,7 +14,7 @@ from mmrepvgg.deploy.quantize import Int8Settings
 INT8 = Int8Settings()
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='the model config')
     parser.add_argument(
@@ -39,6 +39,14 @@ def main():
         type=float,
         default=EXPORT_TOLERANCE,
         help='largest relative difference of the logits accepted')
+    add_int8_options(parser)
+    parser.add_argument(
+        '--force', action='store_true', help='overwrite OUT if it exists')
+    return parser.parse_args()
+
+
+def add_int8_options(parser):
+    """--int8 and how it is calibrated and checked."""
     parser.add_argument(
         '--int8',
         action='store_true',
@@ -62,9 +70,10 @@ def main():
         default=INT8.min_agreement,
         help='share of pixels whose int8 label must equal the fp32 one '
         f'(default: {INT8.min_agreement})')
-    parser.add_argument(
-        '--force', action='store_true', help='overwrite OUT if it exists')
-    args = parser.parse_args()
+
+
+def main():
+    args = parse_args()
     int8 = Int8Settings(args.calib_num, args.eval_num,
                         args.min_agreement) if args.int8 else None
     result = export_onnx(
@@ -77,12 +86,17 @@ def main():
         force=args.force,
         tolerance=args.tolerance,
         int8=int8)
+    report(result)
+
+
+def report(result):
+    """Print what was exported and how closely it matches."""
     shape = 'x'.join(map(str, result.input_size))
     print(f'exported at {shape}' + (' (any size)' if result.dynamic else ''))
     print(f'ONNX Runtime vs PyTorch on {result.num_inputs} input(s): max '
           f'relative difference {result.max_error:.1e}, '
           f'{result.tied_flips} label(s) flipped at near-ties')
-    if int8 is not None:
+    if result.info.precision == 'int8':
         agreement = result.info.agreement
         print(f'int8, calibrated on {result.info.calibration["images"]} '
               f'training image(s): labels agree with fp32 on '

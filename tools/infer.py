@@ -3,9 +3,8 @@ Runtime or OpenVINO: for each image, a coloured label map and an overlay
 (PNG) in the dataset's palette."""
 import argparse
 
-from mmrepvgg.cli import run_cli
+from mmrepvgg.cli import add_engine_arguments, run_cli
 from mmrepvgg.deploy.infer import segment_images
-from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS
 
 
 def main():
@@ -14,18 +13,7 @@ def main():
     parser.add_argument('img', nargs='+', help='images to segment')
     parser.add_argument(
         '--out-dir', required=True, help='where the PNGs are written')
-    parser.add_argument(
-        '--backend',
-        choices=BACKENDS,
-        default='onnxruntime',
-        help='inference engine (default: onnxruntime)')
-    parser.add_argument(
-        '--precision',
-        choices=PRECISIONS,
-        default='fp32',
-        help='bf16 runs on OpenVINO only (default: fp32)')
-    parser.add_argument(
-        '--threads', type=int, help='engine threads (default: its own)')
+    add_engine_arguments(parser)
     parser.add_argument(
         '--opacity',
         type=float,

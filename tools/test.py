@@ -3,8 +3,7 @@ the config's test set with mmseg's metrics (mmengine's Runner, as mmseg's
 tools/test.py)."""
 import argparse
 
-from mmrepvgg.cli import run_cli
-from mmrepvgg.deploy.runtime import BACKENDS, PRECISIONS
+from mmrepvgg.cli import add_engine_arguments, run_cli
 from mmrepvgg.runner import (add_launch_arguments, build_runner,
                              load_launch_config, use_checkpoint_or_engine)
 
@@ -16,18 +15,7 @@ def main():
         'checkpoint', help='checkpoint file, or an ONNX model (.onnx)')
     parser.add_argument(
         '--out', help='the dir to save the predicted label maps')
-    parser.add_argument(
-        '--backend',
-        choices=BACKENDS,
-        default='onnxruntime',
-        help='engine that runs an ONNX model (default: onnxruntime)')
-    parser.add_argument(
-        '--precision',
-        choices=PRECISIONS,
-        default='fp32',
-        help='precision of an ONNX model on OpenVINO (default: fp32)')
-    parser.add_argument(
-        '--threads', type=int, help='engine threads (default: its own)')
+    add_engine_arguments(parser)
     args = add_launch_arguments(parser).parse_args()
     cfg = load_launch_config(args)
     use_checkpoint_or_engine(cfg, args.checkpoint, args.backend, args.threads,

@@ -30,9 +30,12 @@ def _openvino_model(proto, threads, precision):
         config['INFERENCE_NUM_THREADS'] = threads
     compiled = core.compile_model(
         core.read_model(proto.SerializeToString()), 'CPU', config)
-    return lambda images: [
-        compiled({'images': images})[output] for output in ('logits', 'labels')
-    ]
+
+    def run(images):
+        results = compiled({'images': images})
+        return results['logits'], results['labels']
+
+    return run
 
 
 def _onnxruntime_model(proto, threads, precision):
