@@ -146,16 +146,16 @@ def test_int8_model_evaluates_close_to_fp32(trained_qarepvgg, int8_export,
 def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
                                                        int8_export, tmp_path):
     _, result, _ = int8_export
-    asked = result.info.agreement['labels'] + 1e-9
-    if asked > 1:
-        pytest.skip('the int8 labels all agree with fp32')
+    measured = result.info.agreement['labels']
+    # int8 moves some labels of this model (98.75% stayed when measured).
+    assert measured < 1
     with pytest.raises(VerificationError, match='below the'):
         export_onnx(
             trained_qarepvgg.config,
             trained_qarepvgg.checkpoint,
             str(tmp_path / 'int8.onnx'),
             size=SIZE,
-            int8=Int8Settings(8, 4, asked))
+            int8=Int8Settings(8, 4, measured + 1e-9))
     assert os.listdir(tmp_path) == []
 
 
