@@ -280,6 +280,31 @@ def test_block_cfg_picks_the_block_and_both_registries_know_it():
         assert type(block) is QARepVGGBlock
 
 
+class _UserBlock(torch.nn.Module):
+    """A block of a user's: no RepVGGBlock, only the interface."""
+
+    def __init__(self, in_channels, out_channels, stride=1, **kwargs):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+        self.deploy = kwargs['deploy']
+
+    def forward(self, x):
+        return self.conv(x)
+
+    def switch_to_deploy(self):
+        self.deploy = True
+        return self
+
+
+def test_the_backbone_converts_any_block_that_block_cfg_names():
+    MMSEG_MODELS.register_module(module=_UserBlock, force=True)
+    model = RepVGG('A0', block_cfg=dict(type='_UserBlock'))
+    blocks = list(model.blocks())
+    assert len(blocks) == 22 and not any(b.deploy for b in blocks)
+    assert model.switch_to_deploy() is model
+    assert model.deploy and all(b.deploy for b in blocks)
+
+
 def test_qarepvgg_block_trains_as_the_paper_defines_it():
     block = QARepVGGBlock(8, 8).eval()
     randomize_batch_norms(block)

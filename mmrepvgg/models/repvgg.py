@@ -14,7 +14,6 @@ import torch
 from mmengine.model import BaseModule
 from mmseg.registry import MODELS
 
-from .blocks import RepVGGBlock
 from .fusion import is_batch_norm
 from .weight_layouts import check_weights_fit, to_mmrepvgg_layout
 
@@ -258,11 +257,18 @@ class RepVGG(BaseModule):
                     module.eval()
         return self
 
+    def blocks(self):
+        """The blocks that ``block_cfg`` built, from the stem on."""
+        yield self.stem
+        for name in self.stage_names:
+            yield from getattr(self, name)
+
     def switch_to_deploy(self):
-        """Fold every block into one 3x3 conv. Idempotent; returns self."""
-        for module in self.modules():
-            if isinstance(module, RepVGGBlock):
-                module.switch_to_deploy()
+        """Fold every block into one 3x3 conv, through the block's own
+        ``switch_to_deploy()`` (any block ``block_cfg`` names has one).
+        Idempotent; returns self."""
+        for block in self.blocks():
+            block.switch_to_deploy()
         self.deploy = True
         return self
 
