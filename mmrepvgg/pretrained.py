@@ -7,7 +7,8 @@ from .checkpoint import load_checkpoint_file, weights_of
 from .errors import CheckpointError
 from .fileio import check_output_path, serialize, write_files
 from .models import RepVGG
-from .models.weight_layouts import check_weights_fit, to_mmrepvgg_layout
+from .models.weight_layouts import (check_weights_fit, is_deploy_form,
+                                    to_mmrepvgg_layout)
 
 
 def match_arch(weights, layout, arch=None):
@@ -27,7 +28,7 @@ def match_arch(weights, layout, arch=None):
     Raises:
         CheckpointError: The weights fit no arch (or not ``arch``).
     """
-    deploy = any('.branch_reparam.' in k for k in weights)
+    deploy = is_deploy_form(weights)
     for candidate in [arch] if arch else RepVGG.arch_settings:
         # Built on the meta device: only the names and shapes are needed.
         with torch.device('meta'):

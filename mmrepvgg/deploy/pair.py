@@ -24,6 +24,7 @@ from ..errors import (CheckpointError, ConfigError, MMRepVGGError, UsageError,
                       VerificationError, first_line)
 from ..fileio import check_output_path, serialize, write_files
 from ..models import RepVGGBlock
+from ..models.weight_layouts import is_deploy_form
 from .convert import switch_to_deploy
 from .verify import (check_input_size, converted_outputs, image_input,
                      random_input, relative_error)
@@ -174,7 +175,7 @@ def deploy_model(cfg,
     """
     loaded = load_checkpoint_file(checkpoint)
     weights = weights_of(loaded, checkpoint)
-    deploy = any('.branch_reparam.' in key for key in weights)
+    deploy = is_deploy_form(weights)
     model = build_model(cfg, deploy=deploy)
     load_weights(model, weights, checkpoint, config)
     if deploy or not _convertible(model):
@@ -198,7 +199,7 @@ def _check_outputs(out, inputs, force):
 
 
 def _trained_model(cfg, weights, checkpoint, config):
-    if any('.branch_reparam.' in key for key in weights):
+    if is_deploy_form(weights):
         raise CheckpointError(
             f'{checkpoint}: already in deploy form, nothing to convert')
     model = build_model(cfg, deploy=False)

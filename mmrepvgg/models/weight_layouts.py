@@ -148,8 +148,14 @@ def check_weights_fit(expected, provided, layout, deploy, prefix=''):
             'backbone: ' + '; '.join(problems))
 
 
+def is_deploy_form(keys):
+    """Whether weight names (our layout, any prefix) are those of blocks in
+    deploy form."""
+    return any('.branch_reparam.' in k for k in keys)
+
+
 def _check_form(provided, deploy):
-    holds_deploy = any('.branch_reparam.' in k for k in provided)
+    holds_deploy = is_deploy_form(provided)
     holds_train = any('.branch_3x3.' in k for k in provided)
     if holds_deploy and not deploy:
         raise CheckpointError(
