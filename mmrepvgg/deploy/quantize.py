@@ -19,11 +19,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS
 
 from ..errors import ConfigError, UsageError, VerificationError, first_line
 from .onnx_model import as_batch, load_image, onnxruntime_session, set_info
+from .verify import relative_error
 
 
 @dataclass
@@ -190,9 +192,8 @@ def measure_agreement(int8, fp32, images, split):
         total += labels.size
         error = max(
             error,
-            float(
-                np.abs(logits - ref_logits).max() /
-                max(np.abs(ref_logits).max(), 1e-30)))
+            relative_error(
+                torch.from_numpy(logits), torch.from_numpy(ref_logits)))
     return Agreement(same / total, error, len(images), split)
 
 
