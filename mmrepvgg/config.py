@@ -94,6 +94,18 @@ def shipped_config(name):
     return path
 
 
+def inference_transforms(cfg, leave_out=()):
+    """The transforms of the config's test pipeline (its test dataset's,
+    else ``test_pipeline``), without those whose type names contain one of
+    ``leave_out`` (e.g. ``'LoadAnnotations'``)."""
+    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
+    transforms = dataset.get('pipeline') or cfg.get('test_pipeline') or []
+    return [
+        t for t in transforms
+        if not any(name in str(t['type']) for name in leave_out)
+    ]
+
+
 def config_dicts(node):
     """Every dict inside a config node (itself included), depth first,
     through nested dicts, lists and tuples. A caller may change a dict's

@@ -23,7 +23,7 @@ from mmseg.models.segmentors import EncoderDecoder
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..config import read_config
+from ..config import inference_transforms, read_config
 from ..errors import ConfigError, VerificationError
 from ..fileio import check_output_path, write_files
 from .logits import ImageSegmentor
@@ -122,9 +122,7 @@ class ExportResult:
 def pipeline_size(cfg, frame=CITYSCAPES_FRAME):
     """The ``(height, width)`` that the config's test pipeline makes of an
     image of size ``frame``."""
-    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
-    transforms = dataset.get('pipeline') or cfg.get('test_pipeline') or []
-    pipeline = Compose([t for t in transforms if 'Load' not in str(t['type'])])
+    pipeline = Compose(inference_transforms(cfg, leave_out=('Load', )))
     image = np.zeros((*frame, 3), np.uint8)
     results = pipeline(
         dict(img=image, img_shape=frame, ori_shape=frame, img_path=''))

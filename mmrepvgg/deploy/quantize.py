@@ -23,6 +23,7 @@ import torch
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS
 
+from ..config import inference_transforms
 from ..errors import ConfigError, UsageError, VerificationError, first_line
 from .onnx_model import as_batch, load_image, onnxruntime_session, set_info
 from .verify import relative_error
@@ -110,13 +111,8 @@ def pipeline_images(cfg, paths, size):
     """Image files read through the config's test pipeline (annotations
     left out) and resized to ``size``, as the exported model takes them:
     float32 ``(1, 3, H, W)`` BGR batches."""
-    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
-    transforms = dataset.get('pipeline') or cfg.get('test_pipeline') or []
-    pipeline = Compose([
-        t for t in transforms if not any(
-            name in str(t['type'])
-            for name in ('LoadImage', 'LoadAnnotations'))
-    ])
+    pipeline = Compose(
+        inference_transforms(cfg, leave_out=('LoadImage', 'LoadAnnotations')))
     batches = []
     for path in paths:
         image = load_image(path)

@@ -8,6 +8,7 @@ from mmengine.structures import BaseDataElement
 from PIL import Image
 from torch import nn
 
+from ..config import inference_transforms
 from ..errors import ConfigError, UsageError, first_line
 from .convert import deploy_roots
 
@@ -124,13 +125,11 @@ def image_input(cfg, model, img):
         ConfigError: The config has no test pipeline.
     """
     check_image_file(img)
-    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
-    transforms = dataset.get('pipeline') or cfg.get('test_pipeline')
+    transforms = inference_transforms(cfg, leave_out=('LoadAnnotations', ))
     if not transforms:
         raise ConfigError(
             f'{cfg.filename}: has no test pipeline to read {img} with')
-    pipeline = Compose(
-        [t for t in transforms if 'LoadAnnotations' not in str(t['type'])])
+    pipeline = Compose(transforms)
     try:
         data = pipeline(dict(img_path=img, img_id=0))
     except Exception as error:  # any transform may fail on a bad image
