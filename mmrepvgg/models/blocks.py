@@ -120,34 +120,29 @@ class RepVGGBlock(BaseModule):
             build_norm_layer(norm_cfg, self.in_channels)[1]
             if self.has_identity else None)
 
+    def _conv_layer(self, kernel_size, dilation, bias):
+        # Same-size padding: the branches' outputs add up tap for tap.
+        return build_conv_layer(
+            self.conv_cfg,
+            self.in_channels,
+            self.out_channels,
+            kernel_size,
+            stride=self.stride,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            groups=self.groups,
+            bias=bias)
+
     def _conv(self, kernel_size, dilation, norm_cfg=None):
         # ``conv`` and ``norm``, as the OpenMMLab model zoo names them.
         layers = OrderedDict(
-            conv=build_conv_layer(
-                self.conv_cfg,
-                self.in_channels,
-                self.out_channels,
-                kernel_size,
-                stride=self.stride,
-                padding=dilation * (kernel_size // 2),
-                dilation=dilation,
-                groups=self.groups,
-                bias=False))
+            conv=self._conv_layer(kernel_size, dilation, bias=False))
         if norm_cfg is not None:
             layers['norm'] = build_norm_layer(norm_cfg, self.out_channels)[1]
         return Sequential(layers)
 
     def _fused_conv(self):
-        return build_conv_layer(
-            self.conv_cfg,
-            self.in_channels,
-            self.out_channels,
-            3,
-            stride=self.stride,
-            padding=self.dilation,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=True)
+        return self._conv_layer(3, self.dilation, bias=True)
 
     def _sum_branches(self, x):
         out = self.branch_3x3(x) + self.branch_1x1(x)
