@@ -18,7 +18,7 @@ from mmengine.runner import Runner
 
 from .checkpoint import load_checkpoint_file
 from .config import config_dicts, read_config
-from .deploy.runtime import read_model_info
+from .deploy.onnx_model import read_model_info
 from .errors import UsageError
 
 
