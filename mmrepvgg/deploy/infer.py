@@ -27,6 +27,8 @@ def overlay(image, colours, opacity):
 
 def _png(image):
     ok, data = cv2.imencode('.png', image)
+    if not ok:
+        raise RuntimeError(f'OpenCV could not encode a {image.shape} PNG')
     return data.tobytes()
 
 
