@@ -122,6 +122,32 @@ def test_engines_are_checked_against_their_pytorch_model(result, model):
             assert 0.9 < check.label_agreement <= 1, check
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_int8_engines_are_calibrated_timed_and_checked(trained_pspnet):
+    int8 = run_benchmark(
+        BenchmarkSettings(
+            trained_pspnet.config,
+            checkpoint=trained_pspnet.checkpoint,
+            shape=SHAPE,
+            parts=('segmentor', ),
+            rounds=1,
+            warmup=1,
+            backends=('torch', 'onnxruntime', 'openvino'),
+            precisions=('int8', ),
+            calib_num=2),
+        log=lambda line: None)
+    forms = [t.form for t in int8.timings]
+    assert forms.count('onnxruntime int8') == forms.count('openvino int8') == 1
+    checks = {c.candidate.split(' (')[1][:-1]: c for c in int8.checks}
+    for form in ('onnxruntime int8', 'openvino int8'):
+        assert checks[form].reference.endswith('(deploy)')
+        # Quantization moves logits; most labels survive (96.4% of this
+        # toy model's when measured).
+        assert checks[form].max_rel_error > 0
+        assert 0.9 < checks[form].label_agreement <= 1, checks[form]
+
+
 def test_report_json_and_chart(result, tmp_path):
     report = format_report(result)
     for timing in result.timings:

@@ -93,6 +93,14 @@ def replace_adaptive_pools(model):
     return len(found)
 
 
+def exportable(segmentor):
+    """An eval-mode :class:`ImageSegmentor` of a copy of ``segmentor``,
+    with its adaptive pools replaced, as :func:`to_onnx` takes it."""
+    module = ImageSegmentor(copy.deepcopy(segmentor)).eval()
+    replace_adaptive_pools(module)
+    return module
+
+
 @dataclass
 class ExportResult:
     """What :func:`export_onnx` wrote and how closely it matches PyTorch.
@@ -147,7 +155,7 @@ def to_onnx(module, size, dynamic=False, info=None):
 
     Args:
         module (ImageSegmentor): The model, with its adaptive pools
-            replaced (:func:`replace_adaptive_pools`).
+            replaced (:func:`exportable`).
         size (tuple[int]): ``(height, width)`` of the example input.
         dynamic (bool): Let height and width vary. The batch size always
             may.
@@ -328,9 +336,7 @@ def export_onnx(config,
     check_input_size(size)
     info = _info(cfg, model, loaded, checkpoint, config,
                  None if dynamic else size)
-    exportable = ImageSegmentor(copy.deepcopy(model)).eval()
-    replace_adaptive_pools(exportable)
-    data = to_onnx(exportable, size, dynamic, info)
+    data = to_onnx(exportable(model), size, dynamic, info)
     inputs = _inputs(size, imgs, dynamic)
     max_error, tied = check_onnx(data,
                                  ImageSegmentor(model).eval(), inputs,

@@ -124,6 +124,13 @@ def pipeline_images(cfg, paths, size):
     return batches
 
 
+def split_images(cfg, split, count, size):
+    """``count`` images of a dataset split of the config, spread evenly
+    over it (:func:`dataset_image_paths`), as the exported model takes them
+    (:func:`pipeline_images`)."""
+    return pipeline_images(cfg, dataset_image_paths(cfg, split, count), size)
+
+
 class _Batches:
     """An ONNX Runtime calibration data reader over image batches."""
 
@@ -220,11 +227,11 @@ def int8_model(cfg, fp32, info, size, settings):
     Raises:
         VerificationError: Its labels agree less than asked.
     """
-    calibration = dataset_image_paths(cfg, 'train', settings.calib_num)
-    held_out = dataset_image_paths(cfg, 'val', settings.eval_num)
-    proto = quantize_int8(fp32, pipeline_images(cfg, calibration, size))
-    agreement = measure_agreement(proto.SerializeToString(), fp32,
-                                  pipeline_images(cfg, held_out, size), 'val')
+    calibration = split_images(cfg, 'train', settings.calib_num, size)
+    held_out = split_images(cfg, 'val', settings.eval_num, size)
+    proto = quantize_int8(fp32, calibration)
+    agreement = measure_agreement(proto.SerializeToString(), fp32, held_out,
+                                  'val')
     check_agreement(agreement, settings.min_agreement)
     info.precision = 'int8'
     info.calibration = dict(split='train', images=len(calibration))

@@ -4,17 +4,13 @@ Each model is exported to ONNX in memory, as ``tools/export.py`` exports
 it, and quantized to int8 when asked, calibrated on images of the
 benchmarked config's training set (the same images for every model).
 """
-import copy
-
 import torch
 
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy import SegmentationEngine
-from mmrepvgg.deploy.export import replace_adaptive_pools, to_onnx
-from mmrepvgg.deploy.logits import ImageSegmentor
+from mmrepvgg.deploy.export import exportable, to_onnx
 from mmrepvgg.deploy.onnx_model import ExportedModelInfo
-from mmrepvgg.deploy.quantize import (dataset_image_paths, pipeline_images,
-                                      quantize_int8)
+from mmrepvgg.deploy.quantize import quantize_int8, split_images
 from mmrepvgg.errors import UsageError
 
 ENGINES = ('onnxruntime', 'openvino')
@@ -46,19 +42,14 @@ def exported_models(segmentor, config, size, precisions, calib_num):
     """The segmentor as fp32 ONNX bytes, and int8 bytes when asked for
     (calibrated on ``calib_num`` images of ``config``'s training set,
     read through its test pipeline)."""
-    module = ImageSegmentor(copy.deepcopy(segmentor)).eval()
-    replace_adaptive_pools(module)
     info = ExportedModelInfo(
         classes=[],
         palette=[],
         input_size=list(size),
         align_corners=bool(segmentor.align_corners))
-    models = dict(fp32=to_onnx(module, size, info=info))
+    models = dict(fp32=to_onnx(exportable(segmentor), size, info=info))
     if 'int8' in precisions:
-        cfg = read_config(config)
-        images = pipeline_images(cfg,
-                                 dataset_image_paths(cfg, 'train', calib_num),
-                                 size)
+        images = split_images(read_config(config), 'train', calib_num, size)
         models['int8'] = quantize_int8(models['fp32'],
                                        images).SerializeToString()
     return models
