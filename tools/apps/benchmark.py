@@ -31,7 +31,7 @@ from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.onnx_model import as_batch, load_image
 from mmrepvgg.errors import UsageError
 from .engines import (check_engines, engine_forms, engine_runner,
-                      exported_models)
+                      exported_models, model_precision)
 from .fast_path import check_fast_path, fast_steps_for, optimize
 from .mmpretrain import build_mmpretrain_backbone
 
@@ -313,9 +313,8 @@ def _engine_entries(settings, models, images, log):
                                    settings.shape[2:], settings.precisions,
                                    settings.calib_num)
         for backend, precision in forms:
-            run = engine_runner(
-                exported['int8' if precision == 'int8' else 'fp32'], backend,
-                precision, settings.threads)
+            run = engine_runner(exported[model_precision(precision)], backend,
+                                precision, settings.threads)
             entries.append(
                 Entry(name, 'segmentor', f'{backend} {precision}', run, images,
                       True))

@@ -34,7 +34,8 @@ from mmrepvgg.fileio import write_files
 from mmrepvgg.runner import evaluate
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 from .benchmark import BenchmarkSettings, run_benchmark, short_name
-from .engines import check_engines, engine_forms
+from .engines import (check_engines, engine_forms, engine_precision,
+                      model_precision)
 from .fast_path import check_fast_path
 from .report import format_report, plot_chart, write_json
 
@@ -283,12 +284,12 @@ def _export_and_evaluate(settings, train_config, checkpoint, log):
     forms = engine_forms(settings.backends, settings.precisions)
     models = {
         precision: _export(settings, train_config, checkpoint, precision, log)
-        for precision in {'int8' if p == 'int8' else 'fp32'
+        for precision in {model_precision(p)
                           for _, p in forms}
     }
     engines = {}
     for backend, precision in forms:
-        model, agreement = models['int8' if precision == 'int8' else 'fp32']
+        model, agreement = models[model_precision(precision)]
         log(f'evaluating {osp.basename(model)} on {backend} ({precision})')
         metrics = evaluate(
             train_config,
@@ -296,7 +297,7 @@ def _export_and_evaluate(settings, train_config, checkpoint, log):
             osp.join(settings.work_dir, f'test_{backend}_{precision}'),
             backend=backend,
             threads=settings.threads,
-            precision='bf16' if precision == 'bf16' else 'fp32')
+            precision=engine_precision(precision))
         engines[f'{backend} {precision}'] = dict(
             {k: metrics[k]
              for k in ('aAcc', 'mIoU', 'mAcc')},

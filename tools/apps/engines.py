@@ -38,6 +38,18 @@ def engine_forms(backends, precisions):
             if not (backend == 'onnxruntime' and precision == 'bf16')]
 
 
+def model_precision(precision):
+    """Which exported model an engine form runs: the int8 one for
+    ``'int8'``, else the fp32 one (bf16 is chosen when the engine runs)."""
+    return 'int8' if precision == 'int8' else 'fp32'
+
+
+def engine_precision(precision):
+    """The precision an engine form asks :class:`SegmentationEngine` for:
+    ``'bf16'`` for bf16, else ``'fp32'`` (an int8 model stays int8)."""
+    return 'bf16' if precision == 'bf16' else 'fp32'
+
+
 def exported_models(segmentor, config, size, precisions, calib_num):
     """The segmentor as fp32 ONNX bytes, and int8 bytes when asked for
     (calibrated on ``calib_num`` images of ``config``'s training set,
@@ -59,5 +71,5 @@ def engine_runner(model, backend, precision, threads):
     """A function from a raw image batch (a tensor) to logits (a tensor)
     on an engine."""
     engine = SegmentationEngine(model, backend, threads,
-                                'bf16' if precision == 'bf16' else 'fp32')
+                                engine_precision(precision))
     return lambda images: torch.from_numpy(engine(images.numpy())[0])
