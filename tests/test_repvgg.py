@@ -297,7 +297,9 @@ class _UserBlock(torch.nn.Module):
 
 
 def test_the_backbone_converts_any_block_that_block_cfg_names():
-    MMSEG_MODELS.register_module(module=_UserBlock, force=True)
+    # The default scope an earlier test left picks the registry.
+    for registry in (MMSEG_MODELS, MMDET_MODELS):
+        registry.register_module(module=_UserBlock, force=True)
     model = RepVGG('A0', block_cfg=dict(type='_UserBlock'))
     blocks = list(model.blocks())
     assert len(blocks) == 22 and not any(b.deploy for b in blocks)
