@@ -2,18 +2,21 @@
 over an existing file only when asked, decided at the moment of writing.
 
 Each file is written in full to a hidden temporary file beside its target
-(``.NAME.XXXXXXXX.tmp``), then put in place by a rename, which either
+(``.NAME.XXXXXXXXXXXXXXXX.tmp``, NAME shortened if the file
+system needs it), then put in place by a rename, which either
 happens whole or not at all. Files written together are put in place
-together: if one fails, the others are taken back. Ctrl-C and SIGTERM (see
-:func:`mmrepvgg.cli.run_cli`) remove the temporary files; after a SIGKILL
-they stay, and with ``force`` so may hidden ``.NAME.XXXXXXXX.old`` copies of
-the files being replaced.
+together: if one fails, the others are taken back. Ctrl-C and SIGTERM
+leave either every file or none, and no temporary file; after a SIGKILL
+temporary files may stay, and with ``force`` so may hidden
+``.NAME.XXXXXXXXXXXXXXXX.old`` copies of the files being replaced.
 """
 import errno
 import io
 import os
 import os.path as osp
-import tempfile
+import signal
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -56,6 +59,12 @@ def serialize(obj):
 def write_files(contents, force=False):
     """Write several files all or nothing.
 
+    Ctrl-C and SIGTERM are held back while the files are written and put in
+    place (in the main thread): one that arrives while the temporary files
+    are written takes them back, and one that arrives while they are put in
+    place waits until every file is there. Either way it is then delivered
+    as usual.
+
     Args:
         contents (dict[str, bytes]): What to write where.
         force (bool): Replace existing files. Without it, a path that
@@ -67,26 +76,83 @@ def write_files(contents, force=False):
             be written, with the system's reason (a full disk, a read-only
             file system, a file where a folder should be, ...).
     """
-    temporary = {}
+    with _signals_held() as received:
+        temporary = {}
+        try:
+            for path, data in contents.items():
+                _write_temporary(path, data, temporary)
+                if received:
+                    name = signal.Signals(received[0]).name
+                    raise UsageError(f'interrupted by {name}; nothing '
+                                     'written')
+            (_replace if force else _create)(temporary)
+        except FileExistsError as error:
+            raise UsageError(f'{error.filename2 or error.filename}: already '
+                             'exists; pass --force to overwrite it') from None
+        except OSError as error:
+            raise UsageError(f'{error.filename}: cannot write '
+                             f'({error.strerror or error})') from None
+        finally:
+            for path in temporary.values():
+                if osp.lexists(path):
+                    os.remove(path)
+
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_held():
+    """Record Ctrl-C and SIGTERM instead of acting on them, and deliver the
+    first one recorded to its own handler on the way out (which usually
+    exits). Yields the list of signals received so far."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread receives Python signals
+        return
+    # An ignored signal stays ignored.
+    handlers = {
+        signum: signal.signal(signum, lambda s, frame: received.append(s))
+        for signum in _HELD_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
-        for path, data in contents.items():
-            _write_temporary(path, data, temporary)
-        (_replace if force else _create)(temporary)
-    except FileExistsError as error:
-        raise UsageError(f'{error.filename2 or error.filename}: already '
-                         'exists; pass --force to overwrite it') from None
-    except OSError as error:
-        raise UsageError(f'{error.filename}: cannot write '
-                         f'({error.strerror or error})') from None
+        yield received
     finally:
-        for path in temporary.values():
-            if osp.lexists(path):
-                os.remove(path)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if received:
+            _deliver(received[0], handlers[received[0]])
+
+
+def _deliver(signum, handler):
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+
+
+def _hidden_name(path, suffix):
+    """A new hidden name beside ``path``, ``.NAME.XXXXXXXXXXXXXXXX<suffix>``,
+    with NAME shortened as the file system's name limit requires."""
+    directory, name = osp.split(osp.abspath(path))
+    tag = f'.{os.urandom(8).hex()}{suffix}'
+    room = _name_max(directory) - len(tag.encode()) - 1
+    short = name.encode()[:room].decode(errors='ignore')
+    return osp.join(directory, f'.{short}{tag}')
+
+
+def _name_max(directory):
+    try:
+        return os.pathconf(directory, 'PC_NAME_MAX')
+    except (OSError, ValueError):
+        return 255
 
 
 def _write_temporary(path, data, temporary):
-    """Write ``data`` to a new temporary file beside ``path``, recorded in
-    ``temporary`` as soon as it exists, so the caller can remove it."""
+    """Write ``data`` to a new temporary file beside ``path``. Its name is
+    recorded in ``temporary`` before the file exists, so the caller removes
+    it whenever the writing stops."""
     directory = osp.dirname(osp.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
@@ -94,8 +160,15 @@ def _write_temporary(path, data, temporary):
         raise NotADirectoryError(
             errno.ENOTDIR, 'a file stands where a '
             'directory should be', path) from None
-    fd, temporary[path] = tempfile.mkstemp(
-        dir=directory, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
+    while True:
+        temporary[path] = _hidden_name(path, '.tmp')
+        try:
+            # Created with the mode that open() gives, under the umask.
+            fd = os.open(temporary[path], os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o666)
+            break
+        except FileExistsError:  # another file's name: never remove it
+            del temporary[path]
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
@@ -104,11 +177,6 @@ def _write_temporary(path, data, temporary):
     except OSError as error:
         error.filename = error.filename or path
         raise
-    # mkstemp creates the file for its owner only; give it the mode that
-    # open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary[path], 0o666 & ~umask)
 
 
 def _create(temporary):
@@ -148,9 +216,8 @@ def _replace(temporary):
 
 
 def _keep(path):
-    directory, name = osp.split(osp.abspath(path))
     while True:
-        kept = osp.join(directory, f'.{name}.{os.urandom(4).hex()}.old')
+        kept = _hidden_name(path, '.old')
         try:
             os.link(path, kept, follow_symlinks=False)
             return kept
