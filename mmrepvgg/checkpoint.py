@@ -9,8 +9,12 @@ because the message hub state pickles a few mmengine and numpy classes.
 Allow-listing exactly those classes keeps the safe unpickler and makes
 ``tools/test.py``, ``init_model`` and ``--resume`` work again.
 """
+import hashlib
+import io
 import os.path as osp
 import pickle
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -141,14 +145,38 @@ def allow_mmengine_checkpoints():
         add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS)
 
 
-def load_checkpoint_file(path):
-    """Load a checkpoint without executing code stored in it.
+@dataclass
+class Checkpoint:
+    """A checkpoint file as it was read, once.
+
+    Attributes:
+        path (str): The file.
+        contents (dict): What it holds, on the CPU.
+        sha256 (str): The SHA-256 of the bytes that were loaded.
+    """
+    path: str
+    contents: dict
+    sha256: str
+
+    @cached_property
+    def weights(self):
+        """Its state dict (:func:`weights_of`)."""
+        return weights_of(self.contents, self.path)
+
+    @cached_property
+    def meta(self):
+        """Its checked ``meta`` (:func:`checkpoint_meta`)."""
+        return checkpoint_meta(self.contents, self.path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint file without executing code stored in it.
 
     Args:
         path (str): A file written by ``torch.save``.
 
     Returns:
-        dict: The checkpoint, on the CPU.
+        Checkpoint: Its contents and the hash of the bytes they came from.
 
     Raises:
         CheckpointError: The file is missing, unreadable, not a checkpoint,
@@ -156,21 +184,28 @@ def load_checkpoint_file(path):
     """
     if not osp.isfile(path):
         raise CheckpointError(f'{path}: no such file')
-    return read_checkpoint(path, path)
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as error:
+        raise CheckpointError(
+            f'{path}: cannot read ({error.strerror or error})') from error
+    return Checkpoint(path, read_checkpoint(io.BytesIO(data), path),
+                      hashlib.sha256(data).hexdigest())
 
 
 def read_checkpoint(file, name):
-    """:func:`load_checkpoint_file` for an open file or a path; ``name``
-    names it in messages."""
+    """The contents of a checkpoint in an open file (or at a path), read as
+    :func:`load_checkpoint` does; ``name`` names it in messages."""
     try:
         checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f'{name}: {_refusal(error)}') from None
+        raise CheckpointError(f'{name}: {_refusal(error)}') from error
     except (Exception, MemoryError, RecursionError) as error:
         # Bytes that are no checkpoint can fail the unpickler in any way.
         raise CheckpointError(
             f'{name}: not a readable checkpoint, truncated or corrupt '
-            f'({type(error).__name__}: {first_line(error)})') from None
+            f'({type(error).__name__}: {first_line(error)})') from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f'{name}: not a checkpoint (holds a {type(checkpoint).__name__}, '
@@ -220,6 +255,27 @@ _PLAIN_VALUES = (str, bytes, int, float, bool, type(None), np.generic,
                  np.ndarray, torch.Tensor)
 
 
+def plain_data_problem(value, max_depth, leaf_types):
+    """What keeps ``value`` from being plain data (dicts with string keys,
+    lists and tuples, of ``leaf_types``, nested at most ``max_depth``
+    deep), as words that follow "it"; None if nothing does. It is walked
+    without recursion, so no nesting can exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return f'is nested deeper than {max_depth} levels'
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                return 'has keys that are not strings'
+            stack += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, depth + 1) for v in node]
+        elif not isinstance(node, leaf_types):
+            return f'holds a {type(node).__name__}'
+    return None
+
+
 def checkpoint_meta(checkpoint, path='checkpoint'):
     """The checkpoint's ``meta`` ({} without one), checked to be plain data:
     dicts with string keys, lists and tuples of numbers, strings and
@@ -234,22 +290,9 @@ def checkpoint_meta(checkpoint, path='checkpoint'):
     if not isinstance(meta, dict):
         raise CheckpointError(f'{path}: its meta is a {type(meta).__name__}, '
                               'not a dict')
-    stack = [(meta, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > _MAX_META_DEPTH:
-            raise CheckpointError(f'{path}: its meta is nested deeper than '
-                                  f'{_MAX_META_DEPTH} levels')
-        if isinstance(node, dict):
-            if not all(isinstance(k, str) for k in node):
-                raise CheckpointError(f'{path}: its meta has keys that are '
-                                      'not strings')
-            stack += [(v, depth + 1) for v in node.values()]
-        elif isinstance(node, (list, tuple)):
-            stack += [(v, depth + 1) for v in node]
-        elif not isinstance(node, _PLAIN_VALUES):
-            raise CheckpointError(f'{path}: its meta holds a '
-                                  f'{type(node).__name__}')
+    problem = plain_data_problem(meta, _MAX_META_DEPTH, _PLAIN_VALUES)
+    if problem:
+        raise CheckpointError(f'{path}: its meta {problem}')
     return meta
 
 

@@ -1,10 +1,124 @@
-"""Shared behaviour of the command-line tools."""
+"""What the command-line tools share: how they run, and their options.
+
+A tool is a thin command line: :func:`tool_parser` makes its parser,
+:func:`add_settings` adds one option per field of a typed settings record
+(its default, type and help come from the record), :func:`settings_from`
+builds the record back, and :func:`run_cli` runs it.
+"""
+import argparse
+import collections.abc
+import dataclasses
+import logging
+import os
 import signal
 import sys
+import traceback
+import typing
 import warnings
 
-from .deploy.runtime import BACKENDS, PRECISIONS
 from .errors import MMRepVGGError
+
+__all__ = ['tool_parser', 'add_settings', 'settings_from', 'run_cli']
+
+_DEBUG = 'MMREPVGG_DEBUG'
+
+
+def tool_parser(description):
+    """An argument parser with the options every tool has: ``--verbose``
+    and ``--debug``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        '--verbose',
+        action='store_true',
+        help='print more about what was checked, and third-party log lines')
+    parser.add_argument(
+        '--debug',
+        action='store_true',
+        help=f'print the traceback of an error too (or set {_DEBUG}=1)')
+    return parser
+
+
+def _option_type(hint):
+    """``(type, nargs)`` of an option for a type hint: a tuple of fixed
+    length takes that many values, any other sequence any number."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return args[0], '*'
+        return args[0], len(args)
+    return hint, None
+
+
+def _shown(value):
+    if isinstance(value, (tuple, list)):
+        return ' '.join(map(str, value)) or 'none'
+    return 'none' if value is None else value
+
+
+def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
+    """Add one option per field of a settings dataclass to ``parser`` (in
+    a group named ``title``, if given): ``--[prefix-]field-name``, with the
+    field's default, a type from its annotation, and ``help``, ``choices``
+    and ``metavar`` from its metadata (``flag`` names another option). A
+    field without a default is a positional argument.
+
+    Returns:
+        The group (or parser) the options went to.
+    """
+    group = parser.add_argument_group(title) if title else parser
+    hints = typing.get_type_hints(settings_cls)
+    for setting in dataclasses.fields(settings_cls):
+        if setting.name in exclude:
+            continue
+        meta = dict(setting.metadata)
+        dest = _dest(prefix, setting.name)
+        if _required(setting):
+            group.add_argument(dest, **meta)
+            continue
+        default = _default(setting)
+        flag = meta.pop('flag', '--' + dest.replace('_', '-'))
+        help_text = meta.get('help', '')
+        if '(default' not in help_text:
+            meta['help'] = f'{help_text} (default: {_shown(default)})'
+        if hints[setting.name] is bool:
+            group.add_argument(
+                flag, dest=dest, action='store_true', default=default, **meta)
+            continue
+        kind, nargs = _option_type(hints[setting.name])
+        group.add_argument(
+            flag, dest=dest, type=kind, nargs=nargs, default=default, **meta)
+    return group
+
+
+def _required(setting):
+    return (setting.default is dataclasses.MISSING
+            and setting.default_factory is dataclasses.MISSING)
+
+
+def _default(setting):
+    if setting.default is dataclasses.MISSING:
+        return setting.default_factory()
+    return setting.default
+
+
+def _dest(prefix, name):
+    return f'{prefix}_{name}' if prefix else name
+
+
+def settings_from(args, settings_cls, prefix='', **overrides):
+    """The settings record of ``args`` parsed with the options of
+    :func:`add_settings` (sequences as tuples)."""
+    values = {}
+    for setting in dataclasses.fields(settings_cls):
+        dest = _dest(prefix, setting.name)
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            values[setting.name] = (
+                tuple(value) if isinstance(value, list) else value)
+    values.update(overrides)
+    return settings_cls(**values)
 
 
 def _show_on_stdout(message, category, filename, lineno, file=None, line=None):
@@ -12,49 +126,77 @@ def _show_on_stdout(message, category, filename, lineno, file=None, line=None):
         warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def _exit_on_sigterm(signum, frame):
-    # SystemExit unwinds the stack, so temporary files are removed on the
-    # way out, as for Ctrl-C.
-    sys.exit(128 + signum)
+class _Quiet:
+    """Third-party warnings and log lines go to stdout, so that stderr
+    holds the tool's own error line alone."""
+
+    def __enter__(self):
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = _show_on_stdout
+        self._handler = logging.StreamHandler(sys.stdout)
+        root = logging.getLogger()
+        self._level = root.level
+        root.addHandler(self._handler)
+        root.setLevel(logging.INFO if '--verbose' in
+                      sys.argv else logging.WARNING)
+        return self
+
+    def __exit__(self, *exc_info):
+        warnings.showwarning = self._showwarning
+        root = logging.getLogger()
+        root.removeHandler(self._handler)
+        root.setLevel(self._level)
 
 
 def run_cli(main):
-    """Run a tool's ``main()``; a user mistake exits 1 with one line on
-    stderr.
+    """Run a tool's ``main()``: a user mistake exits 1 with one line on
+    stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any moment.
 
-    Third-party warnings go to stdout, so that stderr holds the error line
-    alone; Ctrl-C and SIGTERM unwind the stack, so that no temporary file
-    stays.
+    Interrupts unwind the stack, so that no temporary file stays; one that
+    a library turned into another exception on its way up is still
+    reported as the interrupt. With ``--debug`` (or ``MMREPVGG_DEBUG=1``)
+    an error's traceback, with the third-party error that caused it, is
+    printed above its line.
 
     Args:
         main (callable): The tool's entry point.
     """
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    warnings.showwarning = _show_on_stdout
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    handlers = {
+        s: signal.signal(s, interrupt)
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        main()
-    except MMRepVGGError as error:
-        sys.stdout.flush()
+        with _Quiet():
+            main()
+    except BaseException as error:  # reported below, or raised again
+        code = _report(error, received)
+        if code is None:
+            raise
+        sys.exit(code)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def _report(error, received):
+    """Print an interrupt or a user error as one line on stderr and return
+    the exit status; None for anything else."""
+    sys.stdout.flush()
+    if received or isinstance(error, KeyboardInterrupt):
+        signum = received[0] if received else signal.SIGINT
+        print(
+            'interrupted' if signum == signal.SIGINT else 'terminated',
+            file=sys.stderr)
+        return 128 + signum
+    if isinstance(error, MMRepVGGError):
+        if '--debug' in sys.argv or os.environ.get(_DEBUG) == '1':
+            traceback.print_exception(error, file=sys.stderr)
         print(f'error: {error}', file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
-
-
-def add_engine_arguments(parser):
-    """``--backend``, ``--precision`` and ``--threads``: the options of the
-    tools that run an exported model."""
-    parser.add_argument(
-        '--backend',
-        choices=BACKENDS,
-        default='onnxruntime',
-        help='inference engine of an ONNX model (default: onnxruntime)')
-    parser.add_argument(
-        '--precision',
-        choices=PRECISIONS,
-        default='fp32',
-        help='bf16 runs on OpenVINO only (default: fp32)')
-    parser.add_argument(
-        '--threads', type=int, help='engine threads (default: its own)')
-    return parser
+        return 1
+    return None

@@ -15,6 +15,11 @@ from mmengine.registry import MODELS, init_default_scope
 
 from .errors import ConfigError, first_line
 
+__all__ = [
+    'read_config', 'shipped_config', 'config_dicts', 'is_repvgg_node',
+    'make_offline', 'deploy_config', 'build_model'
+]
+
 _PRETRAINED = ('Pretrained', 'PretrainedInit')
 # Lists receiving the files opened while configs are read.
 _READERS = []
@@ -63,7 +68,7 @@ def _read_config(path):
     except Exception as error:  # a config may fail in any way code can
         raise ConfigError(
             f'{path}: not a readable config '
-            f'({type(error).__name__}: {first_line(error)})') from None
+            f'({type(error).__name__}: {first_line(error)})') from error
 
 
 def _read_package_config(path):
@@ -75,7 +80,7 @@ def _read_package_config(path):
     try:
         return get_config(path)
     except (AssertionError, FileNotFoundError, ValueError) as error:
-        raise ConfigError(f'{path}: {first_line(error)}') from None
+        raise ConfigError(f'{path}: {first_line(error)}') from error
 
 
 def shipped_config(name):
@@ -92,18 +97,6 @@ def shipped_config(name):
     if not osp.isfile(path):
         raise ConfigError(f'{name}: mmrepvgg ships no such config')
     return path
-
-
-def inference_transforms(cfg, leave_out=()):
-    """The transforms of the config's test pipeline (its test dataset's,
-    else ``test_pipeline``), without those whose type names contain one of
-    ``leave_out`` (e.g. ``'LoadAnnotations'``)."""
-    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
-    transforms = dataset.get('pipeline') or cfg.get('test_pipeline') or []
-    return [
-        t for t in transforms
-        if not any(name in str(t['type']) for name in leave_out)
-    ]
 
 
 def config_dicts(node):
@@ -186,5 +179,5 @@ def build_model(cfg, deploy=None):
     except Exception as error:  # any builder may raise anything
         raise ConfigError(
             f'{cfg.filename}: cannot build its model ({type(error).__name__}:'
-            f' {first_line(error)})') from None
+            f' {first_line(error)})') from error
     return model.eval()

@@ -1,7 +1,8 @@
 """The errors mmrepvgg raises for what a user gave it.
 
 Every command-line tool catches :class:`MMRepVGGError` and prints it as one
-line; anything else is a bug and keeps its traceback.
+line (with ``--debug`` or ``MMREPVGG_DEBUG=1``, the traceback of what caused
+it too); anything else is a bug and keeps its traceback.
 """
 
 
@@ -19,6 +20,10 @@ class ConfigError(MMRepVGGError, ValueError):
 
 class UsageError(MMRepVGGError, ValueError):
     """An argument, an input image or an output path that cannot be used."""
+
+
+class MetadataError(MMRepVGGError, ValueError):
+    """Metadata of a checkpoint or an exported model that cannot be used."""
 
 
 class VerificationError(MMRepVGGError):

@@ -3,7 +3,7 @@ import os.path as osp
 
 import torch
 
-from .checkpoint import load_checkpoint_file, weights_of
+from .checkpoint import load_checkpoint
 from .errors import CheckpointError
 from .fileio import check_output_path, serialize, write_files
 from .models import RepVGG
@@ -71,7 +71,7 @@ def convert_pretrained(src, dst, arch=None, force=False):
         are in deploy form.
     """
     check_output_path(dst, [src], force)
-    weights = weights_of(load_checkpoint_file(src), src)
+    weights = dict(load_checkpoint(src).weights)
     layout = to_mmrepvgg_layout(weights)
     try:
         arch, deploy = match_arch(weights, layout, arch)

@@ -16,10 +16,15 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint
 from .config import config_dicts, read_config
-from .deploy.onnx_model import read_model_info
 from .errors import UsageError
+
+__all__ = [
+    'load_config', 'adapt_to_cpu_distributed', 'replace_sync_bn',
+    'build_runner', 'use_checkpoint_or_engine', 'evaluate', 'enable_amp',
+    'add_launch_arguments', 'load_launch_config'
+]
 
 
 def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
@@ -105,44 +110,39 @@ def build_runner(cfg):
     return Runner.from_cfg(cfg)
 
 
-def use_checkpoint_or_engine(cfg,
-                             checkpoint,
-                             backend='onnxruntime',
-                             threads=None,
-                             precision='fp32'):
+def use_checkpoint_or_engine(cfg, checkpoint, engine=None):
     """Make ``cfg`` evaluate a checkpoint, or an exported ONNX model on an
     inference engine (:class:`mmrepvgg.deploy.EngineSegmentor`).
 
-    The file is checked first: a missing, corrupt or unsafe one is refused
-    in one line, before the Runner reads it.
+    The file is checked first: a missing, corrupt, unsafe or foreign one is
+    refused in one line, before the Runner reads it.
 
     Args:
         cfg (Config): A test config, modified in place.
         checkpoint (str): A checkpoint, or an ONNX model (``.onnx``).
-        backend (str): The engine of an ONNX model.
-        threads (int, optional): Its threads.
-        precision (str): Its precision (``'fp32'`` or ``'bf16'``).
+        engine (EngineSettings, optional): How an ONNX model runs.
     """
+    if not cfg.get('test_dataloader') or not cfg.get('test_evaluator'):
+        raise UsageError(f'{cfg.filename}: has no test_dataloader and '
+                         'test_evaluator to evaluate with')
     if checkpoint.endswith('.onnx'):
-        read_model_info(checkpoint)
+        # Imported here: it registers EngineSegmentor for the Runner.
+        from .deploy.engines import EngineSettings, SegmentationEngine
+        engine = (engine or EngineSettings()).check()
+        SegmentationEngine(checkpoint, engine)
         cfg.model = dict(
             type='EngineSegmentor',
             model=checkpoint,
-            backend=backend,
-            threads=threads,
-            precision=precision)
+            backend=engine.backend,
+            precision=engine.precision,
+            threads=engine.threads)
         cfg.load_from = None
     else:
-        load_checkpoint_file(checkpoint)
+        load_checkpoint(checkpoint)
         cfg.load_from = checkpoint
 
 
-def evaluate(config,
-             checkpoint,
-             work_dir,
-             backend='onnxruntime',
-             threads=None,
-             precision='fp32'):
+def evaluate(config, checkpoint, work_dir, engine=None):
     """Evaluate a checkpoint or an exported ONNX model on the config's test
     set, in this process, as ``tools/test.py`` does.
 
@@ -151,7 +151,7 @@ def evaluate(config,
         numbers.
     """
     cfg = load_config(config, work_dir)
-    use_checkpoint_or_engine(cfg, checkpoint, backend, threads, precision)
+    use_checkpoint_or_engine(cfg, checkpoint, engine)
     metrics = build_runner(cfg).test()
     return {k: getattr(v, 'item', lambda: v)() for k, v in metrics.items()}
 

@@ -7,6 +7,7 @@ upright people), with noise on top, so a model learns them within minutes
 on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
 ``CityscapesDataset`` reads them unchanged.
 """
+import glob
 import os.path as osp
 
 import cv2
@@ -24,6 +25,10 @@ _COLOURS = {
     CAR: (0, 0, 142),
 }
 CITY = 'toytown'
+# Cityscapes' label of pixels that no class covers.
+IGNORE_INDEX = 255
+
+__all__ = ['make_toy_cityscapes', 'write_toy_config', 'majority_class_miou']
 
 
 def _draw_scene(rng, height, width):
@@ -92,6 +97,24 @@ def make_toy_cityscapes(root,
                 osp.join(label_dir, f'{stem}_gtFine_labelTrainIds.png'),
                 labels)
     return root
+
+
+def majority_class_miou(data_root, split='val'):
+    """mIoU (%) of predicting the most frequent class everywhere, on a
+    Cityscapes-layout dataset: the reference for "above chance".
+
+    That class scores its pixel share as IoU, every other class present
+    scores 0.
+    """
+    counts = np.zeros(IGNORE_INDEX + 1, np.int64)
+    for path in glob.glob(
+            osp.join(data_root, 'gtFine', split, '*',
+                     '*_gtFine_labelTrainIds.png')):
+        labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        counts += np.bincount(labels.ravel(), minlength=counts.size)
+    counts = counts[:IGNORE_INDEX]
+    present = np.count_nonzero(counts)
+    return 100 * counts.max() / counts.sum() / present
 
 
 _TOY_CONFIG = '''\

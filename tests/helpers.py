@@ -1,13 +1,22 @@
 """Shared by the tests."""
+import copy
 import glob
+import io
 import json
 import os
 import os.path as osp
+import runpy
+import signal
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import torch
 from torch import nn
+
+from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_fp32,
+                                     compare_labels, exact_outputs,
+                                     fp32_and_exact, tensors_of)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))
@@ -39,6 +48,33 @@ def run_tool(name, *args, **kwargs):
                **kwargs)
 
 
+def run_tool_here(name, *args):
+    """Run ``tools/<name>`` in this process, as ``python tools/<name>``
+    runs it (the same argument parsing, ``run_cli`` and exit status),
+    without the seconds a new Python takes to import torch and the
+    toolboxes; returns a completed process with text stdout and stderr."""
+    path = osp.join(REPO_ROOT, 'tools', name)
+    argv, handlers = sys.argv, {
+        s: signal.getsignal(s)
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    sys.argv = [path, *map(str, args)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            runpy.run_path(path, run_name='__main__')
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else int(
+            exit.code is not None)
+    finally:
+        sys.argv = argv
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(),
+                                       stderr.getvalue())
+
+
 def mim(*args, **kwargs):
     """Run ``mim``."""
     return run(sys.executable, '-m', 'mim', *args, **kwargs)
@@ -57,6 +93,57 @@ class CarriesCode:
 
     def __reduce__(self):
         return exec, (f'open({self.marker!r}, "w").close()', )
+
+
+def assert_fp32_close(actual, own, exact, tolerance=Fp32Tolerance()):
+    """Assert that fp32 outputs are as close to the exact (float64) ones as
+    the reference model's own fp32 outputs allow (see
+    :mod:`mmrepvgg.deploy.compare`); returns the comparison."""
+    check = compare_fp32(
+        tensors_of(actual), tensors_of(own), tensors_of(exact), tolerance)
+    assert check.passed, check.describe()
+    return check
+
+
+def assert_computes_as(candidate, reference, inputs, run=None):
+    """Assert that ``candidate`` computes what ``reference`` does on each
+    input, as exactly as fp32 allows; returns the comparison."""
+    own, exact = fp32_and_exact(reference, inputs, run)
+    run = run or (lambda m, x: m(x))
+    with torch.no_grad():
+        actual = [t for x in inputs for t in tensors_of(run(candidate, x))]
+    return assert_fp32_close(actual, own, exact)
+
+
+def assert_converts_exactly(converted, model, inputs, run=None):
+    """Assert that a converted model computes what ``model`` does: its
+    weights as stored, computed in float64, against ``model``'s exact
+    outputs, within the tolerance of ``model``'s own fp32 error (as
+    :class:`mmrepvgg.deploy.convert.ConversionCheck` judges)."""
+    own, exact = fp32_and_exact(model, inputs, run)
+    return assert_fp32_close(exact_outputs(converted, inputs, run), own, exact)
+
+
+def exact_seg_logits(model, image):
+    """The ``seg_logits`` that mmseg's ``inference_model`` gives for an
+    image, computed by the model in float64."""
+    from mmseg.apis.inference import _preprare_data
+    data, _ = _preprare_data(image, model)
+    data = model.data_preprocessor(data, False)
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        result = exact.predict(data['inputs'].double(), data['data_samples'])
+    return result[0].seg_logits.data
+
+
+def assert_labels_match(labels, exact_logits, limit):
+    """Assert that ``labels`` are the argmax of the exact logits, except
+    where two classes tie within ``limit`` (relative); returns how many
+    flipped at such ties."""
+    flips = compare_labels(
+        torch.as_tensor(labels)[None], exact_logits[None], limit)
+    assert flips.untied == 0, f'{flips.untied} label(s) differ'
+    return flips.differ
 
 
 def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):

@@ -11,7 +11,7 @@ from mmseg.apis import init_model
 
 import mmrepvgg  # noqa: F401  (allow-lists mmengine's checkpoint classes)
 from helpers import CarriesCode, run
-from mmrepvgg.checkpoint import load_checkpoint_file
+from mmrepvgg.checkpoint import load_checkpoint as load_safely
 from mmrepvgg.errors import CheckpointError
 
 
@@ -107,5 +107,5 @@ def test_checkpoint_carrying_code_is_refused_by_torch_and_mmengine(
 def test_checkpoint_carrying_code_is_refused_by_our_loader(code_carrying):
     path, marker = code_carrying
     with pytest.raises(CheckpointError, match='refused'):
-        load_checkpoint_file(str(path))
+        load_safely(str(path))
     assert not marker.exists()

@@ -59,16 +59,20 @@ def test_demo_benchmarks_train_against_deploy(demo):
     bench = summary['benchmark']
     assert bench['settings']['shape'] == [1, 3, 64, 128]
     assert bench['settings']['checkpoint'] == summary['checkpoint']
-    pairs = {
+    times = {(t['part'], t['name']): t['times_s'] for t in bench['timings']}
+    ratios = {
         (r['part'], r['candidate'], r['baseline']): r['speedup']
         for r in bench['ratios']
     }
-    for part in ('segmentor', 'backbone'):
-        speedup = pairs[part, 'pspnet_repvgg-a0-d8 (deploy)',
-                        'pspnet_repvgg-a0-d8 (train)']
-        assert speedup > 0
-    assert pairs['segmentor', 'pspnet_repvgg-a0-d8 (onnxruntime fp32)',
-                 'pspnet_repvgg-a0-d8 (deploy)'] > 0
+    ours = 'pspnet_repvgg-a0-d8'
+    for part, candidate, baseline in [('segmentor', 'deploy', 'train'),
+                                      ('backbone', 'deploy', 'train'),
+                                      ('segmentor', 'onnxruntime fp32',
+                                       'deploy')]:
+        names = (f'{ours} ({candidate})', f'{ours} ({baseline})')
+        # One round: the speed-up is the ratio of its two times.
+        (fast, ), (slow, ) = (times[part, name] for name in names)
+        assert ratios[(part, *names)] == pytest.approx(slow / fast)
     # The trained weights give the same predictions in both forms.
     assert all(check['exact'] for check in bench['checks']), bench['checks']
     png = (work_dir / 'speed.png').read_bytes()

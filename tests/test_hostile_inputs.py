@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO_ROOT, CarriesCode, output, run, run_tool
-from mmrepvgg.checkpoint import checkpoint_meta, load_checkpoint_file
+from helpers import REPO_ROOT, CarriesCode, output, run, run_tool_here
+from mmrepvgg.checkpoint import checkpoint_meta, load_checkpoint
 from mmrepvgg.deploy import deploy_config_path, reparameterize
 from mmrepvgg.errors import CheckpointError, UsageError, VerificationError
 from mmrepvgg.fileio import write_files
@@ -81,7 +82,7 @@ def test_plain_torch_load_after_import_refuses_unsafe_numpy_data(
     assert ('UnpicklingError' in loaded.stderr
             or 'ValueError' in loaded.stderr), output(loaded)
     with pytest.raises(CheckpointError, match='refused|not a readable'):
-        load_checkpoint_file(str(path))
+        load_checkpoint(str(path))
 
 
 def test_array_sizes_come_from_the_bytes_in_the_file(tmp_path):
@@ -208,8 +209,8 @@ def test_reparameterize_refuses_malformed_checkpoints(trained_pspnet, tmp_path,
                                                       kind, message):
     bad = _bad_checkpoint(kind, tmp_path / 'bad.pth', trained_pspnet)
     before = sorted(os.listdir(tmp_path))
-    result = run_tool('reparameterize.py', trained_pspnet.config, bad,
-                      tmp_path / 'deploy.pth')
+    result = run_tool_here('reparameterize.py', trained_pspnet.config, bad,
+                           tmp_path / 'deploy.pth')
     _assert_refused(result, message, tmp_path, before)
 
 
@@ -229,30 +230,31 @@ def _image_files(tmp_path):
     ('empty', 'not a readable image'),
     ('corrupt', 'not a readable image'),
     ('huge', 'the test pipeline makes it a 8000x8000 input, larger than the '
-     '4,194,304 pixels verified at most'),
+     '4,194,304 pixels a model is run on at most'),
 ])
 def test_reparameterize_refuses_bad_images(trained_pspnet, tmp_path, image,
                                            message):
     path = _image_files(tmp_path)[image]
     before = sorted(os.listdir(tmp_path))
-    result = run_tool('reparameterize.py', trained_pspnet.config,
-                      trained_pspnet.checkpoint, tmp_path / 'deploy.pth',
-                      '--img', path)
+    result = run_tool_here('reparameterize.py', trained_pspnet.config,
+                           trained_pspnet.checkpoint, tmp_path / 'deploy.pth',
+                           '--img', path)
     _assert_refused(result, message, tmp_path, before)
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize('arguments, message', [
-    (['--input-size', '0', '0'], 'an input size is two positive integers'),
-    (['--input-size', '-4', '8'], 'an input size is two positive integers'),
-    (['--input-size', '4000', '4000'], 'larger than the 4,194,304 pixels'),
-    (['--tolerance', '0'], 'tolerance must be positive'),
+    (['--check-size', '0', '0'], 'an input size is two integers of at least'),
+    (['--check-size', '-4', '8'], 'an input size is two integers of at least'),
+    (['--check-size', '4000', '4000'], 'larger than the 4,194,304 pixels'),
+    (['--tolerance-factor', '0'], 'a tolerance factor is at least 1'),
+    (['--tolerance-floor', '-1'], 'a floor at least 0'),
 ])
 def test_reparameterize_refuses_bad_arguments(trained_pspnet, tmp_path,
                                               arguments, message):
-    result = run_tool('reparameterize.py', trained_pspnet.config,
-                      trained_pspnet.checkpoint, tmp_path / 'deploy.pth',
-                      *arguments)
+    result = run_tool_here('reparameterize.py', trained_pspnet.config,
+                           trained_pspnet.checkpoint, tmp_path / 'deploy.pth',
+                           *arguments)
     _assert_refused(result, message, tmp_path, [])
 
 
@@ -265,8 +267,8 @@ def test_reparameterize_refuses_outputs_that_cannot_be_files(
         trained_pspnet, tmp_path, out, message):
     (tmp_path / 'cfg.py').write_text('x = 1\n')
     before = sorted(os.listdir(tmp_path))
-    result = run_tool('reparameterize.py', trained_pspnet.config,
-                      trained_pspnet.checkpoint, f'{tmp_path}/{out}')
+    result = run_tool_here('reparameterize.py', trained_pspnet.config,
+                           trained_pspnet.checkpoint, f'{tmp_path}/{out}')
     _assert_refused(result, message, tmp_path, before)
 
 
@@ -274,8 +276,8 @@ def test_reparameterize_refuses_outputs_that_cannot_be_files(
 def test_a_config_without_a_model_is_refused(trained_pspnet, tmp_path):
     config = tmp_path / 'no_model.py'
     config.write_text('x = 1\n')
-    result = run_tool('reparameterize.py', config, trained_pspnet.checkpoint,
-                      tmp_path / 'deploy.pth')
+    result = run_tool_here('reparameterize.py', config,
+                           trained_pspnet.checkpoint, tmp_path / 'deploy.pth')
     _assert_refused(result, 'has no model to build', tmp_path, ['no_model.py'])
 
 
@@ -283,7 +285,7 @@ def test_a_config_without_a_model_is_refused(trained_pspnet, tmp_path):
 def test_train_refuses_a_config_with_a_syntax_error(tmp_path):
     config = tmp_path / 'broken.py'
     config.write_text('model = dict(\n')
-    result = run_tool('train.py', config, '--work-dir', tmp_path / 'work')
+    result = run_tool_here('train.py', config, '--work-dir', tmp_path / 'work')
     _assert_refused(result, 'not a readable config', tmp_path, ['broken.py'])
 
 
@@ -304,8 +306,8 @@ def test_test_refuses_bad_checkpoints(trained_pspnet, tmp_path, kind, message):
     else:
         torch.save(dict(state_dict={}, x=CarriesCode(str(marker))), bad)
     before = sorted(os.listdir(tmp_path))
-    result = run_tool('test.py', trained_pspnet.config, bad, '--work-dir',
-                      tmp_path / 'work')
+    result = run_tool_here('test.py', trained_pspnet.config, bad, '--work-dir',
+                           tmp_path / 'work')
     _assert_refused(result, message, tmp_path, before)
     assert not marker.exists()
 
@@ -338,7 +340,7 @@ def test_fp16_gains_that_overflow_fp16_when_fused_convert_exactly(
     torch.save(dict(state_dict=state), checkpoint)
     out = tmp_path / 'deploy.pth'
     result = reparameterize(trained_pspnet.config, str(checkpoint), str(out))
-    assert result.max_error <= 1e-5
+    assert result.check.passed
     fused = torch.load(
         out)['state_dict']['backbone.stage_4.0.branch_reparam.weight']
     assert fused.dtype == torch.float32 and fused.isfinite().all()
@@ -490,9 +492,81 @@ def test_two_runs_to_the_same_out_leave_one_whole_pair(trained_pspnet,
     assert sorted(os.listdir(tmp_path)) == ['deploy.pth', 'deploy.py']
 
 
+def _interrupt_writes(tmp_path, signum, force, attempts=200):
+    """Send ``signum`` at ``attempts`` moments spread over writing a pair
+    (and before and after it), with the handler run_cli installs; check
+    what is left each time. Returns the outcomes seen."""
+    out, config = _pair(tmp_path)
+    new = {str(out): b'w' * (4 << 20), str(config): b'c' * (1 << 20)}
+    old = {str(out): b'old weights', str(config): b'old config'}
+    start = time.perf_counter()
+    write_files(new, force=True)
+    span = time.perf_counter() - start
+    outcomes = set()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signum, interrupt)
+    try:
+        for attempt in range(attempts):
+            for path in tmp_path.iterdir():
+                path.unlink()
+            if force:
+                write_files(old)
+            delay = span * (1.5 * attempt / attempts - 0.2)
+            timer = threading.Timer(
+                max(delay, 0), os.kill, (os.getpid(), signum))
+            try:
+                timer.start()
+                write_files(new, force)
+                timer.join()
+                time.sleep(0.001)  # a pending handler runs here
+            except KeyboardInterrupt:
+                timer.join()
+            left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+            expected = [{}, {
+                n.name: d
+                for n, d in ((out, new[str(out)]), (config, new[str(config)]))
+            }]
+            if force:
+                expected[0] = {
+                    out.name: old[str(out)],
+                    config.name: old[str(config)]
+                }
+            assert left in expected, sorted(left)
+            outcomes.add(expected.index(left))
+    finally:
+        signal.signal(signum, previous)
+    return outcomes
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('force', [False, True])
+def test_a_signal_at_any_moment_leaves_the_old_files_or_the_new(
+        tmp_path, signum, force):
+    outcomes = _interrupt_writes(tmp_path, signum, force)
+    # Signals came both before the files were in place and after.
+    assert outcomes == {0, 1}
+
+
+def _terminate(process, when, folder):
+    """Wait for ``when`` (seconds, or 'tmp': a temporary file in
+    ``folder``), then send SIGTERM; returns the exit status."""
+    deadline = time.time() + (when if isinstance(when, float) else 600)
+    while process.poll() is None and time.time() < deadline and not (
+            when == 'tmp'
+            and any(name.endswith('.tmp') for name in os.listdir(folder))):
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    return process.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_sigterm_leaves_no_temporary_files(trained_pspnet, tmp_path):
+@pytest.mark.parametrize('when', [0.3, 'tmp'])
+def test_sigterm_to_the_tool_leaves_no_temporary_files(trained_pspnet,
+                                                       tmp_path, when):
     out, config = _pair(tmp_path)
     process = subprocess.Popen([
         sys.executable,
@@ -501,17 +575,16 @@ def test_sigterm_leaves_no_temporary_files(trained_pspnet, tmp_path):
         str(out)
     ],
                                stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    # Signal it as soon as a temporary file appears, or whenever it ends.
-    while process.poll() is None and not any(
-            name.endswith('.tmp') for name in os.listdir(tmp_path)):
-        time.sleep(0.001)
-    process.send_signal(signal.SIGTERM)
-    code = process.wait()
+                               stderr=subprocess.PIPE,
+                               text=True,
+                               cwd=REPO_ROOT)
+    code = _terminate(process, when, tmp_path)
     left = sorted(os.listdir(tmp_path))
+    stderr = process.stderr.read()
     if code == 0:
         assert left == ['deploy.pth', 'deploy.py']
     else:
-        assert code == 128 + signal.SIGTERM, process.stderr.read()
+        assert code == 128 + signal.SIGTERM, stderr
+        assert stderr.strip().splitlines() == ['terminated'], stderr
         assert left in ([], ['deploy.pth', 'deploy.py']), left
     assert deploy_config_path(str(out)) == str(config)

@@ -15,7 +15,7 @@ import importlib, os.path as osp, pkgutil, sys
 import torch
 import mmrepvgg
 from mmrepvgg.config import shipped_config
-from mmrepvgg.deploy import relative_error
+from mmrepvgg.deploy.compare import compare_fp32, fp32_and_exact
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 assert mmrepvgg.__file__.startswith(sys.prefix), mmrepvgg.__file__
@@ -23,10 +23,10 @@ for module in pkgutil.walk_packages(mmrepvgg.__path__, 'mmrepvgg.'):
     importlib.import_module(module.name)
 model = mmrepvgg.RepVGG('A0').eval()
 x = torch.rand(1, 3, 64, 64)
+own, exact = fp32_and_exact(model, [x])
 with torch.no_grad():
-    expected = model(x)[-1]
-    actual = mmrepvgg.switch_to_deploy(model)(x)[-1]
-assert relative_error(actual, expected) <= 1e-5
+    actual = list(mmrepvgg.switch_to_deploy(model)(x))
+assert compare_fp32(actual, own, exact).passed
 base = shipped_config(
     'pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 data = make_toy_cityscapes('data', num_train=2, num_val=1)

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 import mmrepvgg.deploy.quantize as quantize
-from apps.demo import majority_class_miou
-from helpers import logged_metrics, output, run_tool
-from mmrepvgg.deploy import SegmentationEngine, export_onnx
-from mmrepvgg.deploy.onnx_model import as_batch
+from helpers import logged_metrics, output, run_tool, run_tool_here
+from mmrepvgg.deploy import export_onnx
+from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
+from mmrepvgg.deploy.export import ExportSettings
+from mmrepvgg.deploy.images import as_batch
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError, VerificationError
+from mmrepvgg.testing import majority_class_miou
 
 SIZE = (64, 128)
 # What a toy QARepVGG trained for 60 iterations keeps of its fp32 labels
@@ -47,7 +49,7 @@ def int8_export(trained_qarepvgg, tmp_path_factory):
             trained_qarepvgg.config,
             trained_qarepvgg.checkpoint,
             str(out),
-            size=SIZE,
+            ExportSettings(SIZE),
             int8=INT8)
     return out, result, calibrated
 
@@ -67,7 +69,7 @@ def test_qarepvgg_checkpoint_converts(trained_qarepvgg, tmp_path):
                       trained_qarepvgg.checkpoint, tmp_path / 'deploy.pth',
                       '--img', *trained_qarepvgg.val_images)
     assert result.returncode == 0, output(result)
-    assert 'converted 22 RepVGG blocks' in result.stdout
+    assert 'converted 22 blocks' in result.stdout
     state = torch.load(tmp_path / 'deploy.pth')['state_dict']
     assert not any('.norm.' in k for k in state if k.startswith('backbone'))
 
@@ -99,14 +101,11 @@ def test_int8_model_keeps_the_fp32_labels_on_both_engines(
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops['QuantizeLinear'] > 20 and ops['DequantizeLinear'] > 20
     fp32 = tmp_path / 'fp32.onnx'
-    export_onnx(
-        trained_qarepvgg.config,
-        trained_qarepvgg.checkpoint,
-        str(fp32),
-        size=SIZE)
+    export_onnx(trained_qarepvgg.config, trained_qarepvgg.checkpoint,
+                str(fp32), ExportSettings(SIZE))
     reference = SegmentationEngine(str(fp32))
     for backend in ('onnxruntime', 'openvino'):
-        engine = SegmentationEngine(str(out), backend)
+        engine = SegmentationEngine(str(out), EngineSettings(backend))
         same = total = 0
         for path in trained_qarepvgg.val_images:
             image = cv2.imread(path)
@@ -154,7 +153,7 @@ def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
             trained_qarepvgg.config,
             trained_qarepvgg.checkpoint,
             str(tmp_path / 'int8.onnx'),
-            size=SIZE,
+            ExportSettings(SIZE),
             int8=Int8Settings(8, 4, measured + 1e-9))
     assert os.listdir(tmp_path) == []
 
@@ -165,9 +164,9 @@ def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
 ])
 def test_int8_export_refuses_bad_arguments(trained_qarepvgg, tmp_path,
                                            arguments, message):
-    result = run_tool('export.py', trained_qarepvgg.config,
-                      trained_qarepvgg.checkpoint, tmp_path / 'out.onnx',
-                      '--int8', *arguments)
+    result = run_tool_here('export.py', trained_qarepvgg.config,
+                           trained_qarepvgg.checkpoint, tmp_path / 'out.onnx',
+                           '--int8', *arguments)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
@@ -184,6 +183,6 @@ def test_int8_export_without_a_dataset_is_refused(trained_qarepvgg, tmp_path):
             str(config),
             trained_qarepvgg.checkpoint,
             str(tmp_path / 'out.onnx'),
-            size=SIZE,
+            ExportSettings(SIZE),
             int8=INT8)
     assert sorted(os.listdir(tmp_path)) == ['no_data.py']

@@ -5,7 +5,7 @@ import torch
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from helpers import randomize_batch_norms
+from helpers import assert_converts_exactly, randomize_batch_norms
 from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, switch_to_deploy
 from mmrepvgg.deploy import relative_error
 
@@ -94,12 +94,8 @@ def test_d2se_has_squeeze_excitation_on_every_block():
 
 def assert_deploy_equivalent(model, inputs):
     model = randomize_batch_norms(model).eval()
-    with torch.no_grad():
-        train_out = model(inputs)
-        deployed = switch_to_deploy(copy.deepcopy(model))
-        deploy_out = deployed(inputs)
-    for t, d in zip(train_out, deploy_out):
-        assert relative_error(d, t) <= 1e-5
+    deployed = switch_to_deploy(copy.deepcopy(model))
+    assert_converts_exactly(deployed, model, [inputs])
     blocks = [m for m in deployed.modules() if isinstance(m, RepVGGBlock)]
     assert blocks and all(b.deploy for b in blocks)
     assert not any(
@@ -338,3 +334,17 @@ def test_qarepvgg_deploy_is_equivalent_dilated(arch, setting):
     torch.manual_seed(0)
     assert_deploy_equivalent(
         RepVGG(**setting(arch), **QA), torch.rand(1, 3, 64, 128))
+
+
+def test_block_cfg_settings_are_the_blocks():
+    model = RepVGG(
+        'A0',
+        act_cfg=dict(type='ReLU'),
+        block_cfg=dict(type='RepVGGBlock', act_cfg=dict(type='ReLU6')))
+    assert all(isinstance(b.act, torch.nn.ReLU6) for b in model.blocks())
+
+
+@pytest.mark.parametrize('key', ['stride', 'deploy', 'in_channels'])
+def test_block_cfg_cannot_set_what_the_backbone_sets(key):
+    with pytest.raises(ValueError, match=f"block_cfg sets \\['{key}'\\]"):
+        RepVGG('A0', block_cfg=dict(type='RepVGGBlock', **{key: 1}))

@@ -4,16 +4,17 @@ it, side by side in one process.
 A training-form checkpoint of CONFIG's model is written to a temporary
 directory. Each round then times, one after the other:
 
-- file: read it with ``load_checkpoint_file`` and write it back;
+- file: read it with :func:`mmrepvgg.checkpoint.load_checkpoint` and write
+  it back;
 - model: what loading it for use costs (as mmseg's ``init_model`` does:
-  parse the config, build the model, load the weights), then writing its
-  weights;
-- reparameterize: :func:`mmrepvgg.reparameterize.reparameterize` on it.
+  parse the config, build the model, load the weights:
+  :func:`mmrepvgg.deploy.loading.load_model`), then writing its weights;
+- reparameterize: :func:`mmrepvgg.deploy.pair.reparameterize` on it.
 
 The medians and, per baseline, the median of the per-round ratios are
 printed.
 """
-import argparse
+import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os.path as osp
 import statistics
 import tempfile
@@ -21,9 +22,11 @@ import time
 
 import torch
 
-from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
+from mmrepvgg.checkpoint import load_checkpoint
+from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
-from mmrepvgg.deploy import reparameterize
+from mmrepvgg.deploy.loading import load_model
+from mmrepvgg.deploy.pair import reparameterize
 from mmrepvgg.fileio import serialize, write_files
 
 DEFAULT_CONFIG = osp.join(
@@ -37,44 +40,46 @@ def _timed(function):
     return time.perf_counter() - start
 
 
+def _tasks(config, folder):
+    """The three tasks on a training-form checkpoint written to
+    ``folder``."""
+    checkpoint = osp.join(folder, 'train.pth')
+    copy = osp.join(folder, 'copy.pth')
+    # The values do not change the work, only the shapes do.
+    model = build_model(read_config(config))
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    params = sum(p.numel() for p in model.parameters())
+    print(f'{osp.basename(config)}: {params / 1e6:.1f}M parameters, '
+          f'checkpoint {osp.getsize(checkpoint) / 2**20:.0f} MiB, '
+          f'{torch.get_num_threads()} threads')
+
+    def file_round_trip():
+        write_files({copy: serialize(load_checkpoint(checkpoint).contents)},
+                    force=True)
+
+    def model_round_trip():
+        loaded = load_model(read_config(config), checkpoint, config)
+        write_files(
+            {copy: serialize(dict(state_dict=loaded.model.state_dict()))},
+            force=True)
+
+    def convert():
+        reparameterize(
+            config, checkpoint, osp.join(folder, 'deploy.pth'), force=True)
+
+    return dict(
+        file=file_round_trip, model=model_round_trip, reparameterize=convert)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = tool_parser(__doc__)
     parser.add_argument(
         '--config', default=DEFAULT_CONFIG, help='training-form config')
     parser.add_argument(
         '--rounds', type=int, default=3, help='timed rounds of each')
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = osp.join(tmp, 'train.pth')
-        copy = osp.join(tmp, 'copy.pth')
-        deploy = osp.join(tmp, 'deploy.pth')
-        # The values do not change the work, only the shapes do.
-        model = build_model(read_config(args.config))
-        torch.save(dict(state_dict=model.state_dict()), checkpoint)
-        params = sum(p.numel() for p in model.parameters())
-        del model
-        print(f'{osp.basename(args.config)}: {params / 1e6:.1f}M parameters,'
-              f' checkpoint {osp.getsize(checkpoint) / 2**20:.0f} MiB, '
-              f'{torch.get_num_threads()} threads')
-
-        def file_round_trip():
-            write_files({copy: serialize(load_checkpoint_file(checkpoint))},
-                        force=True)
-
-        def model_round_trip():
-            model = build_model(read_config(args.config))
-            load_weights(model, weights_of(load_checkpoint_file(checkpoint)))
-            write_files({copy: serialize(dict(state_dict=model.state_dict()))},
-                        force=True)
-
-        def convert():
-            reparameterize(args.config, checkpoint, deploy, force=True)
-
-        tasks = dict(
-            file=file_round_trip,
-            model=model_round_trip,
-            reparameterize=convert)
+    with tempfile.TemporaryDirectory() as folder:
+        tasks = _tasks(args.config, folder)
         # One untimed round warms caches and lazy imports.
         for task in tasks.values():
             task()
@@ -93,4 +98,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

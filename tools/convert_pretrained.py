@@ -1,13 +1,12 @@
 """Convert RepVGG ImageNet weights of any known layout to mmrepvgg's."""
-import argparse
-
-from mmrepvgg.cli import run_cli
+import apps.interrupts  # noqa: F401  (before the heavy imports)
+from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.models import RepVGG
 from mmrepvgg.pretrained import convert_pretrained
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = tool_parser(__doc__)
     parser.add_argument('src', help='official or OpenMMLab-zoo weights')
     parser.add_argument('dst', help='output checkpoint')
     parser.add_argument(

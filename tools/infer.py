@@ -1,19 +1,19 @@
 """Segment images with an ONNX model written by tools/export.py, on ONNX
 Runtime or OpenVINO: for each image, a coloured label map and an overlay
 (PNG) in the dataset's palette."""
-import argparse
-
-from mmrepvgg.cli import add_engine_arguments, run_cli
+import apps.interrupts  # noqa: F401  (before the heavy imports)
+from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
+from mmrepvgg.deploy.engines import EngineSettings
 from mmrepvgg.deploy.infer import segment_images
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = tool_parser(__doc__)
     parser.add_argument('model', help='ONNX model written by tools/export.py')
     parser.add_argument('img', nargs='+', help='images to segment')
     parser.add_argument(
         '--out-dir', required=True, help='where the PNGs are written')
-    add_engine_arguments(parser)
+    add_settings(parser, EngineSettings, 'engine')
     parser.add_argument(
         '--opacity',
         type=float,
@@ -26,9 +26,7 @@ def main():
         args.model,
         args.img,
         args.out_dir,
-        backend=args.backend,
-        precision=args.precision,
-        threads=args.threads,
+        settings=settings_from(args, EngineSettings),
         opacity=args.opacity,
         force=args.force)
     for path in written:

@@ -2,17 +2,18 @@
 
 Writes OUT, the deploy checkpoint, and OUT with its suffix replaced by .py,
 the deploy config, after checking that the deploy model computes what the
-trained one did.
+trained one did: its fp32 outputs within a small factor of the trained
+model's own fp32 error from the exact (float64) outputs.
 """
-import argparse
-
-from mmrepvgg.cli import run_cli
-from mmrepvgg.deploy.pair import (DEFAULT_INPUT_SIZE, DEFAULT_TOLERANCE,
-                                  reparameterize)
+import apps.interrupts  # noqa: F401  (before the heavy imports)
+from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
+from mmrepvgg.deploy.compare import Fp32Tolerance
+from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE
+from mmrepvgg.deploy.pair import reparameterize
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = tool_parser(__doc__)
     parser.add_argument(
         'config', help='config the checkpoint was trained with')
     parser.add_argument('checkpoint', help='trained checkpoint')
@@ -20,17 +21,14 @@ def main():
     parser.add_argument(
         '--img', nargs='+', default=[], help='images to verify on too')
     parser.add_argument(
-        '--input-size',
+        '--check-size',
         type=int,
         nargs=2,
-        default=DEFAULT_INPUT_SIZE,
-        metavar=('HEIGHT', 'WIDTH'),
-        help='size of the random verification input')
-    parser.add_argument(
-        '--tolerance',
-        type=float,
-        default=DEFAULT_TOLERANCE,
-        help='largest relative difference accepted')
+        default=DEFAULT_CHECK_SIZE,
+        metavar=('H', 'W'),
+        help='size of the random verification input (default: '
+        f'{DEFAULT_CHECK_SIZE[0]} {DEFAULT_CHECK_SIZE[1]})')
+    add_settings(parser, Fp32Tolerance, 'tolerance', prefix='tolerance')
     parser.add_argument(
         '--force', action='store_true', help='overwrite existing outputs')
     args = parser.parse_args()
@@ -40,13 +38,11 @@ def main():
         args.out,
         imgs=args.img,
         force=args.force,
-        input_size=args.input_size,
-        tolerance=args.tolerance,
-        progress=bool(args.img))
-    print(f'converted {result.converted} RepVGG blocks: '
+        check_size=tuple(args.check_size),
+        tolerance=settings_from(args, Fp32Tolerance, 'tolerance'))
+    print(f'converted {result.converted} blocks: '
           f'{result.params_before:,} -> {result.params_after:,} parameters')
-    print(f'max relative difference {result.max_error:.1e} on '
-          f'{result.num_inputs} input(s) (tolerance {args.tolerance:.0e})')
+    print(f'{result.check.describe()}, on {result.num_inputs} input(s)')
     print(f'wrote {result.out} and {result.out_config}')
 
 

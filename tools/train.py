@@ -4,15 +4,14 @@ Works with one process, torchrun (tools/dist_train.sh) and Slurm
 (tools/slurm_train.sh); on a machine without CUDA the distributed launch
 falls back to the gloo backend.
 """
-import argparse
-
-from mmrepvgg.cli import run_cli
+import apps.interrupts  # noqa: F401  (before the heavy imports)
+from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.runner import (add_launch_arguments, build_runner, enable_amp,
                              load_launch_config)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = tool_parser(__doc__)
     parser.add_argument('config', help='train config file path')
     parser.add_argument(
         '--resume',

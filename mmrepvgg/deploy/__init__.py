@@ -1,18 +1,62 @@
-"""From a trained model to a deployed one: conversion to the plain-conv
-form, verified deploy checkpoints, ONNX export, inference engines, and
-faster inference heads."""
-from .convert import switch_to_deploy
-from .export import ExportResult, export_onnx
-from .folded_psp import FoldedPSPHead, fold_psp_heads
-from .onnx_model import ExportedModelInfo
-from .pair import (ReparameterizeResult, deploy_config_path, deploy_model,
-                   reparameterize)
-from .runtime import EngineSegmentor, SegmentationEngine
-from .verify import relative_error
+"""From a trained model to a deployed one.
 
-__all__ = [
-    'switch_to_deploy', 'ExportedModelInfo', 'ExportResult', 'export_onnx',
-    'FoldedPSPHead', 'fold_psp_heads', 'ReparameterizeResult',
-    'deploy_config_path', 'deploy_model', 'reparameterize', 'EngineSegmentor',
-    'SegmentationEngine', 'relative_error'
-]
+One module per concept:
+
+- :mod:`.convert`: whole-model conversion to the plain-conv form, and the
+  check that it computes what the trained model did;
+- :mod:`.compare`: comparing outputs (fp32 tolerances derived from the
+  model's own float error, labels, agreement);
+- :mod:`.images`: reading and checking images, size limits, batches, the
+  config's test pipeline, dataset images;
+- :mod:`.loading`: models built offline with their checkpoint's weights,
+  in deploy form, with their classes and palette;
+- :mod:`.pair`: the verified deploy checkpoint and config;
+- :mod:`.logits`: a segmentor as a function from images to logits;
+- :mod:`.export`: ONNX export, verified on the engines;
+- :mod:`.model_info`: an exported model's metadata and checks;
+- :mod:`.quantize`: calibrated int8;
+- :mod:`.engines`: ONNX Runtime and OpenVINO;
+- :mod:`.infer`: coloured label maps of image files;
+- :mod:`.folded_psp`: PSPNet's pyramid pooling folded, for inference.
+
+The names below are imported on first use, so that ``import mmrepvgg``
+(which every training run does) loads no ONNX, engine or quantization
+code.
+"""
+import importlib
+
+_HOMES = dict(
+    switch_to_deploy='convert',
+    relative_error='compare',
+    Fp32Tolerance='compare',
+    deploy_model='loading',
+    load_model='loading',
+    ReparameterizeResult='pair',
+    deploy_config_path='pair',
+    reparameterize='pair',
+    ExportResult='export',
+    ExportSettings='export',
+    export_onnx='export',
+    ExportedModelInfo='model_info',
+    Int8Settings='quantize',
+    EngineSettings='engines',
+    SegmentationEngine='engines',
+    EngineSegmentor='engines',
+    segment_images='infer',
+    FoldedPSPHead='folded_psp',
+    fold_psp_heads='folded_psp',
+)
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(
+        importlib.import_module(f'.{_HOMES[name]}', __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,33 @@
-"""Whole-model conversion from training form to deploy form."""
+"""Whole-model conversion from training form to deploy form, and the check
+that the converted model computes what the trained one did.
+
+The block contract: a module converts if it has ``switch_to_deploy()``
+(RepVGG's and QARepVGG's blocks, the RepVGG backbone, or any block of a
+user's that ``block_cfg`` names).
+"""
+from dataclasses import dataclass
+
+import cv2
+import torch
+from mmengine.dataset import pseudo_collate
+from mmengine.structures import BaseDataElement
+from torch import nn
+
+from ..errors import UsageError, first_line
+from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
+                      exact_outputs, fp32_and_exact, relative_error,
+                      tensors_of)
+from .images import MAX_INPUT_PIXELS, read_image
+
+__all__ = [
+    'switch_to_deploy', 'convertible_blocks', 'deploy_roots',
+    'replace_modules', 'converted_outputs', 'random_input', 'image_input',
+    'ConversionComparison', 'ConversionCheck'
+]
+
+
+def _converts(module):
+    return callable(getattr(module, 'switch_to_deploy', None))
 
 
 def switch_to_deploy(model):
@@ -16,10 +45,19 @@ def switch_to_deploy(model):
         nn.Module: ``model``.
     """
     for module in list(model.modules()):
-        convert = getattr(module, 'switch_to_deploy', None)
-        if callable(convert):
-            convert()
+        if _converts(module):
+            module.switch_to_deploy()
     return model
+
+
+def convertible_blocks(model):
+    """The innermost modules of ``model`` that offer ``switch_to_deploy``:
+    its blocks (not the backbone that holds them)."""
+    names = [name for name, m in model.named_modules() if _converts(m)]
+    return [
+        model.get_submodule(name) for name in names
+        if not any(other.startswith(name + '.') for other in names)
+    ]
 
 
 def deploy_roots(model):
@@ -28,7 +66,196 @@ def deploy_roots(model):
     and lie inside no other such module."""
     roots = []
     for name, module in model.named_modules():
-        if callable(getattr(module, 'switch_to_deploy', None)) and not any(
+        if _converts(module) and not any(
                 name.startswith(root + '.') for root in roots):
             roots.append(name)
     return roots
+
+
+def replace_modules(model, factory):
+    """Replace, in place, every module below ``model`` for which
+    ``factory(module)`` returns a module (not None) by what it returns; the
+    replacements are not searched again.
+
+    Returns:
+        int: How many modules were replaced.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(f + '.') for f, _ in found):
+            replacement = factory(module)
+            if replacement is not None:
+                found.append((name, replacement))
+    for name, replacement in found:
+        parent, _, attribute = name.rpartition('.')
+        setattr(model.get_submodule(parent), attribute, replacement)
+    return len(found)
+
+
+class _RootsDone(Exception):
+    """Ends a verification forward once every converted module has run."""
+
+
+def converted_outputs(model, data):
+    """The outputs of the modules that conversion changes
+    (:func:`deploy_roots`), for one tensor-mode forward of ``model``.
+
+    The rest of the model is the same before and after conversion and is not
+    run: a detector's final outputs pass through discrete steps (proposal
+    ranking) that would amplify rounding.
+
+    Args:
+        model (nn.Module): An OpenMMLab model (``model(**data,
+            mode='tensor')``).
+        data (dict): ``inputs`` and ``data_samples``.
+
+    Returns:
+        list[Tensor]: Every tensor the roots returned, in order.
+
+    Raises:
+        UsageError: The model cannot run on an input of that size.
+    """
+    roots = deploy_roots(model)
+    outputs, finished = [], set()
+
+    def record(name, output):
+        outputs.extend(t.detach().clone() for t in tensors_of(output))
+        finished.add(name)
+        if len(finished) == len(roots):
+            raise _RootsDone
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda module, args, output, name=name: record(name, output))
+        for name in roots
+    ]
+    try:
+        with torch.no_grad():
+            model(**data, mode='tensor')
+    except _RootsDone:
+        pass
+    except (RuntimeError, ValueError, IndexError) as error:
+        size = 'x'.join(map(str, data['inputs'].shape[-2:]))
+        raise UsageError(f'the model cannot run on a {size} input '
+                         f'({first_line(error)})') from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def random_input(model, size, seed=0):
+    """A seeded random batch of one for ``model``'s tensor-mode forward:
+    ``inputs`` of ``size`` (height, width) with the channels of the model's
+    first conv, and image metas that two-stage detectors read."""
+    in_channels = next(m for m in model.modules()
+                       if isinstance(m, nn.Conv2d)).in_channels
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(1, in_channels, *size, generator=generator)
+    shape = tuple(size)
+    meta = dict(
+        img_shape=shape,
+        ori_shape=shape,
+        pad_shape=shape,
+        batch_input_shape=shape,
+        scale_factor=(1.0, 1.0))
+    return dict(inputs=inputs, data_samples=[BaseDataElement(metainfo=meta)])
+
+
+def image_input(pipeline, model, path):
+    """An image file through the config's test pipeline and ``model``'s
+    data preprocessor, as the model's tensor-mode forward takes it.
+
+    Args:
+        pipeline (TestPipeline): The config's test pipeline.
+        model (nn.Module): The model.
+        path (str): The image.
+
+    Raises:
+        UsageError: The image is missing, unreadable or too large, or the
+            pipeline makes it larger than :data:`MAX_INPUT_PIXELS`.
+    """
+    image = read_image(path)
+    try:
+        data = pipeline(image, path)
+    except (AssertionError, KeyError, TypeError, ValueError,
+            cv2.error) as error:
+        raise UsageError(
+            f'{path}: the test pipeline fails on it '
+            f'({type(error).__name__}: {first_line(error)})') from error
+    height, width = data['inputs'].shape[-2:]
+    if height * width > MAX_INPUT_PIXELS:
+        raise UsageError(
+            f'{path}: the test pipeline makes it a {height}x{width} input, '
+            f'larger than the {MAX_INPUT_PIXELS:,} pixels a model is run on '
+            'at most; resize it first')
+    return model.data_preprocessor(pseudo_collate([data]), False)
+
+
+@dataclass(frozen=True)
+class ConversionComparison:
+    """How exactly a converted model computes what the trained one did.
+
+    Attributes:
+        check (Fp32Comparison): The converted model's weights, as stored,
+            computed in float64, against the trained model's exact outputs,
+            within the tolerance of the trained model's own fp32 error:
+            what decides. Only the rounding of fused weights to their
+            dtype remains, or the conversion is wrong.
+        fp32_error (float): The converted model's fp32 outputs against
+            the exact ones, for information: fp32 arithmetic of this CPU on
+            the fused network (whose identity branches now sum inside its
+            convs), up to 20x the trained model's own error in deep nets.
+    """
+    check: Fp32Comparison
+    fp32_error: float
+
+    @property
+    def passed(self):
+        return self.check.passed
+
+    @property
+    def margin(self):
+        return self.check.margin
+
+    def describe(self):
+        check = self.check
+        return (f'in float64 the deploy model differs from the exact outputs '
+                f'by {check.error:.2e}, where the trained model in fp32 is '
+                f'off by {check.own_error:.2e} (limit {check.limit:.2e}); '
+                f'in fp32 it is off by {self.fp32_error:.2e}')
+
+
+class ConversionCheck:
+    """What a model's converted modules compute before conversion, to check
+    its converted form against.
+
+    The trained model's exact (float64) outputs are the reference, and its
+    own fp32 outputs on the same inputs say how exact fp32 can be for it
+    (see :mod:`mmrepvgg.deploy.compare`). The converted model is judged in
+    float64 too, from its weights as stored: the verdict does not depend on
+    the fp32 kernels of this CPU, and a wrong conversion is off by orders
+    of magnitude more than the rounding of its weights.
+
+    Args:
+        model (nn.Module): The model in training form; left unchanged.
+        inputs (Sequence[dict]): Its inputs (:func:`random_input`,
+            :func:`image_input`).
+    """
+
+    def __init__(self, model, inputs):
+        self.inputs = list(inputs)
+        self.own, self.exact = fp32_and_exact(
+            model, self.inputs, run=converted_outputs)
+
+    def compare(self, converted, tolerance=Fp32Tolerance()):
+        """:class:`ConversionComparison` of a converted model on the same
+        inputs."""
+        stored = exact_outputs(converted, self.inputs, run=converted_outputs)
+        fp32 = [
+            t for data in self.inputs
+            for t in converted_outputs(converted, data)
+        ]
+        return ConversionComparison(
+            compare_fp32(stored, self.own, self.exact, tolerance),
+            max(map(relative_error, fp32, self.exact)))

@@ -1,43 +1,48 @@
-"""Exporting mmseg segmentors to ONNX, verified on ONNX Runtime first.
+"""Exporting mmseg segmentors to ONNX, verified on the engines first.
 
 The exported model is self-contained: it takes images as ``mmcv.imread``
 gives them and returns logits and labels (see
 :class:`mmrepvgg.deploy.logits.ImageSegmentor`); what a runtime needs to
 know (classes, palette, input size) is in its metadata
-(:class:`ExportedModelInfo`).
+(:class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`).
 """
 import copy
-import hashlib
 import logging
 import os.path as osp
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
-from mmengine.dataset import Compose
-from mmengine.model import revert_sync_batchnorm
 from mmseg.models.segmentors import EncoderDecoder
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..config import inference_transforms, read_config
-from ..errors import ConfigError, VerificationError
+from ..config import read_config
+from ..errors import ConfigError, UsageError, VerificationError
 from ..fileio import check_output_path, write_files
+from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
+                      compare_fp32, compare_labels, fp32_and_exact)
+from .convert import ConversionComparison, replace_modules
+from .engines import BACKENDS, EngineSettings, SegmentationEngine
+from .images import (TestPipeline, as_batch, check_input_size, fit_within,
+                     image_size, read_image)
+from .loading import dataset_meta, deploy_model
 from .logits import ImageSegmentor
-from .onnx_model import (ExportedModelInfo, as_batch, load_image,
-                         onnxruntime_session, set_info)
-from .pair import dataset_meta, deploy_model
-from .quantize import int8_model
-from .verify import check_input_size, relative_error
+from .model_info import INPUT, OUTPUTS, ExportedModelInfo, set_info
+
+__all__ = [
+    'OPSET', 'ExportSettings', 'ExportResult', 'SlicedAdaptiveAvgPool2d',
+    'exportable', 'to_onnx', 'export_onnx'
+]
 
 OPSET = 18
 # The frame the default export size is derived from: Cityscapes'.
 CITYSCAPES_FRAME = (1024, 2048)
-# fp32 engines sum in other orders than PyTorch; 1e-6 is typical.
-EXPORT_TOLERANCE = 1e-5
+# The exporter's bounds of a free height or width; the check at 3/4 of the
+# size must stay within them too.
+_MIN_DYNAMIC, _MAX_DYNAMIC = 11, 16384
 
 
 class SlicedAdaptiveAvgPool2d(nn.Module):
@@ -75,30 +80,57 @@ def _pool(x, bins, dim):
     return torch.cat(windows, dim)
 
 
-def replace_adaptive_pools(model):
-    """Replace every ``nn.AdaptiveAvgPool2d`` with integer bins inside
-    ``model`` by a :class:`SlicedAdaptiveAvgPool2d`, in place.
-
-    Returns:
-        int: How many were replaced.
-    """
-    found = [(name, module) for name, module in model.named_modules()
-             if type(module) is nn.AdaptiveAvgPool2d and all(
-                 isinstance(s, int) for s in _pair(module.output_size))]
-    for name, module in found:
-        parent, _, attribute = name.rpartition('.')
-        setattr(
-            model.get_submodule(parent), attribute,
-            SlicedAdaptiveAvgPool2d(module.output_size))
-    return len(found)
+def _sliced_pool(module):
+    if type(module) is nn.AdaptiveAvgPool2d and all(
+            isinstance(s, int) for s in _pair(module.output_size)):
+        return SlicedAdaptiveAvgPool2d(module.output_size)
+    return None
 
 
 def exportable(segmentor):
     """An eval-mode :class:`ImageSegmentor` of a copy of ``segmentor``,
-    with its adaptive pools replaced, as :func:`to_onnx` takes it."""
+    with its adaptive pools sliced, as :func:`to_onnx` takes it."""
     module = ImageSegmentor(copy.deepcopy(segmentor)).eval()
-    replace_adaptive_pools(module)
+    replace_modules(module, _sliced_pool)
     return module
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The input size of an exported model.
+
+    Attributes:
+        shape (tuple[int], optional): ``(height, width)`` of the input;
+            None: what the config's test pipeline makes of a Cityscapes
+            frame (1024x2048 for the shipped configs).
+        dynamic (bool): Take any input size; the checks run at ``shape``
+            and at 3/4 of it.
+    """
+    shape: Optional[Tuple[int, int]] = field(
+        default=None,
+        metadata=dict(
+            metavar=('H', 'W'),
+            help="input height and width (default: what the config's test "
+            'pipeline makes of a 1024x2048 Cityscapes frame)'))
+    dynamic: bool = field(
+        default=False,
+        metadata=dict(help='take any input size (checked at the shape and '
+                      'at 3/4 of it)'))
+
+    def input_size(self, cfg):
+        """The checked export size for ``cfg``.
+
+        Raises:
+            UsageError: A size the exporter cannot take, or larger than
+                :data:`~mmrepvgg.deploy.images.MAX_INPUT_PIXELS`.
+        """
+        size = tuple(self.shape) if self.shape else TestPipeline(
+            cfg).output_size(CITYSCAPES_FRAME)
+        check_input_size(size, minimum=_MIN_DYNAMIC if self.dynamic else 1)
+        if self.dynamic and max(size) > _MAX_DYNAMIC:
+            raise UsageError(f'a free height or width is at most '
+                             f'{_MAX_DYNAMIC}, got {size[0]}x{size[1]}')
+        return size
 
 
 @dataclass
@@ -109,32 +141,27 @@ class ExportResult:
         out (str): The ONNX file.
         input_size (tuple[int]): The size it was exported and checked at.
         dynamic (bool): Whether it takes any input size.
-        max_error (float): Largest ``max|onnx - torch| / max|torch|`` of
-            the logits over the checked inputs.
-        tied_flips (int): Pixels whose label differs where PyTorch's two
-            best classes tie within the tolerance (labels elsewhere are
-            identical, or nothing is written).
+        check (Fp32Comparison): The engines' logits against PyTorch's exact
+            ones, for the output nearest to its limit.
+        tied_flips (int): Pixels whose label differs where the exact
+            logits' two best classes tie within the limit (labels
+            elsewhere are identical, or nothing is written).
         num_inputs (int): Inputs checked: random ones and the images.
+        backends (list[str]): The engines it was checked on.
+        conversion (ConversionComparison, optional): The check of the
+            conversion to deploy form, for a trained checkpoint.
         info (ExportedModelInfo): The model's metadata (for an int8 model,
             its calibration and its agreement with the fp32 model).
     """
     out: str
     input_size: Tuple[int, int]
     dynamic: bool
-    max_error: float
+    check: Fp32Comparison
     tied_flips: int
     num_inputs: int
+    backends: List[str]
+    conversion: Optional[ConversionComparison]
     info: ExportedModelInfo
-
-
-def pipeline_size(cfg, frame=CITYSCAPES_FRAME):
-    """The ``(height, width)`` that the config's test pipeline makes of an
-    image of size ``frame``."""
-    pipeline = Compose(inference_transforms(cfg, leave_out=('Load', )))
-    image = np.zeros((*frame, 3), np.uint8)
-    results = pipeline(
-        dict(img=image, img_shape=frame, ori_shape=frame, img_path=''))
-    return tuple(results['inputs'].shape[-2:])
 
 
 @contextmanager
@@ -154,8 +181,8 @@ def to_onnx(module, size, dynamic=False, info=None):
     """Export an :class:`ImageSegmentor` to ONNX bytes.
 
     Args:
-        module (ImageSegmentor): The model, with its adaptive pools
-            replaced (:func:`exportable`).
+        module (ImageSegmentor): The model, with its adaptive pools sliced
+            (:func:`exportable`).
         size (tuple[int]): ``(height, width)`` of the example input.
         dynamic (bool): Let height and width vary. The batch size always
             may.
@@ -164,12 +191,11 @@ def to_onnx(module, size, dynamic=False, info=None):
     Returns:
         bytes: The model, with no trace of the exporting machine in it.
     """
-    batch = torch.export.Dim('batch', min=1, max=1024)
-    shapes = {0: batch}
+    shapes = {0: torch.export.Dim('batch', min=1, max=1024)}
     if dynamic:
         shapes.update({
-            2: torch.export.Dim('height', min=8, max=16384),
-            3: torch.export.Dim('width', min=8, max=16384)
+            2: torch.export.Dim('height', min=8, max=_MAX_DYNAMIC),
+            3: torch.export.Dim('width', min=8, max=_MAX_DYNAMIC)
         })
     # Two images: a batch of one would be specialized to one.
     example = torch.zeros(2, 3, *size)
@@ -178,9 +204,9 @@ def to_onnx(module, size, dynamic=False, info=None):
             module, (example, ),
             dynamo=True,
             opset_version=OPSET,
-            input_names=['images'],
-            output_names=['logits', 'labels'],
-            dynamic_shapes={'images': shapes},
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={INPUT: shapes},
             verbose=False)
     proto = program.model_proto
     _check_dynamic_dims(proto, dynamic)
@@ -204,98 +230,105 @@ def _check_dynamic_dims(proto, dynamic):
             'of it depends on the input size')
 
 
-def compare_labels(actual, expected_logits, tolerance):
-    """Pixels whose labels differ, in all and outside near-ties.
-
-    A label may only flip where the two best classes of the reference
-    logits are within ``2 * tolerance * max|logits|`` of each other, since
-    each logit may move by ``tolerance * max|logits|``.
-
-    Returns:
-        tuple[int, int]: Differing pixels, and those among them where the
-        reference's two best classes do not tie.
-    """
-    expected = expected_logits.argmax(1)
-    differ = actual != expected
-    top2 = expected_logits.topk(2, dim=1).values
-    tie = (top2[:, 0] - top2[:, 1]) <= (2 * tolerance *
-                                        expected_logits.abs().max())
-    return int(differ.sum()), int((differ & ~tie).sum())
-
-
-def check_onnx(model, reference, inputs, tolerance=EXPORT_TOLERANCE):
-    """Run the exported model on ONNX Runtime and compare it with
-    ``reference`` (its PyTorch form).
-
-    Returns:
-        tuple[float, int]: The largest relative error of the logits, and
-        the label flips at near-ties.
-
-    Raises:
-        VerificationError: The logits differ by more than ``tolerance`` or
-            a label differs outside a near-tie.
-    """
-    session = onnxruntime_session(model)
-    max_error, tied = 0.0, 0
-    for images in inputs:
-        with torch.no_grad():
-            expected, _ = reference(images)
-        logits, labels = session.run(None, {'images': images.numpy()})
-        error = relative_error(torch.from_numpy(logits), expected)
-        flips, untied = compare_labels(
-            torch.from_numpy(labels), expected, tolerance)
-        if not error <= tolerance or untied:
-            raise VerificationError(
-                f'ONNX Runtime differs from PyTorch (max relative difference '
-                f'{error:.2e}, {untied} label(s) differ outside near-ties); '
-                'nothing written')
-        max_error, tied = max(max_error, error), tied + flips
-    return max_error, tied
-
-
-def _inputs(size, imgs, dynamic):
+def _check_inputs(size, imgs, dynamic):
+    """Random images at the size (and 3/4 of it, if dynamic), then the
+    image files: at the size, or within its pixels if dynamic."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [size]
-    if dynamic:
-        sizes.append((size[0] * 3 // 4, size[1] * 3 // 4))
+    sizes = [size
+             ] + ([(size[0] * 3 // 4, size[1] * 3 // 4)] if dynamic else [])
     inputs = [torch.rand(1, 3, *s, generator=generator) * 255 for s in sizes]
+    pixels = size[0] * size[1]
     return inputs + [
-        as_batch(load_image(img), None if dynamic else size) for img in imgs
+        as_batch(
+            read_image(img),
+            fit_within(image_size(img), pixels) if dynamic else size)
+        for img in imgs
     ]
 
 
+@dataclass
+class _EngineCheck:
+    check: Optional[Fp32Comparison] = None
+    labels: LabelComparison = LabelComparison(0, 0)
+
+    def add(self, check, labels):
+        if self.check is None or check.margin > self.check.margin:
+            self.check = check
+        self.labels = LabelComparison(self.labels.differ + labels.differ,
+                                      self.labels.untied + labels.untied)
+
+
+def check_on_engines(model,
+                     reference,
+                     inputs,
+                     tolerance=Fp32Tolerance(),
+                     backends=BACKENDS):
+    """Run an exported model on the engines and compare it with its
+    PyTorch form's exact (float64) logits.
+
+    Args:
+        model (bytes): The exported model.
+        reference (ImageSegmentor): Its PyTorch form.
+        inputs (Sequence[Tensor]): Image batches.
+        tolerance (Fp32Tolerance): How close the logits must be.
+        backends (Sequence[str]): The engines.
+
+    Returns:
+        tuple[Fp32Comparison, LabelComparison]: Of the worst output, and
+        the label flips over all engines and inputs.
+
+    Raises:
+        VerificationError: Logits outside the limit, or labels that differ
+            outside near-ties.
+    """
+    own, exact = fp32_and_exact(reference, inputs, run=lambda m, x: m(x)[0])
+    result = _EngineCheck()
+    for backend in backends:
+        engine = SegmentationEngine(model, EngineSettings(backend))
+        for images, own_logits, exact_logits in zip(inputs, own, exact):
+            logits, labels = (torch.from_numpy(o) for o in engine(images))
+            check = compare_fp32([logits], [own_logits], [exact_logits],
+                                 tolerance)
+            flips = compare_labels(labels, exact_logits, check.limit)
+            if not check.passed or flips.untied:
+                raise VerificationError(
+                    f'{backend} differs from PyTorch ({check.describe()}; '
+                    f'{flips.untied} label(s) differ outside near-ties); '
+                    'nothing written')
+            result.add(check, flips)
+    return result.check, result.labels
+
+
 def _segmentor(cfg, checkpoint, config):
-    model, loaded = deploy_model(cfg, checkpoint, config)
-    if not isinstance(model, EncoderDecoder):
+    loaded = deploy_model(cfg, checkpoint, config)
+    if not isinstance(loaded.model, EncoderDecoder):
         raise ConfigError(f'{config}: exports mmseg EncoderDecoder '
-                          f'segmentors, not a {type(model).__name__}')
-    return revert_sync_batchnorm(model).eval(), loaded
+                          f'segmentors, not a {type(loaded.model).__name__}')
+    return loaded
 
 
-def _info(cfg, model, loaded, checkpoint, config, size):
-    meta = dataset_meta(cfg, loaded.get('meta') or {}) or {}
-    classes = list(meta.get('classes') or [])
-    palette = [list(map(int, c)) for c in meta.get('palette') or []]
-    with open(checkpoint, 'rb') as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+def _info(cfg, loaded, config, size):
+    dataset = dataset_meta(cfg, loaded.checkpoint)
+    if dataset is None:
+        raise ConfigError(f'{config}: names no classes (neither the '
+                          "checkpoint's meta nor the config's test dataset)")
     return ExportedModelInfo(
-        classes=classes,
-        palette=palette,
+        classes=list(dataset.classes),
+        palette=[list(c) for c in dataset.palette],
         input_size=list(size) if size else None,
-        align_corners=bool(model.align_corners),
-        source=osp.basename(checkpoint),
-        source_sha256=digest,
+        align_corners=bool(loaded.model.align_corners),
+        source=osp.basename(loaded.checkpoint.path),
+        source_sha256=loaded.checkpoint.sha256,
         config=osp.basename(config))
 
 
 def export_onnx(config,
                 checkpoint,
                 out,
-                size=None,
+                settings=ExportSettings(),
                 imgs=(),
-                dynamic=False,
                 force=False,
-                tolerance=EXPORT_TOLERANCE,
+                tolerance=Fp32Tolerance(),
                 int8=None):
     """Export a segmentor to a verified, self-contained ONNX model.
 
@@ -305,16 +338,12 @@ def export_onnx(config,
             and checked, as :func:`reparameterize` does) or a deploy
             checkpoint.
         out (str): The ONNX file to write.
-        size (tuple[int], optional): ``(height, width)`` of the input.
-            Defaults to what the config's test pipeline makes of a
-            Cityscapes frame (1024x2048 for the shipped configs).
-        imgs (Sequence[str]): Images to check on too (resized to ``size``
-            unless ``dynamic``).
-        dynamic (bool): Take any input size; the checks run at ``size``
-            and at 3/4 of it.
+        settings (ExportSettings): Its input size.
+        imgs (Sequence[str]): Images to check on too (resized to the size,
+            or within its pixels if dynamic).
         force (bool): Overwrite ``out``. Defaults to False.
-        tolerance (float): Largest relative difference of the logits
-            accepted. Defaults to 1e-5.
+        tolerance (Fp32Tolerance): How close the engines' logits must be
+            to the exact ones.
         int8 (Int8Settings, optional): Write an int8 model, calibrated
             and checked as these settings say, instead of the fp32 one
             (which is checked first all the same). Defaults to None.
@@ -323,25 +352,26 @@ def export_onnx(config,
         ExportResult: What was written.
 
     Raises:
-        MMRepVGGError: Bad input, or a model that ONNX Runtime does not
+        MMRepVGGError: Bad input, or a model that an engine does not
             compute as PyTorch does; nothing is written.
     """
     if int8 is not None:
         int8.check()
     files = []
     cfg = read_config(config, files)
-    check_output_path(out, [config, checkpoint, *files], force)
-    model, loaded = _segmentor(cfg, checkpoint, config)
-    size = tuple(size or pipeline_size(cfg))
-    check_input_size(size)
-    info = _info(cfg, model, loaded, checkpoint, config,
-                 None if dynamic else size)
-    data = to_onnx(exportable(model), size, dynamic, info)
-    inputs = _inputs(size, imgs, dynamic)
-    max_error, tied = check_onnx(data,
-                                 ImageSegmentor(model).eval(), inputs,
-                                 tolerance)
+    check_output_path(out, [config, checkpoint, *imgs, *files], force)
+    size = settings.input_size(cfg)
+    for img in imgs:
+        image_size(img)
+    loaded = _segmentor(cfg, checkpoint, config)
+    info = _info(cfg, loaded, config, None if settings.dynamic else size)
+    data = to_onnx(exportable(loaded.model), size, settings.dynamic, info)
+    inputs = _check_inputs(size, imgs, settings.dynamic)
+    check, labels = check_on_engines(data, ImageSegmentor(loaded.model),
+                                     inputs, tolerance)
     if int8 is not None:
+        from .quantize import int8_model
         data = int8_model(cfg, data, info, size, int8)
     write_files({out: data}, force)
-    return ExportResult(out, size, dynamic, max_error, tied, len(inputs), info)
+    return ExportResult(out, size, settings.dynamic, check, labels.differ,
+                        len(inputs), list(BACKENDS), loaded.conversion, info)

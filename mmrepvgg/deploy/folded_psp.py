@@ -24,14 +24,10 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..models.fusion import fuse_conv_bn
+from .convert import replace_modules
+from .images import interpolation_matrix
 
-
-def _interpolation_matrix(size, length, align_corners):
-    """``(size, length)`` weights of linear interpolation from ``length`` to
-    ``size`` samples, as ``F.interpolate`` computes them."""
-    basis = torch.eye(length, dtype=torch.float64).unsqueeze(0)
-    return F.interpolate(
-        basis, size=size, mode='linear', align_corners=align_corners)[0].T
+__all__ = ['FoldedPSPHead', 'fold_psp_heads']
 
 
 def _pooling_matrix(length, bins):
@@ -155,10 +151,10 @@ class FoldedPSPHead(nn.Module):
                         _pooling_matrix(width, bins_w)))
                 rows.append(
                     _shifted_rows(
-                        _interpolation_matrix(height, bins_h, align_corners),
+                        interpolation_matrix(height, bins_h, align_corners),
                         taps[0], dilation[0], padding[0]))
                 tap_columns = _shifted_rows(
-                    _interpolation_matrix(width, bins_w, align_corners),
+                    interpolation_matrix(width, bins_w, align_corners),
                     taps[1], dilation[1], padding[1])
                 columns.append(tap_columns.transpose(1, 2).flatten(0, 1))
             placed = dict(dtype=dtype, device=device)
@@ -215,10 +211,5 @@ def fold_psp_heads(model):
     if isinstance(model, PSPHead):
         raise ValueError('cannot replace the model itself: use '
                          'FoldedPSPHead(head)')
-    heads = [(name, module) for name, module in model.named_modules()
-             if type(module) is PSPHead]
-    for name, head in heads:
-        parent_name, _, attribute = name.rpartition('.')
-        setattr(
-            model.get_submodule(parent_name), attribute, FoldedPSPHead(head))
-    return len(heads)
+    return replace_modules(
+        model, lambda m: FoldedPSPHead(m) if type(m) is PSPHead else None)

@@ -6,8 +6,10 @@ import numpy as np
 
 from ..errors import UsageError
 from ..fileio import check_output_path, write_files
-from .onnx_model import load_image
-from .runtime import SegmentationEngine
+from .engines import EngineSettings, SegmentationEngine
+from .images import image_size, read_image
+
+__all__ = ['colour_labels', 'overlay', 'segment_images']
 
 
 def colour_labels(labels, palette):
@@ -19,10 +21,17 @@ def colour_labels(labels, palette):
     return palette[labels][..., ::-1]
 
 
-def overlay(image, colours, opacity):
-    """``colours`` blended over a BGR ``image`` with ``opacity``."""
-    blend = image.astype(np.float32) * (1 - opacity) + colours * opacity
-    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+def overlay(image, colours, opacity, rows=512):
+    """``colours`` blended over a BGR ``image`` with ``opacity``, ``rows``
+    at a time (the float copies of a whole large image would take GBs)."""
+    blend = np.empty_like(image)
+    for start in range(0, image.shape[0], rows):
+        band = slice(start, start + rows)
+        mixed = (
+            image[band].astype(np.float32) * (1 - opacity) +
+            colours[band].astype(np.float32) * opacity)
+        blend[band] = np.clip(mixed + 0.5, 0, 255)
+    return blend
 
 
 def _png(image):
@@ -46,22 +55,22 @@ def _outputs(imgs, out_dir):
 def segment_images(model,
                    imgs,
                    out_dir,
-                   backend='onnxruntime',
-                   precision='fp32',
-                   threads=None,
+                   settings=EngineSettings(),
                    opacity=0.5,
                    force=False):
     """Write ``<name>_labels.png`` (the label map in the dataset's palette)
     and ``<name>_overlay.png`` (it over the image) for every image.
+
+    Every image is checked (its size from its header) before the model is
+    loaded; a model of any input size runs large images at most at
+    :data:`~mmrepvgg.deploy.images.MAX_INPUT_PIXELS`.
 
     Args:
         model (str): ONNX model written by
             :func:`mmrepvgg.deploy.export.export_onnx`.
         imgs (Sequence[str]): Image files.
         out_dir (str): Folder of the PNGs; created if missing.
-        backend (str): ``'onnxruntime'`` or ``'openvino'``.
-        precision (str): ``'fp32'`` or ``'bf16'`` (OpenVINO).
-        threads (int, optional): Engine threads.
+        settings (EngineSettings): Engine, precision and threads.
         opacity (float): Of the label colours in the overlay, 0 to 1.
         force (bool): Overwrite existing PNGs.
 
@@ -70,18 +79,23 @@ def segment_images(model,
     """
     if not 0 <= opacity <= 1:
         raise UsageError(f'opacity must be between 0 and 1, got {opacity}')
-    engine = SegmentationEngine(model, backend, threads, precision)
+    outputs = _outputs(imgs, out_dir)
+    inputs = [model, *imgs]
+    for stem in outputs.values():
+        for suffix in ('labels', 'overlay'):
+            check_output_path(f'{stem}_{suffix}.png', inputs, force)
+    for img in imgs:
+        image_size(img)
+    engine = SegmentationEngine(model, settings.check())
     if not engine.info.palette:
         raise UsageError(f'{model}: its metadata has no palette to colour '
                          'the labels with')
     contents = {}
-    for img, stem in _outputs(imgs, out_dir).items():
-        image = load_image(img)
+    for img, stem in outputs.items():
+        image = read_image(img)
         colours = colour_labels(engine.predict(image), engine.info.palette)
-        for suffix, picture in (('labels', colours),
-                                ('overlay', overlay(image, colours, opacity))):
-            path = f'{stem}_{suffix}.png'
-            check_output_path(path, imgs, force)
-            contents[path] = _png(picture)
+        contents[f'{stem}_labels.png'] = _png(colours)
+        contents[f'{stem}_overlay.png'] = _png(
+            overlay(image, colours, opacity))
     write_files(contents, force)
     return list(contents)

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ['SegmentorLogits', 'ImageSegmentor']
+
 
 class SegmentorLogits(nn.Module):
     """Class logits at the input resolution, as mmseg's whole-image

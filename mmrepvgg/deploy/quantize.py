@@ -14,19 +14,24 @@ and runs unsigned weights in fp32, so activations are unsigned and weights
 signed; the image normalization before the first conv and the resize and
 argmax after the last one stay in fp32.
 """
+import logging
 import os.path as osp
 import tempfile
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
-from mmengine.dataset import Compose
-from mmengine.registry import DATASETS
 
-from ..config import inference_transforms
-from ..errors import ConfigError, UsageError, VerificationError, first_line
-from .onnx_model import as_batch, load_image, onnxruntime_session, set_info
-from .verify import relative_error
+from ..errors import UsageError, VerificationError
+from .compare import relative_error
+from .engines import onnxruntime_session
+from .images import split_images
+from .model_info import set_info
+
+__all__ = [
+    'Agreement', 'Int8Settings', 'quantize_int8', 'measure_agreement',
+    'int8_model'
+]
 
 
 @dataclass
@@ -61,9 +66,15 @@ class Int8Settings:
         min_agreement (float): The share of pixels whose int8 label must
             equal the fp32 one, or nothing is written.
     """
-    calib_num: int = 16
-    eval_num: int = 8
-    min_agreement: float = 0.99
+    calib_num: int = field(
+        default=16, metadata=dict(help='training images to calibrate on'))
+    eval_num: int = field(
+        default=8,
+        metadata=dict(help='validation images to measure the agreement on'))
+    min_agreement: float = field(
+        default=0.99,
+        metadata=dict(help="share of pixels whose int8 label must equal the "
+                      "fp32 one"))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -72,63 +83,6 @@ class Int8Settings:
         if not 0 <= self.min_agreement <= 1:
             raise UsageError(f'--min-agreement is a share of pixels, from 0 '
                              f'to 1; got {self.min_agreement}')
-
-
-def dataset_image_paths(cfg, split, count):
-    """``count`` image files of a dataset split of the config, spread
-    evenly over the split.
-
-    Args:
-        cfg (Config): A config with ``{split}_dataloader``.
-        split (str): ``'train'``, ``'val'`` or ``'test'``.
-        count (int): How many; fewer if the split is smaller.
-
-    Raises:
-        UsageError: ``count`` < 1, or the split lists no images (its data
-            root missing or empty).
-        ConfigError: The config has no such split.
-    """
-    if count < 1:
-        raise UsageError(f'the number of {split} images must be at least 1, '
-                         f'got {count}')
-    loader = cfg.get(f'{split}_dataloader') or {}
-    if 'dataset' not in loader:
-        raise ConfigError(f'{cfg.filename}: has no {split}_dataloader dataset')
-    dataset_cfg = dict(loader['dataset'], pipeline=[], lazy_init=False)
-    try:
-        dataset = DATASETS.build(dataset_cfg)
-    except Exception as error:  # datasets fail in many ways on bad roots
-        raise UsageError(f'no {split} images to read ({type(error).__name__}:'
-                         f' {first_line(error)})') from None
-    if not len(dataset):
-        raise UsageError(f'the {split} split of {cfg.filename} lists no '
-                         'images')
-    chosen = np.linspace(0, len(dataset) - 1, min(count, len(dataset)))
-    return [dataset.get_data_info(int(round(i)))['img_path'] for i in chosen]
-
-
-def pipeline_images(cfg, paths, size):
-    """Image files read through the config's test pipeline (annotations
-    left out) and resized to ``size``, as the exported model takes them:
-    float32 ``(1, 3, H, W)`` BGR batches."""
-    pipeline = Compose(
-        inference_transforms(cfg, leave_out=('LoadImage', 'LoadAnnotations')))
-    batches = []
-    for path in paths:
-        image = load_image(path)
-        shape = image.shape[:2]
-        results = pipeline(
-            dict(img=image, img_shape=shape, ori_shape=shape, img_path=path))
-        batches.append(
-            as_batch(results['inputs'].permute(1, 2, 0).numpy(), size))
-    return batches
-
-
-def split_images(cfg, split, count, size):
-    """``count`` images of a dataset split of the config, spread evenly
-    over it (:func:`dataset_image_paths`), as the exported model takes them
-    (:func:`pipeline_images`)."""
-    return pipeline_images(cfg, dataset_image_paths(cfg, split, count), size)
 
 
 class _Batches:
@@ -169,7 +123,8 @@ def quantize_int8(model, calibration):
                                           QuantType, quantize_static)
     proto = onnx.load_from_string(model)
     # ONNX Runtime writes the model, and its calibration copy, to files.
-    with tempfile.TemporaryDirectory(prefix='mmrepvgg_int8_') as folder:
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(
+            prefix='mmrepvgg_int8_') as folder:
         out = osp.join(folder, 'int8.onnx')
         quantize_static(
             proto,
@@ -182,6 +137,25 @@ def quantize_int8(model, calibration):
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=_outer_nodes(proto))
         return onnx.load(out)
+
+
+@contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizer logs advice on every run; a full temporary
+    folder becomes one line."""
+    import onnxruntime
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    except OSError as error:
+        raise UsageError(f'cannot quantize in {tempfile.gettempdir()} '
+                         f'({error.strerror or error})') from error
+    finally:
+        logger.setLevel(level)
+        onnxruntime.set_default_logger_severity(2)  # its default
 
 
 def measure_agreement(int8, fp32, images, split):

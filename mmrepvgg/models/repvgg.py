@@ -23,6 +23,9 @@ _GROUPED_BLOCKS = range(2, 27, 2)
 _G2 = dict.fromkeys(_GROUPED_BLOCKS, 2)
 _G4 = dict.fromkeys(_GROUPED_BLOCKS, 4)
 _A = dict(num_blocks=(2, 4, 14, 1))
+# Block arguments that the backbone gives each block.
+_PLACED_BY_BACKBONE = ('in_channels', 'out_channels', 'stride', 'dilation',
+                       'groups', 'deploy')
 _B = dict(num_blocks=(4, 6, 16, 1))
 
 
@@ -57,8 +60,13 @@ class RepVGG(BaseModule):
             Defaults to False.
         deploy (bool): Build the fused plain-conv form. Defaults to False.
         block_cfg (dict): The block: ``type`` names a registered block
-            (``'RepVGGBlock'`` or ``'QARepVGGBlock'``), other keys are its
-            arguments. Defaults to ``dict(type='RepVGGBlock')``.
+            (``'RepVGGBlock'``, ``'QARepVGGBlock'`` or a user's, with
+            ``switch_to_deploy()``), other keys are its arguments. Keys it
+            shares with the backbone's ``conv_cfg``, ``norm_cfg``,
+            ``act_cfg``, ``with_cp`` (and the arch's ``se_cfg``) are the
+            block's: they win. The channels, stride, dilation, groups and
+            form of each block are the backbone's to set; giving them here
+            is an error. Defaults to ``dict(type='RepVGGBlock')``.
         conv_cfg (dict, optional): Conv layer config. Defaults to None.
         norm_cfg (dict): Norm layer config. Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation config of every block. Defaults to
@@ -130,14 +138,14 @@ class RepVGG(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.deploy = deploy
-        self.block_cfg = dict(
+        self.block_cfg = self._block_cfg(
             block_cfg,
-            se_cfg=self.arch.get('se_cfg'),
-            with_cp=with_cp,
-            conv_cfg=conv_cfg,
-            norm_cfg=norm_cfg,
-            act_cfg=act_cfg,
-            deploy=deploy)
+            dict(
+                se_cfg=self.arch.get('se_cfg'),
+                with_cp=with_cp,
+                conv_cfg=conv_cfg,
+                norm_cfg=norm_cfg,
+                act_cfg=act_cfg))
         channels = [
             int(base_channels * 2**i * w)
             for i, w in enumerate(self.arch['width_factor'])
@@ -171,6 +179,18 @@ class RepVGG(BaseModule):
             if len(getattr(self, name)) != 4:
                 raise ValueError(f'{name} needs one value per body stage '
                                  f'(4), got {getattr(self, name)}')
+
+    def _block_cfg(self, block_cfg, defaults):
+        """``block_cfg`` over the backbone's settings: a key the block names
+        is the block's. The shape of each block and its form are the
+        backbone's to set."""
+        placed = set(block_cfg) & set(_PLACED_BY_BACKBONE)
+        if placed:
+            raise ValueError(
+                f'block_cfg sets {sorted(placed)}, which the backbone sets '
+                'for each block (use its strides, dilations, arch and '
+                'deploy arguments)')
+        return dict(defaults, **block_cfg, deploy=self.deploy)
 
     def _block(self, in_channels, out_channels, **kwargs):
         # Blocks are registry entries: block_cfg picks RepVGG's, QARepVGG's

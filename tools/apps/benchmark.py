@@ -19,45 +19,53 @@ import os.path as osp
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from mmengine.model import revert_sync_batchnorm
 
-from mmrepvgg.checkpoint import load_checkpoint_file, load_weights, weights_of
 from mmrepvgg.config import build_model, read_config
-from mmrepvgg.deploy import relative_error, switch_to_deploy
+from mmrepvgg.deploy.compare import (compare_fp32, compare_labels,
+                                     exact_outputs, tensors_of)
+from mmrepvgg.deploy.convert import switch_to_deploy
+from mmrepvgg.deploy.engines import BACKENDS
+from mmrepvgg.deploy.images import as_batch, read_image
+from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
-from mmrepvgg.deploy.onnx_model import as_batch, load_image
+from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError
-from .engines import (check_engines, engine_forms, engine_runner,
-                      exported_models, model_precision)
-from .fast_path import check_fast_path, fast_steps_for, optimize
+from .engines import (FORM_PRECISIONS, check_engines, engine_forms,
+                      engine_runner, exported_models, model_precision)
+from .fast_path import FAST_STEPS, check_fast_path, fast_steps_for, optimize
 from .mmpretrain import build_mmpretrain_backbone
 
 PARTS = ('segmentor', 'backbone')
-# The largest relative output difference that still counts as the same
-# fp32 predictions (with an identical argmax label map).
-EXACT_RTOL = 1e-5
+
+
+def _option(default, help, **metadata):
+    return field(default=default, metadata=dict(metadata, help=help))
 
 
 @dataclass
 class BenchmarkSettings:
-    """What :func:`run_benchmark` times, and how.
+    """What :func:`run_benchmark` times, and how; each field but ``seed``
+    and ``name`` is an argument of ``tools/benchmark.py``.
 
     Attributes:
         config (str): Config of a RepVGG segmentor (path or
             ``package::path``); its deploy form is derived in memory.
         references (Sequence[str]): Other configs to time as they are.
-        checkpoint (str, optional): Train-form weights of ``config``; None
-            times random weights (speed does not depend on the values).
-        shape (Sequence[int]): Input ``(N, C, H, W)``.
+        checkpoint (str, optional): Weights of ``config`` (either form);
+            None times random weights (speed does not depend on the values).
+        size (tuple[int]): Input height and width.
+        batch (int): Input batch size.
         parts (Sequence[str]): Any of ``'segmentor'`` (whole-image logits
             at input resolution) and ``'backbone'``.
         rounds (int): Timed rounds; each model runs once per round.
         warmup (int): Untimed runs of each model first (at least one runs,
             for the output checks).
-        threads (int, optional): ``torch.set_num_threads``; None leaves it.
+        threads (int): ``torch.set_num_threads`` and the engines' threads;
+            0 leaves torch as it is and lets the engines choose.
         channels_last (bool): Run every model in channels-last format.
         fast_path (Sequence[str]): Steps of
             :func:`apps.fast_path.optimize`; the deploy form also runs on
@@ -66,10 +74,6 @@ class BenchmarkSettings:
         mmpretrain (bool): Also time mmpretrain's deployed RepVGG backbone
             at the same settings.
         device (str): ``'cpu'`` or a CUDA device.
-        seed (int): Seed of the random input.
-        name (str, optional): Name of ``config``'s models in the results;
-            None takes the start of the config's file name, such as
-            ``pspnet_repvgg-a0-d8``.
         backends (Sequence[str]): ``'torch'`` (always) and any of
             ``'onnxruntime'`` and ``'openvino'``, which run every segmentor
             exported to ONNX (CPU only).
@@ -79,25 +83,60 @@ class BenchmarkSettings:
         image (str, optional): An image to run on, resized to the input
             size; None runs on random pixels.
         calib_num (int): Calibration images for int8.
+        seed (int): Seed of the random input.
+        name (str, optional): Name of ``config``'s models in the results;
+            None takes the start of the config's file name, such as
+            ``pspnet_repvgg-a0-d8``.
     """
-    config: str
-    references: Sequence[str] = ()
-    checkpoint: Optional[str] = None
-    shape: Sequence[int] = (1, 3, 512, 1024)
-    parts: Sequence[str] = PARTS
-    rounds: int = 5
-    warmup: int = 2
-    threads: Optional[int] = None
-    channels_last: bool = False
-    fast_path: Sequence[str] = ()
-    mmpretrain: bool = False
-    device: str = 'cpu'
+    config: str = field(
+        metadata=dict(help='RepVGG segmentor config (path or mmseg::...)'))
+    references: Tuple[str, ...] = _option(
+        (), 'configs to compare with, e.g. mmseg::pspnet/'
+        'pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py',
+        flag='--reference')
+    checkpoint: Optional[str] = _option(
+        None, 'weights of the config (default: random init)')
+    size: Tuple[int, int] = _option((512, 1024),
+                                    'input height and width',
+                                    metavar=('H', 'W'))
+    batch: int = _option(1, 'batch size')
+    parts: Tuple[str, ...] = _option(PARTS, 'what to time', choices=PARTS)
+    rounds: int = _option(5, 'timed rounds')
+    warmup: int = _option(2, 'untimed runs per model first')
+    threads: int = _option(0, 'torch and engine threads; 0: unchanged')
+    channels_last: bool = _option(
+        False, 'run every model in channels-last memory format')
+    fast_path: Tuple[str, ...] = _option(
+        (), 'also time the deploy form on this fp32 path, after checking that '
+        'it predicts the same (fold_psp: the PSP head with its pyramid '
+        'pooling folded into its bottleneck conv; channels_last: memory '
+        'format; mkldnn: the backbone on oneDNN tensors; jit: trace and '
+        'freeze; compile: torch.compile with frozen weights)',
+        choices=FAST_STEPS)
+    mmpretrain: bool = _option(
+        False, "also time mmpretrain's deployed RepVGG backbone")
+    device: str = _option('cpu', 'cpu or cuda[:N]')
+    backends: Tuple[str, ...] = _option(
+        ('torch', ),
+        'torch, and the engines that also run every segmentor exported to '
+        'ONNX',
+        choices=('torch', *BACKENDS))
+    precisions: Tuple[str, ...] = _option(
+        ('fp32', ),
+        'of the engines: fp32, bf16 (OpenVINO), int8 (every model calibrated'
+        " on images of the config's training set)",
+        choices=FORM_PRECISIONS)
+    image: Optional[str] = _option(
+        None, 'an image to run on, resized to the size (default: random '
+        'pixels)')
+    calib_num: int = _option(Int8Settings.calib_num, 'int8 calibration images')
     seed: int = 0
     name: Optional[str] = None
-    backends: Sequence[str] = ('torch', )
-    precisions: Sequence[str] = ('fp32', )
-    image: Optional[str] = None
-    calib_num: int = 16
+
+    @property
+    def shape(self):
+        """The input's ``(N, C, H, W)``."""
+        return (self.batch, 3, *self.size)
 
     def check(self):
         """Raise UsageError for settings that cannot run."""
@@ -110,11 +149,12 @@ class BenchmarkSettings:
         if unknown or not self.parts:
             raise UsageError(
                 f'parts must be among {PARTS}, got {list(self.parts)}')
-        if self.rounds < 1 or self.warmup < 0:
-            raise UsageError('rounds must be >= 1 and warmup >= 0')
-        if len(self.shape) != 4 or min(self.shape) < 1:
-            raise UsageError(f'shape must be 4 positive sizes, got '
-                             f'{list(self.shape)}')
+        if self.rounds < 1 or self.warmup < 0 or self.threads < 0:
+            raise UsageError('rounds must be >= 1, warmup >= 0 and threads '
+                             '>= 0')
+        if len(self.size) != 2 or min(*self.size, self.batch) < 1:
+            raise UsageError(f'size and batch must be positive, got '
+                             f'{list(self.size)} and {self.batch}')
 
 
 @dataclass
@@ -128,8 +168,11 @@ class Entry:
     # A faster form of the same model's PyTorch deploy form, compared with
     # it: a fast path, or an engine.
     derived: bool = False
+    # The PyTorch module that ``run`` calls, for exact reference outputs.
+    module: Any = field(default=None, repr=False)
     times_s: List[float] = field(default_factory=list)
     output: Any = field(default=None, repr=False)
+    exact: Any = field(default=None, repr=False)
 
     @property
     def name(self):
@@ -186,6 +229,7 @@ class Check:
     candidate: str
     reference: str
     max_rel_error: float
+    limit: float
     label_mismatches: Optional[int]
     label_agreement: Optional[float]
     exact: bool
@@ -204,14 +248,12 @@ class BenchmarkResult:
 
 
 def build_segmentor(config, checkpoint=None):
-    """Build a config's segmentor offline, in eval mode, with plain BN,
-    and load ``checkpoint`` (weights-only) when given."""
-    model = revert_sync_batchnorm(build_model(read_config(config)))
+    """A config's segmentor, built offline, in eval mode, with plain BN:
+    with a checkpoint's weights (of either form), or random ones."""
+    cfg = read_config(config)
     if checkpoint is not None:
-        load_weights(model,
-                     weights_of(load_checkpoint_file(checkpoint), checkpoint),
-                     checkpoint, config)
-    return model.eval()
+        return load_model(cfg, checkpoint, config).model
+    return revert_sync_batchnorm(build_model(cfg)).eval()
 
 
 def short_name(config):
@@ -221,34 +263,32 @@ def short_name(config):
     return '_'.join(name.split('_')[:2])
 
 
-def compare_outputs(actual, expected, part):
+def compare_outputs(actual, own, exact, part):
     """How far a model's outputs (a tensor or a sequence of them) are from
-    a reference's; segmentor logits are compared as label maps too.
+    a reference model's exact ones, given the reference's own fp32 outputs
+    (see :mod:`mmrepvgg.deploy.compare`); segmentor logits are compared as
+    label maps too.
 
     Returns:
-        dict: ``max_rel_error`` (the largest ``max|a - e| / max|e|`` over
-        the outputs), ``label_mismatches`` and ``label_agreement`` (pixels
-        whose argmax class differs, and the share that does not;
-        segmentors only, else None) and ``exact`` (labels equal and error
-        within :data:`EXACT_RTOL`).
+        dict: ``max_rel_error`` and ``limit`` (of the output nearest to its
+        limit), ``label_mismatches`` and ``label_agreement`` (pixels whose
+        argmax class differs from the exact one, and the share that does
+        not; segmentors only, else None) and ``exact`` (within the limit,
+        labels flipped at near-ties only).
     """
-    pairs = zip(_as_tuple(actual), _as_tuple(expected))
-    error = max(relative_error(a, e) for a, e in pairs)
+    check = compare_fp32(*(tensors_of(o) for o in (actual, own, exact)))
     mismatches = agreement = None
+    untied = 0
     if part == 'segmentor':
-        differ = actual.argmax(dim=1) != expected.argmax(dim=1)
-        mismatches = int(differ.sum())
-        agreement = 1 - mismatches / differ.numel()
+        flips = compare_labels(actual.argmax(dim=1), exact, check.limit)
+        mismatches, untied = flips.differ, flips.untied
+        agreement = 1 - mismatches / actual[:, 0].numel()
     return dict(
-        max_rel_error=error,
+        max_rel_error=check.error,
+        limit=check.limit,
         label_mismatches=mismatches,
         label_agreement=agreement,
-        exact=error <= EXACT_RTOL and not mismatches)
-
-
-def _as_tuple(outputs):
-    return tuple(outputs) if isinstance(outputs,
-                                        (tuple, list)) else (outputs, )
+        exact=check.passed and not untied)
 
 
 def _models(settings):
@@ -271,7 +311,7 @@ def _raw_images(settings):
     if settings.image is None:
         generator = torch.Generator().manual_seed(settings.seed)
         return torch.rand(*settings.shape, generator=generator) * 255
-    image = as_batch(load_image(settings.image), (height, width))
+    image = as_batch(read_image(settings.image), (height, width))
     return image.expand(batch, -1, -1, -1).contiguous()
 
 
@@ -285,7 +325,7 @@ def _torch_entries(settings, models, images, part):
         # Not chained: some backbones' train() returns None.
         run.eval()
         run.to(settings.device, memory_format=_memory(settings))
-        entries.append(Entry(name, part, form, run, inputs))
+        entries.append(Entry(name, part, form, run, inputs, module=run))
     steps = fast_steps_for(part, settings.fast_path)
     if steps:
         deploy = entries[1]
@@ -364,14 +404,30 @@ def _warm_up_and_check(entries, settings, log):
         pairs += [(e, _pytorch_form(entries, e)) for e in entries
                   if e.part == part and e.derived]
         for candidate, reference in pairs:
+            # A PyTorch model is judged by what its weights compute
+            # exactly: its fp32 arithmetic is no part of a conversion.
+            actual = (
+                _exact_output(candidate)
+                if candidate.module is not None else candidate.output)
             checks.append(
                 Check(
                     part, candidate.name, reference.name,
-                    **compare_outputs(candidate.output, reference.output,
-                                      part)))
+                    **compare_outputs(actual, reference.output,
+                                      _exact_output(reference), part)))
     for entry in entries:
-        entry.output = None
+        entry.output = entry.exact = None
     return checks
+
+
+def _exact_output(entry):
+    """A PyTorch entry's output computed in float64, of the same shape."""
+    if entry.exact is None:
+        exact = exact_outputs(entry.module, [entry.input])
+        entry.exact = (
+            type(entry.output)(exact) if isinstance(entry.output,
+                                                    (tuple,
+                                                     list)) else exact[0])
+    return entry.exact
 
 
 def _time_rounds(entries, rounds, device, log):
@@ -422,7 +478,7 @@ def _ratios(entries, parts):
 
 
 def _prepare_device(settings):
-    if settings.threads is not None:
+    if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     if device.type == 'cuda':

@@ -21,29 +21,28 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
-import cv2
-import numpy as np
-
-from mmrepvgg.deploy import deploy_config_path, export_onnx, reparameterize
+from mmrepvgg.deploy.engines import BACKENDS
+from mmrepvgg.deploy.export import ExportSettings, export_onnx
+from mmrepvgg.deploy.pair import deploy_config_path, reparameterize
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
 from mmrepvgg.runner import evaluate
-from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
+from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
+                              write_toy_config)
 from .benchmark import BenchmarkSettings, run_benchmark, short_name
-from .engines import (check_engines, engine_forms, engine_precision,
-                      model_precision)
-from .fast_path import check_fast_path
+from .engines import (FORM_PRECISIONS, check_engines, engine_forms,
+                      engine_settings, model_precision)
+from .fast_path import FAST_STEPS, check_fast_path
 from .report import format_report, plot_chart, write_json
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEFAULT_CONFIG = osp.join(
     REPO_ROOT, 'configs', 'pspnet',
     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-IGNORE_INDEX = 255
 
 _REAL_DATA_CONFIG = '''\
 # Derived from {base} to train on the Cityscapes folder {data_root}.
@@ -60,54 +59,52 @@ class DemoError(MMRepVGGError):
     """A demo step that cannot run or failed."""
 
 
+def _setting(default, help, metavar=None, choices=None):
+    metadata = dict(help=help)
+    if metavar:
+        metadata['metavar'] = metavar
+    if choices:
+        metadata['choices'] = choices
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DemoSettings:
-    """What :func:`run_demo` does.
-
-    Attributes:
-        work_dir (str): Where every output goes; must be new or empty
-            unless ``force``.
-        config (str): Segmentor config with a RepVGG backbone.
-        data_root (str, optional): A real Cityscapes folder (with
-            ``*_labelTrainIds.png`` labels), trained on with the config's
-            own pipelines; None generates a toy dataset.
-        iters (int): Training iterations.
-        image_size (tuple[int]): ``(height, width)`` of toy images, also
-            the training crop.
-        num_train (int): Toy training images.
-        num_val (int): Toy validation images.
-        batch_size (int): Training batch size on toy data.
-        lr (float): Learning rate on toy data.
-        bench_size (tuple[int]): ``(height, width)`` of the benchmark input.
-        bench_rounds (int): Timed benchmark rounds.
-        fast_path (Sequence[str]): Steps of a fast path to time too, see
-            :func:`apps.fast_path.optimize`.
-        threads (int, optional): Torch and engine threads for the
-            benchmark.
-        backends (Sequence[str]): ``'torch'`` and the engines that evaluate
-            and time the exported model.
-        precisions (Sequence[str]): The engines' precisions (``'fp32'``,
-            ``'bf16'``, ``'int8'``).
-        calib_num (int): Training images that int8 is calibrated on.
-        force (bool): Reuse a non-empty ``work_dir``, overwriting outputs.
-    """
-    work_dir: str = 'work_dirs/demo'
-    config: str = DEFAULT_CONFIG
-    data_root: Optional[str] = None
-    iters: int = 100
-    image_size: Tuple[int, int] = (64, 128)
-    num_train: int = 16
-    num_val: int = 4
-    batch_size: int = 4
-    lr: float = 0.01
-    bench_size: Tuple[int, int] = (512, 1024)
-    bench_rounds: int = 3
-    fast_path: Sequence[str] = ()
-    threads: Optional[int] = None
-    backends: Sequence[str] = ('torch', 'onnxruntime')
-    precisions: Sequence[str] = ('fp32', )
-    calib_num: int = 16
-    force: bool = False
+    """What :func:`run_demo` does; each field is an option of
+    ``tools/demo.py``."""
+    work_dir: str = _setting(
+        'work_dirs/demo', 'where every output goes; '
+        'must be new or empty unless --force')
+    config: str = _setting(DEFAULT_CONFIG,
+                           'segmentor config with a RepVGG backbone')
+    data_root: Optional[str] = _setting(
+        None, 'a real Cityscapes folder (with *_labelTrainIds.png labels), '
+        "trained on with the config's own pipelines; none: toy data")
+    iters: int = _setting(100, 'training iterations')
+    image_size: Tuple[int, int] = _setting(
+        (64, 128), 'toy image size, also the training crop', ('H', 'W'))
+    num_train: int = _setting(16, 'toy training images')
+    num_val: int = _setting(4, 'toy validation images')
+    batch_size: int = _setting(4, 'training batch size on toy data')
+    lr: float = _setting(0.01, 'learning rate on toy data')
+    bench_size: Tuple[int, int] = _setting((512, 1024), 'benchmark input size',
+                                           ('H', 'W'))
+    bench_rounds: int = _setting(3, 'timed benchmark rounds')
+    fast_path: Tuple[str, ...] = _setting(
+        (), 'steps of an exact fast path to time too', choices=FAST_STEPS)
+    threads: int = _setting(
+        0, "torch and engine threads for the benchmark; 0: their own choice")
+    backends: Tuple[str, ...] = _setting(
+        ('torch', 'onnxruntime'),
+        'torch and the engines that evaluate and time the ONNX model',
+        choices=('torch', *BACKENDS))
+    precisions: Tuple[str, ...] = _setting(('fp32', ),
+                                           'precisions of the engines',
+                                           choices=FORM_PRECISIONS)
+    calib_num: int = _setting(Int8Settings.calib_num,
+                              'training images that int8 is calibrated on')
+    force: bool = _setting(False,
+                           'reuse a non-empty work dir, overwriting outputs')
 
 
 def check_cityscapes(data_root):
@@ -142,23 +139,6 @@ def write_cityscapes_config(base, data_root, out, iters):
         base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
     write_files({out: text.encode()}, force=True)
     return out
-
-
-def majority_class_miou(data_root, split='val'):
-    """mIoU (%) of predicting the most frequent class everywhere.
-
-    The reference for "above chance": that class scores its pixel share as
-    IoU, every other class present scores 0.
-    """
-    counts = np.zeros(IGNORE_INDEX + 1, np.int64)
-    for path in glob.glob(
-            osp.join(data_root, 'gtFine', split, '*',
-                     '*_gtFine_labelTrainIds.png')):
-        labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        counts += np.bincount(labels.ravel(), minlength=counts.size)
-    counts = counts[:IGNORE_INDEX]
-    present = np.count_nonzero(counts)
-    return 100 * counts.max() / counts.sum() / present
 
 
 def _run_mim(name, args, log):
@@ -253,9 +233,8 @@ def _convert(settings, train_config, checkpoint, log):
         f'does: {checkpoint} -> {out}')
     result = reparameterize(
         train_config, checkpoint, out, force=settings.force)
-    log(f'converted {result.converted} RepVGG blocks, max relative '
-        f'difference {result.max_error:.1e}; wrote {out} and '
-        f'{result.out_config}')
+    log(f'converted {result.converted} blocks, {result.check.describe()}; '
+        f'wrote {out} and {result.out_config}')
     return out
 
 
@@ -270,11 +249,10 @@ def _export(settings, train_config, checkpoint, precision, log):
         train_config,
         checkpoint,
         out,
-        size=None if settings.data_root else settings.image_size,
+        ExportSettings(None if settings.data_root else settings.image_size),
         force=settings.force,
         int8=int8)
-    log(f'ONNX Runtime vs PyTorch: max relative difference '
-        f'{result.max_error:.1e}')
+    log(f'the engines vs PyTorch: {result.check.describe()}')
     return out, result.info.agreement
 
 
@@ -292,12 +270,9 @@ def _export_and_evaluate(settings, train_config, checkpoint, log):
         model, agreement = models[model_precision(precision)]
         log(f'evaluating {osp.basename(model)} on {backend} ({precision})')
         metrics = evaluate(
-            train_config,
-            model,
+            train_config, model,
             osp.join(settings.work_dir, f'test_{backend}_{precision}'),
-            backend=backend,
-            threads=settings.threads,
-            precision=engine_precision(precision))
+            engine_settings(backend, precision, settings.threads))
         engines[f'{backend} {precision}'] = dict(
             {k: metrics[k]
              for k in ('aAcc', 'mIoU', 'mAcc')},
@@ -310,7 +285,7 @@ def _benchmark(settings, train_config, checkpoint, image, log):
         BenchmarkSettings(
             train_config,
             checkpoint=checkpoint,
-            shape=(1, 3, *settings.bench_size),
+            size=settings.bench_size,
             rounds=settings.bench_rounds,
             warmup=1,
             threads=settings.threads,

@@ -3,7 +3,7 @@ import io
 import json
 
 from mmrepvgg.fileio import write_files
-from .benchmark import EXACT_RTOL, Ratio
+from .benchmark import Ratio
 
 
 def _describe(settings):
@@ -15,11 +15,8 @@ def _describe(settings):
 
 def _verdict(check):
     if check.exact:
+        # Labels may only flip where two classes tie within the limit.
         return 'same fp32 predictions'
-    if check.max_rel_error <= EXACT_RTOL:
-        # A label can only flip where two classes tie within the
-        # difference of the outputs.
-        return 'outputs agree, labels flip at near-ties'
     if _approximate(check.candidate):
         return f'{check.label_agreement:.2%} of labels agree'
     return 'DIFFERENT'
@@ -53,7 +50,8 @@ def format_report(result):
         labels = ('' if c.label_mismatches is None else
                   f', {c.label_mismatches} label(s) differ')
         lines.append(f'  {c.part}: {c.candidate} vs {c.reference}: max rel '
-                     f'error {c.max_rel_error:.1e}{labels}: {_verdict(c)}')
+                     f'error {c.max_rel_error:.1e} (limit {c.limit:.1e})'
+                     f'{labels}: {_verdict(c)}')
     return '\n'.join(lines)
 
 

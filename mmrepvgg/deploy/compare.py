@@ -1,0 +1,215 @@
+"""Comparing a model's outputs with a reference's.
+
+fp32 arithmetic is off from the exact result by an amount that depends on
+the network, its weights and the CPU (the instruction set of its kernels
+changes the order of summation). So a converted or exported model is not
+held to a fixed tolerance: its fp32 outputs are compared with the exact
+(float64) outputs of the reference model, and accepted when they are
+within a small factor of the reference model's *own* fp32 error on the same
+inputs, plus a floor: as exact as fp32 can be for this network on this CPU.
+A wrong conversion (a missing branch, a swapped norm) is off by orders of
+magnitude more.
+
+Lower precisions (bf16, int8) are judged by how many labels they keep.
+"""
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UsageError
+
+__all__ = [
+    'relative_error', 'Fp32Tolerance', 'Fp32Comparison', 'compare_fp32',
+    'exact_outputs', 'fp32_and_exact', 'LabelComparison', 'compare_labels',
+    'label_agreement', 'tensors_of'
+]
+
+
+def relative_error(actual, expected):
+    """``max|actual - expected| / max|expected|`` (the plain difference
+    where ``expected`` is all zeros), in float64."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max()
+    difference = (actual - expected).abs().max()
+    if scale == 0:
+        return difference.item()
+    return (difference / scale).item()
+
+
+@dataclass(frozen=True)
+class Fp32Tolerance:
+    """How far fp32 outputs may be from the exact ones.
+
+    Attributes:
+        factor (float): Times the reference model's own fp32 error. Two
+            fp32 computations of one function in other orders of summation
+            differ by about the same amount; 10 leaves room for that and
+            still refuses a wrong conversion by a wide margin.
+        floor (float): Added to the limit, for outputs that the reference
+            computes almost exactly (relative, about 8 fp32 ulps).
+    """
+    factor: float = field(
+        default=10.0,
+        metadata=dict(help="times the reference model's own fp32 error "
+                      'from the exact outputs'))
+    floor: float = field(
+        default=1e-6, metadata=dict(help='added to the relative limit'))
+
+    def __post_init__(self):
+        if not (self.factor >= 1 and self.floor >= 0):
+            raise UsageError(f'a tolerance factor is at least 1 and a floor '
+                             f'at least 0, got {self.factor} and {self.floor}')
+
+    def limit(self, own_error):
+        """The largest relative error accepted, for a reference whose own
+        fp32 outputs are ``own_error`` off."""
+        return self.factor * own_error + self.floor
+
+
+@dataclass(frozen=True)
+class Fp32Comparison:
+    """How far fp32 outputs are from the exact ones, for the output that
+    came closest to its limit.
+
+    Attributes:
+        error (float): ``max|actual - exact| / max|exact|``.
+        own_error (float): The same of the reference model's fp32 outputs.
+        limit (float): The largest ``error`` accepted
+            (:meth:`Fp32Tolerance.limit` of ``own_error``).
+    """
+    error: float
+    own_error: float
+    limit: float
+
+    @property
+    def passed(self):
+        return self.error <= self.limit  # False for NaN
+
+    @property
+    def margin(self):
+        """``error / limit``: at most 1 when passed; infinite for NaN."""
+        return self.error / self.limit if self.error == self.error else (
+            math.inf)
+
+    def describe(self):
+        return (f'max relative difference {self.error:.2e} from the exact '
+                '(float64) outputs, where the reference fp32 model is off by '
+                f'{self.own_error:.2e} (limit {self.limit:.2e})')
+
+
+def compare_fp32(actual, own, exact, tolerance=Fp32Tolerance()):
+    """Compare fp32 outputs with exact ones, given the reference model's own
+    fp32 outputs on the same inputs.
+
+    Args:
+        actual (Sequence[Tensor]): The fp32 outputs to judge.
+        own (Sequence[Tensor]): The reference model's fp32 outputs.
+        exact (Sequence[Tensor]): The reference model's float64 outputs.
+        tolerance (Fp32Tolerance): The limit. Defaults to the default one.
+
+    Returns:
+        Fp32Comparison: Of the output nearest to (or furthest over) its
+        limit.
+    """
+    if not len(actual) == len(own) == len(exact) > 0:
+        raise ValueError(f'cannot compare {len(actual)} outputs with '
+                         f'{len(own)} and {len(exact)}')
+    comparisons = []
+    for a, o, e in zip(actual, own, exact):
+        own_error = relative_error(o, e)
+        comparisons.append(
+            Fp32Comparison(
+                relative_error(a, e), own_error, tolerance.limit(own_error)))
+    return max(comparisons, key=lambda c: c.margin)
+
+
+def tensors_of(output):
+    """The tensors in a module's output (a tensor, or nested sequences of
+    them), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in tensors_of(item)]
+    return []
+
+
+def _in_float64(data):
+    if isinstance(data, torch.Tensor):
+        return data.double() if data.is_floating_point() else data
+    if isinstance(data, dict):
+        return {k: _in_float64(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_in_float64(v) for v in data)
+    return data
+
+
+def _outputs(module, inputs, run):
+    with torch.no_grad():
+        return [t for data in inputs for t in tensors_of(run(module, data))]
+
+
+def exact_outputs(module, inputs, run=None):
+    """What a model computes from its weights, exactly: its outputs computed
+    by a float64 copy of it.
+
+    Args:
+        module (nn.Module): The model; left unchanged.
+        inputs (Sequence): Its inputs, one call each.
+        run (callable, optional): ``run(module, input)`` returns an output;
+            defaults to ``module(input)``.
+
+    Returns:
+        list[Tensor]: The output tensors of every input, flattened in order.
+    """
+    run = run or (lambda m, x: m(x))
+    exact_module = copy.deepcopy(module).double()
+    return _outputs(exact_module, [_in_float64(x) for x in inputs], run)
+
+
+def fp32_and_exact(module, inputs, run=None):
+    """A model's fp32 outputs and its exact outputs
+    (:func:`exact_outputs`), flattened in order; see there for the
+    arguments."""
+    own = _outputs(module, inputs, run or (lambda m, x: m(x)))
+    return own, exact_outputs(module, inputs, run)
+
+
+@dataclass(frozen=True)
+class LabelComparison:
+    """Pixels whose labels differ from the reference's.
+
+    Attributes:
+        differ (int): All of them.
+        untied (int): Those where the reference's two best classes are
+            further apart than the logits may move: these flips are
+            errors, the others are rounding at near-ties.
+    """
+    differ: int
+    untied: int
+
+
+def compare_labels(labels, exact_logits, limit):
+    """Compare labels with the argmax of exact logits, allowing flips where
+    the two best classes are within ``2 * limit * max|logits|``: each logit
+    may move by ``limit`` of the largest.
+
+    Args:
+        labels (Tensor): ``(N, H, W)``.
+        exact_logits (Tensor): ``(N, C, H, W)``.
+        limit (float): The relative error accepted of the logits.
+
+    Returns:
+        LabelComparison: The flips, and those outside near-ties.
+    """
+    exact_logits = exact_logits.double()
+    differ = labels != exact_logits.argmax(1)
+    top2 = exact_logits.topk(2, dim=1).values
+    tie = (top2[:, 0] - top2[:, 1]) <= (2 * limit * exact_logits.abs().max())
+    return LabelComparison(int(differ.sum()), int((differ & ~tie).sum()))
+
+
+def label_agreement(labels, reference):
+    """The share of pixels whose labels equal the reference's."""
+    return float((labels == reference).double().mean())

@@ -1,0 +1,260 @@
+"""Running exported segmentors on ONNX Runtime or OpenVINO.
+
+:class:`SegmentationEngine` turns images into label maps with a model that
+:func:`mmrepvgg.deploy.export.export_onnx` wrote; :class:`EngineSegmentor`
+puts it behind mmseg's segmentor interface, so that mmengine's Runner
+evaluates it with mmseg's own datasets and metrics.
+
+A model file is checked before an engine loads it
+(:func:`mmrepvgg.deploy.model_info.read_model`), and whatever the engine
+says when it refuses or fails to run a model becomes one line.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmseg.models.segmentors import BaseSegmentor
+from mmseg.registry import MODELS
+
+from ..errors import UsageError, first_line
+from .images import (MAX_INPUT_PIXELS, as_batch, fit_within,
+                     interpolation_matrix)
+from .model_info import INPUT, read_model
+
+__all__ = [
+    'BACKENDS', 'PRECISIONS', 'EngineSettings', 'onnxruntime_session',
+    'SegmentationEngine', 'EngineSegmentor'
+]
+
+BACKENDS = ('onnxruntime', 'openvino')
+# bf16 is OpenVINO's default on CPUs with bf16 units, and changes labels:
+# it runs only when asked. An int8 model is int8 at any precision.
+PRECISIONS = ('fp32', 'bf16')
+# Rows of a label map computed at a time from the model's logits: a band of
+# an 8000-pixel-wide map of 19 classes takes 150 MB.
+_LABEL_ROWS = 256
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How an exported model runs.
+
+    Attributes:
+        backend (str): ``'onnxruntime'`` or ``'openvino'``.
+        precision (str): ``'fp32'``, or ``'bf16'`` (OpenVINO only; an int8
+            model's int8 layers stay int8 at either).
+        threads (int): Threads the engine may use; 0 for its own choice.
+    """
+    backend: str = field(
+        default='onnxruntime',
+        metadata=dict(choices=BACKENDS, help='inference engine'))
+    precision: str = field(
+        default='fp32',
+        metadata=dict(choices=PRECISIONS, help='bf16: OpenVINO only'))
+    threads: int = field(
+        default=0,
+        metadata=dict(help="engine threads, 0: the engine's choice"))
+
+    def check(self):
+        """Raise UsageError for settings that cannot run."""
+        if self.backend not in BACKENDS:
+            raise UsageError(f'backend must be one of {BACKENDS}, got '
+                             f'{self.backend!r}')
+        if self.precision not in PRECISIONS:
+            raise UsageError(f'precision must be one of {PRECISIONS}, got '
+                             f'{self.precision!r}')
+        if self.backend == 'onnxruntime' and self.precision != 'fp32':
+            raise UsageError('ONNX Runtime runs this model in fp32 only; use '
+                             'OpenVINO for bf16')
+        if type(self.threads) is not int or self.threads < 0:
+            raise UsageError('threads must be 0 (the engine\'s choice) or '
+                             f'more, got {self.threads}')
+        return self
+
+
+def _engine_errors():
+    """What the engines raise for a model they cannot load or run."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort
+    return tuple(
+        getattr(ort, name)
+        for name in ('Fail', 'InvalidArgument', 'InvalidGraph', 'NoSuchFile',
+                     'NoModel', 'EngineError', 'RuntimeException',
+                     'InvalidProtobuf', 'NotImplemented', 'EPFail')
+        if hasattr(ort, name)) + (RuntimeError, )
+
+
+def onnxruntime_session(model, threads=0):
+    """An ONNX Runtime CPU session for model bytes or a path, quiet on
+    stderr."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(
+        model, options, providers=['CPUExecutionProvider'])
+
+
+def _openvino_model(data, settings):
+    import openvino
+    core = openvino.Core()
+    config = {
+        'INFERENCE_PRECISION_HINT':
+        'bf16' if settings.precision == 'bf16' else 'f32'
+    }
+    if settings.threads:
+        config['INFERENCE_NUM_THREADS'] = settings.threads
+    compiled = core.compile_model(core.read_model(data), 'CPU', config)
+
+    def run(images):
+        results = compiled({INPUT: images})
+        return results['logits'], results['labels']
+
+    return run
+
+
+def _onnxruntime_model(data, settings):
+    session = onnxruntime_session(data, settings.threads)
+    return lambda images: session.run(None, {INPUT: images})
+
+
+class SegmentationEngine:
+    """An exported segmentor on an inference engine.
+
+    Args:
+        model (str | bytes): An ONNX file (or its bytes) written by
+            :func:`mmrepvgg.deploy.export.export_onnx`.
+        settings (EngineSettings): Engine, precision and threads.
+
+    Attributes:
+        info (ExportedModelInfo): The model's metadata: classes, palette,
+            input size.
+
+    Raises:
+        MMRepVGGError: Bad settings, a model file that is not such a model,
+            or one the engine refuses.
+    """
+
+    def __init__(self, model, settings=EngineSettings()):
+        self.settings = settings.check()
+        self.info, proto = read_model(model)
+        self.name = 'the model' if isinstance(model, bytes) else model
+        make = (
+            _openvino_model
+            if settings.backend == 'openvino' else _onnxruntime_model)
+        self._run = self._guarded(make, proto.SerializeToString(), settings)
+
+    def _guarded(self, function, *args):
+        try:
+            return function(*args)
+        except _engine_errors() as error:
+            raise UsageError(f'{self.name}: {self.settings.backend} cannot '
+                             f'run it ({first_line(error)})') from error
+
+    def __call__(self, images):
+        """Logits and labels of a float32 ``(N, 3, H, W)`` batch of BGR
+        values 0-255 that the model takes (its input size, if it has one).
+        """
+        return self._guarded(self._run,
+                             np.ascontiguousarray(images, np.float32))
+
+    def model_size(self, size):
+        """The size the model runs an image of ``size`` at: its input size,
+        or for a model of any size, ``size`` brought within
+        :data:`MAX_INPUT_PIXELS`."""
+        if self.info.input_size:
+            return tuple(self.info.input_size)
+        return fit_within(size, MAX_INPUT_PIXELS)
+
+    def logits(self, images):
+        """Logits of a float32 BGR batch of any size: resized to the
+        model's size and back, as mmseg resizes logits.
+
+        Args:
+            images (Tensor): ``(N, 3, H, W)``.
+
+        Returns:
+            Tensor: ``(N, C, H, W)`` logits.
+        """
+        size = tuple(images.shape[-2:])
+        model_size = self.model_size(size)
+        if model_size != size:
+            images = F.interpolate(images, size=model_size, mode='bilinear')
+        logits = torch.from_numpy(self(images.numpy())[0])
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(
+                logits,
+                size=size,
+                mode='bilinear',
+                align_corners=self.info.align_corners)
+        return logits
+
+    def predict(self, image):
+        """The label map of one image as ``mmcv.imread`` gives it
+        (``(H, W, 3)`` BGR uint8), at the image's size.
+
+        The model runs at :meth:`model_size`; its logits are brought to the
+        image's size a band of rows at a time, so that memory stays bounded
+        however large the image.
+        """
+        size = image.shape[:2]
+        logits = self(as_batch(image, self.model_size(size)).numpy())[0]
+        return self._labels(torch.from_numpy(logits[0]), size)
+
+    def _labels(self, logits, size):
+        classes, height, width = logits.shape
+        rows = interpolation_matrix(size[0], height, self.info.align_corners,
+                                    torch.float32)
+        columns = interpolation_matrix(size[1], width, self.info.align_corners,
+                                       torch.float32)
+        wide = logits @ columns.T
+        labels = np.empty(size, np.uint8 if classes <= 256 else np.int32)
+        for start in range(0, size[0], _LABEL_ROWS):
+            band = torch.einsum('yh,chw->cyw', rows[start:start + _LABEL_ROWS],
+                                wide)
+            labels[start:start + _LABEL_ROWS] = band.argmax(0).numpy()
+        return labels
+
+
+@MODELS.register_module()
+class EngineSegmentor(BaseSegmentor):
+    """An exported segmentor behind mmseg's segmentor interface, for
+    evaluation with mmengine's Runner and mmseg's metrics.
+
+    Its data preprocessor only stacks the images: the exported model
+    normalizes them itself.
+
+    Args:
+        model (str): An ONNX file written by
+            :func:`mmrepvgg.deploy.export.export_onnx`.
+        backend (str): ``'onnxruntime'`` or ``'openvino'``.
+        precision (str): ``'fp32'`` or ``'bf16'`` (OpenVINO).
+        threads (int): Engine threads; 0 for the engine's choice.
+        data_preprocessor (dict, optional): Ignored: the Runner passes the
+            config's, which would normalize the images a second time.
+        init_cfg (dict, optional): Unused; there is nothing to initialize.
+    """
+
+    def __init__(self,
+                 model,
+                 backend='onnxruntime',
+                 precision='fp32',
+                 threads=0,
+                 data_preprocessor=None,
+                 init_cfg=None):
+        super().__init__(
+            data_preprocessor=dict(type='SegDataPreProcessor'),
+            init_cfg=init_cfg)
+        self.engine = SegmentationEngine(
+            model, EngineSettings(backend, precision, threads))
+        self.align_corners = self.engine.info.align_corners
+
+    def predict(self, inputs, data_samples=None):
+        return self.postprocess_result(
+            self.engine.logits(inputs), data_samples)
+
+    def _only_predicts(self, *args, **kwargs):
+        raise NotImplementedError('an exported segmentor only predicts')
+
+    loss = extract_feat = encode_decode = _forward = _only_predicts
