@@ -6,7 +6,8 @@ from typing import List
 
 import pytest
 
-from helpers import PSPNET_A0, PSPNET_QAREPVGG_A0, mim, output
+from helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TOY_SIZE, mim, output,
+                     run_tool)
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 TRAIN_ITERS = 4
@@ -59,3 +60,15 @@ def trained_qarepvgg(tmp_path_factory):
         num_train=16,
         batch_size=4,
         log_interval=10)
+
+
+@pytest.fixture(scope='session')
+def exported(trained_pspnet, tmp_path_factory):
+    """The shared toy PSPNet exported by the command line, and what the
+    tool printed."""
+    out = tmp_path_factory.mktemp('onnx') / 'pspnet.onnx'
+    result = run_tool('export.py', trained_pspnet.config,
+                      trained_pspnet.checkpoint, out, '--shape', *TOY_SIZE,
+                      '--img', *trained_pspnet.val_images)
+    assert result.returncode == 0, output(result)
+    return out, result.stdout

@@ -22,6 +22,8 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))
 PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+# The toy images' size, at which the toy models are exported.
+TOY_SIZE = (64, 128)
 PSPNET_QAREPVGG_A0 = osp.join(
     REPO_ROOT, 'configs', 'pspnet',
     'pspnet_qarepvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
@@ -78,6 +80,30 @@ def run_tool_here(name, *args):
 def mim(*args, **kwargs):
     """Run ``mim``."""
     return run(sys.executable, '-m', 'mim', *args, **kwargs)
+
+
+def snapshot(folder):
+    """Every file below ``folder`` (links as their targets) and its bytes,
+    to show that a refused command left everything as it was."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = osp.join(root, name)
+            files[osp.relpath(path, folder)] = (
+                open(path, 'rb').read() if osp.exists(path) else None)
+    return files
+
+
+def assert_refused(result, message, folder=None, before=None):
+    """Assert that a tool exited 1 with one line on stderr that says
+    ``message``, and, given a folder's :func:`snapshot` from before, left
+    every file in it as it was."""
+    assert result.returncode == 1, output(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, output(result)
+    assert lines[0].startswith('error: ') and message in lines[0], lines
+    if folder is not None:
+        assert snapshot(folder) == before
 
 
 def output(result):

@@ -21,6 +21,7 @@ from helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
 from mmrepvgg import FoldedPSPHead, RepVGG, switch_to_deploy
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.compare import fp32_and_exact
+from mmrepvgg.deploy.engines import bf16_available
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import ConfigError, UsageError
 
@@ -33,8 +34,10 @@ FAST_FORMS = dict(
     segmentor='deploy+fold_psp+channels_last+jit',
     backbone='deploy+channels_last+jit')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-# Forms that the engines add to every segmentor.
-ENGINE_FORMS = ('onnxruntime fp32', 'openvino fp32', 'openvino bf16')
+# Forms that the engines add to every segmentor (bf16 where the CPU has
+# bf16 units).
+ENGINE_FORMS = ('onnxruntime fp32', 'openvino fp32') + (
+    ('openvino bf16', ) if bf16_available() else ())
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +65,8 @@ def test_every_model_is_timed_in_every_round(result):
     } | {('segmentor', form)
          for form in ENGINE_FORMS}
     # ONNX Runtime has no bf16 on CPUs; both models run on each engine.
-    assert sum(t.form in ENGINE_FORMS for t in result.timings) == 2 * 3
+    assert sum(t.form in ENGINE_FORMS
+               for t in result.timings) == 2 * len(ENGINE_FORMS)
     for timing in result.timings:
         assert len(timing.times_s) == 3
         assert timing.min_s <= timing.median_s <= timing.max_s
@@ -97,6 +101,7 @@ def test_speedups_are_median_per_round_ratios(result):
     assert len(pairs) == 3 * len(PARTS) + 3 * len(ENGINE_FORMS)
 
 
+@pytest.mark.numerics
 def test_deploy_and_fast_path_predict_the_same(result):
     checks = {(c.part, c.candidate): c for c in result.checks}
     assert len(checks) == 2 * len(PARTS) + 2 * len(ENGINE_FORMS)
@@ -109,6 +114,7 @@ def test_deploy_and_fast_path_predict_the_same(result):
                 assert check.label_mismatches == 0
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('model', ['pspnet_repvgg-a0-d8', 'pspnet_r18-d8'])
 def test_engines_are_checked_against_their_pytorch_model(result, model):
     checks = {c.candidate: c for c in result.checks}
@@ -163,6 +169,7 @@ def test_report_json_and_chart(result, tmp_path):
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
 
 
+@pytest.mark.numerics
 def test_fast_path_matches_with_trained_like_statistics():
     # Fresh batch norms are close to identities; random statistics make
     # the fast path's BN folding do real work.
@@ -212,6 +219,7 @@ def test_compare_outputs_flags_differences():
     assert flipped['label_mismatches'] == 1 and not flipped['exact']
 
 
+@pytest.mark.numerics
 def test_mmpretrain_backbone_computes_what_ours_does():
     ours = build_segmentor(PSPNET_A0).backbone
     switch_to_deploy(randomize_batch_norms(ours))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool
+from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool_here
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -117,12 +117,8 @@ def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
 def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path):
     config, work_dir, _ = two_process_run
     out = tmp_path / 'deploy.pth'
-    result = run_tool(
-        'reparameterize.py',
-        config,
-        osp.join(work_dir, 'iter_2.pth'),
-        out,
-        env=environment())
+    result = run_tool_here('reparameterize.py', config,
+                           osp.join(work_dir, 'iter_2.pth'), out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'converted 22 blocks' in result.stdout
     assert out.exists() and out.with_suffix('.py').exists()
@@ -165,7 +161,7 @@ def test_resume_continues_an_interrupted_run(tmp_path):
 
 
 def test_train_reports_a_missing_config_in_one_line(tmp_path):
-    result = run_tool('train.py', tmp_path / 'missing.py')
+    result = run_tool_here('train.py', tmp_path / 'missing.py')
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f'error: {tmp_path / "missing.py"}: no such config file'

@@ -21,6 +21,8 @@ DEEPLABV3_A0 = osp.join(
     REPO_ROOT, 'configs', 'deeplabv3',
     'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 
+pytestmark = pytest.mark.numerics
+
 
 def psp_head(dtype=torch.float64, **kwargs):
     settings = dict(

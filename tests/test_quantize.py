@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mmrepvgg.deploy.quantize as quantize
-from helpers import logged_metrics, output, run_tool, run_tool_here
+from helpers import logged_metrics, output, run_tool_here
 from mmrepvgg.deploy import export_onnx
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.export import ExportSettings
@@ -64,10 +64,12 @@ def test_qarepvgg_learns(trained_qarepvgg):
         trained_qarepvgg.data_root)
 
 
+@pytest.mark.numerics
 def test_qarepvgg_checkpoint_converts(trained_qarepvgg, tmp_path):
-    result = run_tool('reparameterize.py', trained_qarepvgg.config,
-                      trained_qarepvgg.checkpoint, tmp_path / 'deploy.pth',
-                      '--img', *trained_qarepvgg.val_images)
+    result = run_tool_here('reparameterize.py', trained_qarepvgg.config,
+                           trained_qarepvgg.checkpoint,
+                           tmp_path / 'deploy.pth', '--img',
+                           *trained_qarepvgg.val_images)
     assert result.returncode == 0, output(result)
     assert 'converted 22 blocks' in result.stdout
     state = torch.load(tmp_path / 'deploy.pth')['state_dict']
@@ -90,6 +92,7 @@ def test_calibration_reads_the_training_images(trained_qarepvgg, int8_export):
         assert torch.equal(batch, expected)
 
 
+@pytest.mark.numerics
 def test_int8_model_keeps_the_fp32_labels_on_both_engines(
         trained_qarepvgg, int8_export, tmp_path):
     out, result, _ = int8_export
@@ -133,8 +136,8 @@ def test_int8_model_evaluates_close_to_fp32(trained_qarepvgg, int8_export,
     out, _, _ = int8_export
 
     def miou(model, name):
-        result = run_tool('test.py', trained_qarepvgg.config, model,
-                          '--work-dir', tmp_path / name)
+        result = run_tool_here('test.py', trained_qarepvgg.config, model,
+                               '--work-dir', tmp_path / name)
         assert result.returncode == 0, output(result)
         return logged_metrics(tmp_path / name)['mIoU']
 

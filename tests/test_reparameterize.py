@@ -16,7 +16,8 @@ from torch import nn
 from helpers import (PSPNET_A0, REPO_ROOT, CarriesCode,
                      assert_converts_exactly, assert_fp32_close,
                      assert_labels_match, exact_seg_logits, logged_metrics,
-                     mim, output, randomize_batch_norms, run, run_tool)
+                     mim, output, randomize_batch_norms, run, run_tool,
+                     run_tool_here)
 from mmrepvgg import fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, config_dicts, read_config
 from mmrepvgg.deploy import deploy_config_path, deploy_model, reparameterize
@@ -54,6 +55,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)['state_dict']
 
 
+@pytest.mark.numerics
 def test_cli_writes_a_safe_deploy_pair(trained, converted):
     _, checkpoint, images = trained
     out, result = converted
@@ -120,6 +122,7 @@ def _mim_test(config, checkpoint, work_dir, label_dir):
     return logged_metrics(work_dir)
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 @pytest.mark.integration
 def test_mim_test_of_deploy_pair_matches_the_trained_model(
@@ -151,6 +154,7 @@ def test_mim_test_of_deploy_pair_matches_the_trained_model(
             assert deploy_metrics[key] == trained_metrics[key], key
 
 
+@pytest.mark.numerics
 def test_inference_model_label_maps_are_identical(trained, converted):
     from mmseg.apis import inference_model, init_model
     config, checkpoint, images = trained
@@ -200,6 +204,7 @@ def test_ddp_checkpoint_with_optimizer_converts_to_the_same_weights(
         assert torch.equal(written['state_dict'][key], value), key
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('half_dtype', [torch.float16, torch.bfloat16])
 def test_half_precision_checkpoints_convert_exactly(trained, tmp_path,
                                                     half_dtype):
@@ -263,6 +268,7 @@ def _with_norms_swapped(model):
     switch_to_deploy(model)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     'fault', [_corrupt_one_block, _without_1x1_branches, _with_norms_swapped])
 def test_a_wrong_fold_is_refused_by_a_wide_margin(trained, fault):
@@ -349,8 +355,8 @@ def test_checkpoint_carrying_code_is_refused_and_never_runs(trained, tmp_path):
     torch.save(
         dict(state_dict={'w': torch.ones(1)}, x=CarriesCode(str(marker))),
         evil)
-    result = run_tool('reparameterize.py', config, evil,
-                      tmp_path / 'deploy.pth')
+    result = run_tool_here('reparameterize.py', config, evil,
+                           tmp_path / 'deploy.pth')
     assert result.returncode == 1
     assert result.stderr.startswith('error: ')
     assert 'refused' in result.stderr
@@ -406,7 +412,7 @@ def test_existing_output_needs_force(trained, tmp_path):
     config, checkpoint, _ = trained
     out = tmp_path / 'deploy.pth'
     out.write_bytes(b'keep me')
-    result = run_tool('reparameterize.py', config, checkpoint, out)
+    result = run_tool_here('reparameterize.py', config, checkpoint, out)
     assert result.returncode == 1
     assert result.stderr.strip() == (f'error: {out}: already exists; pass '
                                      '--force to overwrite it')
@@ -418,6 +424,7 @@ def test_existing_output_needs_force(trained, tmp_path):
     assert out.with_suffix('.py').is_file()
 
 
+@pytest.mark.numerics
 def test_retinanet_detections_match_after_conversion(tmp_path):
     from mmdet.apis import inference_detector, init_detector
     config = tmp_path / 'retinanet.py'
@@ -468,6 +475,7 @@ def test_retinanet_detections_match_after_conversion(tmp_path):
         run=lambda m, x: m(x, mode='tensor'))
 
 
+@pytest.mark.numerics
 def test_a_segmentor_of_a_users_own_block_converts(tmp_path):
     config = tmp_path / 'user_block.py'
     config.write_text(

@@ -26,6 +26,8 @@ PAPER_PARAMS = {
     'B3g4': 75.62,
 }
 
+pytestmark = pytest.mark.numerics
+
 
 def d8(arch):
     """Output stride 8: the last two body stages dilated by 2 and 4."""

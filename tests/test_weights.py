@@ -6,6 +6,7 @@ official release's module names renames them to its layout. The reference
 outputs are mmpretrain's.
 """
 import copy
+import functools
 import os.path as osp
 import re
 
@@ -39,10 +40,14 @@ OFFICIAL_NAMES = [
 ]
 INPUT = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
+pytestmark = pytest.mark.numerics
 
+
+@functools.lru_cache(maxsize=None)
 def mmpretrain_repvgg(arch, deploy=False, dtype=torch.float32):
     """mmpretrain's RepVGG with random weights and batch-norm statistics,
-    converted to deploy form by mmpretrain itself when asked."""
+    converted to deploy form by mmpretrain itself when asked; built once
+    for all tests (which copy it before changing it)."""
     torch.manual_seed(0)
     model = load_mmpretrain_repvgg()(arch, out_indices=(0, 1, 2, 3))
     model = randomize_batch_norms(model.to(dtype))

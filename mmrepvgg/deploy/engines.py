@@ -9,6 +9,7 @@ A model file is checked before an engine loads it
 (:func:`mmrepvgg.deploy.model_info.read_model`), and whatever the engine
 says when it refuses or fails to run a model becomes one line.
 """
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,19 +19,22 @@ from mmseg.models.segmentors import BaseSegmentor
 from mmseg.registry import MODELS
 
 from ..errors import UsageError, first_line
-from .images import (MAX_INPUT_PIXELS, as_batch, fit_within,
-                     interpolation_matrix)
-from .model_info import INPUT, read_model
+from .images import as_batch, fit_within
+from .model_info import INPUT, ModelFile, read_model
 
 __all__ = [
-    'BACKENDS', 'PRECISIONS', 'EngineSettings', 'onnxruntime_session',
-    'SegmentationEngine', 'EngineSegmentor'
+    'BACKENDS', 'PRECISIONS', 'RUN_PIXELS', 'bf16_available', 'EngineSettings',
+    'onnxruntime_session', 'SegmentationEngine', 'EngineSegmentor'
 ]
 
 BACKENDS = ('onnxruntime', 'openvino')
 # bf16 is OpenVINO's default on CPUs with bf16 units, and changes labels:
 # it runs only when asked. An int8 model is int8 at any precision.
 PRECISIONS = ('fp32', 'bf16')
+# The most pixels an image is run at by a model of any input size: a
+# Cityscapes frame, to which mmseg's Cityscapes test pipeline resizes too.
+# Larger images are scaled down to it, and their labels brought back up.
+RUN_PIXELS = 1024 * 2048
 # Rows of a label map computed at a time from the model's logits: a band of
 # an 8000-pixel-wide map of 19 classes takes 150 MB.
 _LABEL_ROWS = 256
@@ -67,10 +71,31 @@ class EngineSettings:
         if self.backend == 'onnxruntime' and self.precision != 'fp32':
             raise UsageError('ONNX Runtime runs this model in fp32 only; use '
                              'OpenVINO for bf16')
+        if self.precision == 'bf16' and not bf16_available():
+            raise UsageError('this CPU has no bf16 units (or '
+                             'ONEDNN_MAX_CPU_ISA holds them back): OpenVINO '
+                             'runs fp32 here')
         if type(self.threads) is not int or self.threads < 0:
             raise UsageError('threads must be 0 (the engine\'s choice) or '
                              f'more, got {self.threads}')
         return self
+
+
+# oneDNN instruction sets with bf16 arithmetic, for ONEDNN_MAX_CPU_ISA.
+_BF16_ISAS = ('AVX512_CORE_BF16', 'AVX512_CORE_FP16', 'AVX512_CORE_AMX',
+              'AVX512_CORE_AMX_FP16', 'AVX10_1_512', 'AVX10_1_512_AMX',
+              'AVX10_1_512_AMX_FP16', 'ALL', 'DEFAULT')
+
+
+def bf16_available():
+    """Whether OpenVINO can run bf16 here: the CPU has bf16 units, and
+    ``ONEDNN_MAX_CPU_ISA`` (which OpenVINO's oneDNN obeys, though its
+    report of the CPU does not) allows them."""
+    import openvino
+    capabilities = openvino.Core().get_property('CPU',
+                                                'OPTIMIZATION_CAPABILITIES')
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    return 'BF16' in capabilities and isa in _BF16_ISAS
 
 
 def _engine_errors():
@@ -82,6 +107,15 @@ def _engine_errors():
                      'NoModel', 'EngineError', 'RuntimeException',
                      'InvalidProtobuf', 'NotImplemented', 'EPFail')
         if hasattr(ort, name)) + (RuntimeError, )
+
+
+def _reason(error):
+    """The line of an engine's error that says what went wrong: OpenVINO's
+    start with where they were raised, and say why last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith('Exception from'):
+        return lines[-1]
+    return first_line(error)
 
 
 def onnxruntime_session(model, threads=0):
@@ -123,8 +157,9 @@ class SegmentationEngine:
     """An exported segmentor on an inference engine.
 
     Args:
-        model (str | bytes): An ONNX file (or its bytes) written by
-            :func:`mmrepvgg.deploy.export.export_onnx`.
+        model (str | bytes | ModelFile): An ONNX file (or its bytes, or
+            it as :func:`~mmrepvgg.deploy.model_info.read_model` read it)
+            written by :func:`mmrepvgg.deploy.export.export_onnx`.
         settings (EngineSettings): Engine, precision and threads.
 
     Attributes:
@@ -138,19 +173,20 @@ class SegmentationEngine:
 
     def __init__(self, model, settings=EngineSettings()):
         self.settings = settings.check()
-        self.info, proto = read_model(model)
-        self.name = 'the model' if isinstance(model, bytes) else model
+        if not isinstance(model, ModelFile):
+            model = read_model(model)
+        self.info, self.name = model.info, model.name
         make = (
             _openvino_model
             if settings.backend == 'openvino' else _onnxruntime_model)
-        self._run = self._guarded(make, proto.SerializeToString(), settings)
+        self._run = self._guarded(make, model.data, settings)
 
     def _guarded(self, function, *args):
         try:
             return function(*args)
         except _engine_errors() as error:
             raise UsageError(f'{self.name}: {self.settings.backend} cannot '
-                             f'run it ({first_line(error)})') from error
+                             f'run it ({_reason(error)})') from error
 
     def __call__(self, images):
         """Logits and labels of a float32 ``(N, 3, H, W)`` batch of BGR
@@ -162,10 +198,10 @@ class SegmentationEngine:
     def model_size(self, size):
         """The size the model runs an image of ``size`` at: its input size,
         or for a model of any size, ``size`` brought within
-        :data:`MAX_INPUT_PIXELS`."""
+        :data:`RUN_PIXELS`."""
         if self.info.input_size:
             return tuple(self.info.input_size)
-        return fit_within(size, MAX_INPUT_PIXELS)
+        return fit_within(size, RUN_PIXELS)
 
     def logits(self, images):
         """Logits of a float32 BGR batch of any size: resized to the
@@ -196,25 +232,49 @@ class SegmentationEngine:
 
         The model runs at :meth:`model_size`; its logits are brought to the
         image's size a band of rows at a time, so that memory stays bounded
-        however large the image.
+        however large the image (within
+        :data:`~mmrepvgg.deploy.images.MAX_IMAGE_PIXELS`).
         """
         size = image.shape[:2]
         logits = self(as_batch(image, self.model_size(size)).numpy())[0]
         return self._labels(torch.from_numpy(logits[0]), size)
 
     def _labels(self, logits, size):
-        classes, height, width = logits.shape
-        rows = interpolation_matrix(size[0], height, self.info.align_corners,
-                                    torch.float32)
-        columns = interpolation_matrix(size[1], width, self.info.align_corners,
-                                       torch.float32)
-        wide = logits @ columns.T
-        labels = np.empty(size, np.uint8 if classes <= 256 else np.int32)
-        for start in range(0, size[0], _LABEL_ROWS):
-            band = torch.einsum('yh,chw->cyw', rows[start:start + _LABEL_ROWS],
-                                wide)
-            labels[start:start + _LABEL_ROWS] = band.argmax(0).numpy()
+        """The argmax of ``(C, h, w)`` logits resized bilinearly to
+        ``size``, as mmseg resizes them, a band of rows at a time."""
+        height, width = size
+        dtype = np.uint8 if len(logits) <= 256 else np.int32
+        if tuple(logits.shape[1:]) == tuple(size):
+            return logits.argmax(0).numpy().astype(dtype)
+        columns = _source_coordinates(width, logits.shape[2],
+                                      self.info.align_corners)
+        rows = _source_coordinates(height, logits.shape[1],
+                                   self.info.align_corners)
+        labels = np.empty(size, dtype)
+        for start in range(0, height, _LABEL_ROWS):
+            band = rows[start:start + _LABEL_ROWS]
+            grid = torch.stack(
+                torch.broadcast_tensors(columns[None], band[:, None]), dim=-1)
+            resized = F.grid_sample(
+                logits[None],
+                grid[None],
+                mode='bilinear',
+                padding_mode='border',
+                align_corners=self.info.align_corners)
+            labels[start:start + len(band)] = resized[0].argmax(0).numpy()
         return labels
+
+
+def _source_coordinates(size, length, align_corners):
+    """Where each of ``size`` resized samples reads a ``length``-sample
+    axis, as ``F.interpolate`` maps them, in ``F.grid_sample``'s
+    normalized coordinates."""
+    samples = torch.arange(size, dtype=torch.float64)
+    if align_corners:
+        source = samples * ((length - 1) / max(size - 1, 1))
+        return (2 * source / max(length - 1, 1) - 1).float()
+    source = ((samples + 0.5) * (length / size) - 0.5).clamp(min=0)
+    return ((2 * source + 1) / length - 1).float()
 
 
 @MODELS.register_module()

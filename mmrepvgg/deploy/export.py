@@ -30,7 +30,8 @@ from .images import (TestPipeline, as_batch, check_input_size, fit_within,
                      image_size, read_image)
 from .loading import dataset_meta, deploy_model
 from .logits import ImageSegmentor
-from .model_info import INPUT, OUTPUTS, ExportedModelInfo, set_info
+from .model_info import (INPUT, OUTPUTS, ExportedModelInfo, read_model,
+                         set_info)
 
 __all__ = [
     'OPSET', 'ExportSettings', 'ExportResult', 'SlicedAdaptiveAvgPool2d',
@@ -283,6 +284,7 @@ def check_on_engines(model,
     """
     own, exact = fp32_and_exact(reference, inputs, run=lambda m, x: m(x)[0])
     result = _EngineCheck()
+    model = read_model(model)
     for backend in backends:
         engine = SegmentationEngine(model, EngineSettings(backend))
         for images, own_logits, exact_logits in zip(inputs, own, exact):

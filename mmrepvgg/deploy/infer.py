@@ -63,7 +63,7 @@ def segment_images(model,
 
     Every image is checked (its size from its header) before the model is
     loaded; a model of any input size runs large images at most at
-    :data:`~mmrepvgg.deploy.images.MAX_INPUT_PIXELS`.
+    :data:`~mmrepvgg.deploy.engines.RUN_PIXELS`.
 
     Args:
         model (str): ONNX model written by

@@ -18,8 +18,8 @@ from ..version import __version__
 from .loading import DatasetMeta
 
 __all__ = [
-    'INPUT', 'OUTPUTS', 'ExportedModelInfo', 'set_info', 'read_model',
-    'MAX_MODEL_BYTES'
+    'INPUT', 'OUTPUTS', 'MAX_MODEL_BYTES', 'ExportedModelInfo', 'ModelFile',
+    'set_info', 'read_model'
 ]
 
 INPUT = 'images'
@@ -143,14 +143,30 @@ def set_info(proto, info):
     onnx.helper.set_model_props(proto, info.to_props())
 
 
+@dataclass
+class ModelFile:
+    """An exported model as read and checked.
+
+    Attributes:
+        name (str): The file, or ``'the model'`` for bytes.
+        data (bytes): Its bytes, as the engines take them.
+        proto (onnx.ModelProto): Its graph.
+        info (ExportedModelInfo): Its metadata.
+    """
+    name: str
+    data: bytes
+    proto: object
+    info: ExportedModelInfo
+
+
 def read_model(model):
-    """An exported model's metadata and graph, both checked.
+    """An exported model's bytes, graph and metadata, checked.
 
     Args:
         model (str | bytes): An ONNX file or its bytes.
 
     Returns:
-        tuple[ExportedModelInfo, onnx.ModelProto]: Its metadata and graph.
+        ModelFile: The model.
 
     Raises:
         UsageError: No readable ONNX model, or one with external data.
@@ -158,31 +174,38 @@ def read_model(model):
             :func:`~mmrepvgg.deploy.export.export_onnx` writes.
     """
     name = 'the model' if isinstance(model, bytes) else model
-    proto = _load(model, name)
+    data = model if isinstance(model, bytes) else _read(model)
+    proto = _parse(data, name)
     info = ExportedModelInfo.from_props(
         {p.key: p.value
          for p in proto.metadata_props}, name)
     _check_graph(proto, info, name)
-    return info, proto
+    return ModelFile(name, data, proto, info)
 
 
-def _load(model, name):
+def _read(path):
+    if not osp.isfile(path):
+        raise UsageError(f'{path}: no such file')
+    if osp.getsize(path) > MAX_MODEL_BYTES:
+        raise UsageError(f'{path}: larger than an ONNX model can be')
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as error:
+        raise UsageError(
+            f'{path}: cannot read ({error.strerror or error})') from error
+
+
+def _parse(data, name):
     import onnx
     from google.protobuf.message import DecodeError
-    if not isinstance(model, bytes):
-        if not osp.isfile(model):
-            raise UsageError(f'{model}: no such file')
-        if osp.getsize(model) > MAX_MODEL_BYTES:
-            raise UsageError(f'{model}: larger than an ONNX model can be')
     try:
-        # External data could name any file on this machine: never read.
-        proto = (
-            onnx.load_from_string(model) if isinstance(model, bytes) else
-            onnx.load(model, load_external_data=False))
-    except (OSError, DecodeError, ValueError, RuntimeError) as error:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as error:
         raise UsageError(
             f'{name}: not a readable ONNX model ({first_line(error)})'
         ) from error
+    # External data could name any file on this machine: it is never read.
     if any(t.data_location == onnx.TensorProto.EXTERNAL
            for t in proto.graph.initializer):
         raise UsageError(f'{name}: keeps weights in external files, which '

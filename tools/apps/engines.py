@@ -11,7 +11,7 @@ import torch
 
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import (BACKENDS, PRECISIONS, EngineSettings,
-                                     SegmentationEngine)
+                                     SegmentationEngine, bf16_available)
 from mmrepvgg.deploy.export import exportable, to_onnx
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import dataset_meta
@@ -36,11 +36,13 @@ def check_engines(backends, precisions):
 
 
 def engine_forms(backends, precisions):
-    """The (backend, precision) pairs to run; ONNX Runtime has no bf16 on
-    CPUs."""
+    """The (backend, precision) pairs to run: bf16 on OpenVINO only, and
+    only on a CPU with bf16 units."""
+    bf16 = 'openvino' in backends and 'bf16' in precisions and (
+        bf16_available())
     return [(backend, precision) for backend in BACKENDS if backend in backends
             for precision in precisions
-            if not (backend == 'onnxruntime' and precision == 'bf16')]
+            if precision != 'bf16' or (backend == 'openvino' and bf16)]
 
 
 def model_precision(precision):
