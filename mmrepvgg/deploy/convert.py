@@ -21,8 +21,8 @@ from .images import MAX_INPUT_PIXELS, read_image
 
 __all__ = [
     'switch_to_deploy', 'convertible_blocks', 'deploy_roots',
-    'replace_modules', 'converted_outputs', 'random_input', 'image_input',
-    'ConversionComparison', 'ConversionCheck'
+    'converted_outputs', 'random_input', 'image_input', 'ConversionComparison',
+    'ConversionCheck'
 ]
 
 
@@ -70,26 +70,6 @@ def deploy_roots(model):
                 name.startswith(root + '.') for root in roots):
             roots.append(name)
     return roots
-
-
-def replace_modules(model, factory):
-    """Replace, in place, every module below ``model`` for which
-    ``factory(module)`` returns a module (not None) by what it returns; the
-    replacements are not searched again.
-
-    Returns:
-        int: How many modules were replaced.
-    """
-    found = []
-    for name, module in model.named_modules():
-        if name and not any(name.startswith(f + '.') for f, _ in found):
-            replacement = factory(module)
-            if replacement is not None:
-                found.append((name, replacement))
-    for name, replacement in found:
-        parent, _, attribute = name.rpartition('.')
-        setattr(model.get_submodule(parent), attribute, replacement)
-    return len(found)
 
 
 class _RootsDone(Exception):

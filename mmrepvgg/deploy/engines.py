@@ -118,19 +118,21 @@ def _reason(error):
     return first_line(error)
 
 
-def onnxruntime_session(model, threads=0):
+def onnxruntime_session(model, threads=0, keep_memory=True):
     """An ONNX Runtime CPU session for model bytes or a path, quiet on
-    stderr."""
+    stderr; without ``keep_memory`` it frees its working memory after each
+    run."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = keep_memory
     if threads:
         options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(
         model, options, providers=['CPUExecutionProvider'])
 
 
-def _openvino_model(data, settings):
+def _openvino_model(data, settings, keep_memory):
     import openvino
     core = openvino.Core()
     config = {
@@ -143,13 +145,16 @@ def _openvino_model(data, settings):
 
     def run(images):
         results = compiled({INPUT: images})
-        return results['logits'], results['labels']
+        outputs = results['logits'], results['labels']
+        if not keep_memory:
+            compiled.release_memory()
+        return outputs
 
     return run
 
 
-def _onnxruntime_model(data, settings):
-    session = onnxruntime_session(data, settings.threads)
+def _onnxruntime_model(data, settings, keep_memory):
+    session = onnxruntime_session(data, settings.threads, keep_memory)
     return lambda images: session.run(None, {INPUT: images})
 
 
@@ -161,6 +166,9 @@ class SegmentationEngine:
             it as :func:`~mmrepvgg.deploy.model_info.read_model` read it)
             written by :func:`mmrepvgg.deploy.export.export_onnx`.
         settings (EngineSettings): Engine, precision and threads.
+        keep_memory (bool): Keep the engine's working memory from one run
+            to the next, for speed. Without it the memory is freed after
+            each run, for checks and single large images. Defaults to True.
 
     Attributes:
         info (ExportedModelInfo): The model's metadata: classes, palette,
@@ -171,7 +179,7 @@ class SegmentationEngine:
             or one the engine refuses.
     """
 
-    def __init__(self, model, settings=EngineSettings()):
+    def __init__(self, model, settings=EngineSettings(), keep_memory=True):
         self.settings = settings.check()
         if not isinstance(model, ModelFile):
             model = read_model(model)
@@ -179,7 +187,7 @@ class SegmentationEngine:
         make = (
             _openvino_model
             if settings.backend == 'openvino' else _onnxruntime_model)
-        self._run = self._guarded(make, model.data, settings)
+        self._run = self._guarded(make, model.data, settings, keep_memory)
 
     def _guarded(self, function, *args):
         try:

@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..models.fusion import fuse_conv_bn
-from .convert import replace_modules
 from .images import interpolation_matrix
+from .modules import replace_modules
 
 __all__ = ['FoldedPSPHead', 'fold_psp_heads']
 

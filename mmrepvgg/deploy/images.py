@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.dataset import Compose
-from mmengine.registry import DATASETS
+from mmengine.registry import DATASETS, TRANSFORMS
 from PIL import Image
 
 from ..errors import ConfigError, UsageError, first_line
@@ -133,8 +133,14 @@ class TestPipeline:
         if not isinstance(transforms, (list, tuple)) or not transforms:
             raise ConfigError(f'{cfg.filename}: has no test pipeline')
         try:
-            self._pipeline = Compose(
-                [t for t in transforms if 'Load' not in str(t.get('type'))])
+            # In the config's own scope (mmseg's transforms), whatever scope
+            # this process used last.
+            with TRANSFORMS.switch_scope_and_registry(
+                    cfg.get('default_scope')) as registry:
+                self._pipeline = Compose([
+                    registry.build(t) for t in transforms
+                    if 'Load' not in str(t.get('type'))
+                ])
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ConfigError(
                 f'{cfg.filename}: its test pipeline does not build '
@@ -177,10 +183,12 @@ def _leaf_datasets(dataset_cfg):
     return [dataset_cfg]
 
 
-def _image_paths(dataset_cfg, split):
+def _image_paths(cfg, dataset_cfg, split):
     try:
-        dataset = DATASETS.build(
-            dict(dataset_cfg, pipeline=[], lazy_init=False))
+        with DATASETS.switch_scope_and_registry(
+                cfg.get('default_scope')) as registry:
+            dataset = registry.build(
+                dict(dataset_cfg, pipeline=[], lazy_init=False))
         return [
             dataset.get_data_info(i)['img_path'] for i in range(len(dataset))
         ]
@@ -213,7 +221,7 @@ def dataset_image_paths(cfg, split, count):
     paths = list(
         dict.fromkeys(
             path for leaf in _leaf_datasets(dataset_cfg)
-            for path in _image_paths(leaf, split)))
+            for path in _image_paths(cfg, leaf, split)))
     if not paths:
         raise UsageError(f'the {split} split of {cfg.filename} lists no '
                          'images')

@@ -86,7 +86,8 @@ def segment_images(model,
             check_output_path(f'{stem}_{suffix}.png', inputs, force)
     for img in imgs:
         image_size(img)
-    engine = SegmentationEngine(model, settings.check())
+    # One image at a time, perhaps a large one: no memory kept between.
+    engine = SegmentationEngine(model, settings.check(), keep_memory=False)
     if not engine.info.palette:
         raise UsageError(f'{model}: its metadata has no palette to colour '
                          'the labels with')
