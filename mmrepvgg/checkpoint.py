@@ -317,7 +317,7 @@ def load_weights(model, weights, checkpoint='checkpoint', config='config'):
             (line.strip() for line in lines if 'size mismatch' in line),
             first_line(error))
         raise CheckpointError(
-            f'{checkpoint} does not match {config}: {detail}') from None
+            f'{checkpoint} does not match {config}: {detail}') from error
     problems = [
         f'{name} keys {first_keys(keys)}'
         for name, keys in (('missing', result.missing_keys),

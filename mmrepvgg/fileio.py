@@ -88,10 +88,10 @@ def write_files(contents, force=False):
             (_replace if force else _create)(temporary)
         except FileExistsError as error:
             raise UsageError(f'{error.filename2 or error.filename}: already '
-                             'exists; pass --force to overwrite it') from None
+                             'exists; pass --force to overwrite it') from error
         except OSError as error:
             raise UsageError(f'{error.filename}: cannot write '
-                             f'({error.strerror or error})') from None
+                             f'({error.strerror or error})') from error
         finally:
             for path in temporary.values():
                 if osp.lexists(path):

@@ -76,7 +76,7 @@ def convert_pretrained(src, dst, arch=None, force=False):
     try:
         arch, deploy = match_arch(weights, layout, arch)
     except CheckpointError as error:
-        raise CheckpointError(f'{src}: {error}') from None
+        raise CheckpointError(f'{src}: {error}') from error
     data = serialize(
         dict(
             state_dict={

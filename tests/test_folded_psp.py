@@ -6,11 +6,11 @@ import pytest
 import torch
 from mmseg.models.decode_heads import FCNHead, PSPHead
 
-from apps.benchmark import build_segmentor
 from apps.fast_path import optimize
 from helpers import (PSPNET_A0, REPO_ROOT, assert_converts_exactly,
                      randomize_batch_norms)
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
+from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import relative_error
 from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_labels,
                                      fp32_and_exact)
@@ -85,7 +85,7 @@ def test_non_square_pooling_and_dilated_bottleneck_fold():
 
 def test_folded_segmentor_predicts_the_same_labels():
     segmentor = switch_to_deploy(
-        randomize_batch_norms(build_segmentor(PSPNET_A0), seed=1))
+        randomize_batch_norms(build_model(read_config(PSPNET_A0)), seed=1))
     original = copy.deepcopy(segmentor)
     assert fold_psp_heads(segmentor) == 1
     head = segmentor.decode_head
@@ -143,7 +143,7 @@ def test_what_cannot_be_folded_is_refused():
 
 
 def test_segmentors_without_a_psp_head_are_left_alone():
-    segmentor = build_segmentor(DEEPLABV3_A0)
+    segmentor = build_model(read_config(DEEPLABV3_A0))
     state = copy.deepcopy(segmentor.state_dict())
     assert fold_psp_heads(segmentor) == 0
     assert segmentor.state_dict().keys() == state.keys()

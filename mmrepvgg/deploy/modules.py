@@ -2,6 +2,7 @@
 in another way: for export (sliced adaptive pooling), for speed (the
 folded PSP head), and for float64 references within memory (chunked
 convolutions)."""
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,43 +29,44 @@ def replace_modules(model, factory):
     return len(found)
 
 
-class ChunkedConv2d(nn.Module):
+class ChunkedConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that sums its input channels ``chunk`` at a time.
 
     PyTorch computes float64 convolutions (which oneDNN does not) through
     explicit im2col columns of input channels x kernel taps x output
     pixels: 4 GB for a 1792-channel 3x3 conv at 128x256. Chunk by chunk
-    they stay small; the sum is the same up to float64 rounding.
-
-    Args:
-        conv (nn.Conv2d): Ungrouped, zero-padded; kept, not copied.
-        chunk (int): Input channels at a time. Defaults to 128.
+    they stay small; the sum is the same up to float64 rounding. Build one
+    with :meth:`of`.
     """
+    chunk = 128
 
-    def __init__(self, conv, chunk=128):
-        super().__init__()
-        self.conv = conv
-        self.chunk = chunk
-
-    def forward(self, x):
-        conv = self.conv
+    def _conv_forward(self, input, weight, bias):
         out = None
-        for start in range(0, conv.in_channels, self.chunk):
-            part = F.conv2d(x[:, start:start + self.chunk],
-                            conv.weight[:, start:start + self.chunk], None,
-                            conv.stride, conv.padding, conv.dilation)
+        for start in range(0, self.in_channels, self.chunk):
+            part = F.conv2d(input[:, start:start + self.chunk],
+                            weight[:, start:start + self.chunk], None,
+                            self.stride, self.padding, self.dilation)
             out = part if out is None else out.add_(part)
-        if conv.bias is not None:
-            out += conv.bias.reshape(1, -1, 1, 1)
-        return out
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
     @classmethod
-    def of(cls, module, chunk=128):
-        """A chunked form of ``module`` if it is a conv that gains from
-        one, else None (for :func:`replace_modules`)."""
-        if (type(module) is nn.Conv2d and module.groups == 1
+    def of(cls, module):
+        """A chunked conv with the parameters of ``module``, if it is an
+        ungrouped, zero-padded conv of more input channels than a chunk;
+        else None (for :func:`replace_modules`)."""
+        if not (type(module) is nn.Conv2d and module.groups == 1
                 and module.padding_mode == 'zeros'
-                and isinstance(module.padding, tuple)
-                and module.in_channels > chunk):
-            return cls(module, chunk)
-        return None
+                and not isinstance(module.padding, str)
+                and module.in_channels > cls.chunk):
+            return None
+        with torch.device('meta'):
+            chunked = cls(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                bias=module.bias is not None)
+        chunked.weight, chunked.bias = module.weight, module.bias
+        return chunked.train(module.training)
