@@ -22,6 +22,12 @@ from mmengine.logging import HistoryBuffer
 
 from .errors import CheckpointError, first_keys, first_line
 
+__all__ = [
+    'allow_mmengine_checkpoints', 'Checkpoint', 'load_checkpoint',
+    'read_checkpoint', 'weights_of', 'plain_data_problem', 'checkpoint_meta',
+    'load_weights', 'MMENGINE_CHECKPOINT_GLOBALS'
+]
+
 _MULTIARRAY = getattr(np, '_core', None) or np.core
 _MULTIARRAY_MODULES = ('numpy.core.multiarray', 'numpy._core.multiarray')
 # Booleans, signed and unsigned integers, floats and complex numbers.

@@ -5,6 +5,11 @@ line (with ``--debug`` or ``MMREPVGG_DEBUG=1``, the traceback of what caused
 it too); anything else is a bug and keeps its traceback.
 """
 
+__all__ = [
+    'MMRepVGGError', 'CheckpointError', 'ConfigError', 'UsageError',
+    'MetadataError', 'VerificationError', 'first_keys', 'first_line'
+]
+
 
 class MMRepVGGError(Exception):
     """A file, config or argument that mmrepvgg cannot use."""

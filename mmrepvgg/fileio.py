@@ -22,6 +22,8 @@ import torch
 
 from .errors import UsageError
 
+__all__ = ['check_output_path', 'serialize', 'write_files']
+
 
 def check_output_path(out, inputs=(), force=False):
     """Refuse an output path that names a folder, would overwrite one of

@@ -10,6 +10,8 @@ from .models import RepVGG
 from .models.weight_layouts import (check_weights_fit, is_deploy_form,
                                     to_mmrepvgg_layout)
 
+__all__ = ['match_arch', 'convert_pretrained']
+
 
 def match_arch(weights, layout, arch=None):
     """The arch and form of RepVGG backbone weights in our layout.

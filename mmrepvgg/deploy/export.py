@@ -35,7 +35,7 @@ from .modules import replace_modules
 
 __all__ = [
     'OPSET', 'ExportSettings', 'ExportResult', 'SlicedAdaptiveAvgPool2d',
-    'exportable', 'to_onnx', 'export_onnx'
+    'exportable', 'to_onnx', 'check_on_engines', 'export_onnx'
 ]
 
 OPSET = 18
@@ -235,8 +235,9 @@ def _check_inputs(size, imgs, dynamic):
     """Random images at the size (and 3/4 of it, if dynamic), then the
     image files: at the size, or within its pixels if dynamic."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [size
-             ] + ([(size[0] * 3 // 4, size[1] * 3 // 4)] if dynamic else [])
+    sizes = [size]
+    if dynamic:
+        sizes.append((size[0] * 3 // 4, size[1] * 3 // 4))
     inputs = [torch.rand(1, 3, *s, generator=generator) * 255 for s in sizes]
     pixels = size[0] * size[1]
     return inputs + [

@@ -21,6 +21,8 @@ from torch import nn
 
 from .fusion import add_centered, fuse_conv_bn, identity_kernel
 
+__all__ = ['SELayer', 'RepVGGBlock', 'QARepVGGBlock']
+
 
 class SELayer(BaseModule):
     """Squeeze-and-excitation as in RepVGG-D2se.

@@ -7,6 +7,8 @@ result back to the dtype of the weights they replace.
 import torch
 from torch import nn
 
+__all__ = ['fuse_conv_bn', 'identity_kernel', 'add_centered', 'is_batch_norm']
+
 
 def fuse_conv_bn(kernel, norm, bias=None):
     """Fold a batch norm into the convolution kernel that feeds it.

@@ -17,6 +17,8 @@ from mmseg.registry import MODELS
 from .fusion import is_batch_norm
 from .weight_layouts import check_weights_fit, to_mmrepvgg_layout
 
+__all__ = ['RepVGG']
+
 # Blocks counted from the stem (stem = 0) that the paper's g2/g4 variants
 # build as grouped convolutions.
 _GROUPED_BLOCKS = range(2, 27, 2)

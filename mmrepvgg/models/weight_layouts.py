@@ -18,6 +18,11 @@ import re
 
 from ..errors import CheckpointError, first_keys
 
+__all__ = [
+    'Layout', 'detect_layout', 'to_mmrepvgg_layout', 'check_weights_fit',
+    'is_deploy_form'
+]
+
 
 class Layout(enum.Enum):
     """A key layout of RepVGG weights; the value names it in messages."""
