@@ -30,7 +30,13 @@ def parse_args():
         action='store_true',
         help='write an int8 model (QDQ, per-channel weights), calibrated on '
         "images of the config's training set, if its labels agree with the "
-        "fp32 model's on the validation set")
+        "fp32 model's on the validation set, keeping the convs that move "
+        'its logits most in fp32 if it must (see --max-float)')
+    int8.add_argument(
+        '--int8-report',
+        action='store_true',
+        help='print every conv, ranked by how much it alone moves the logits '
+        'in int8 (the ranking is in the metadata too)')
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists')
     return parser.parse_args()
@@ -47,10 +53,10 @@ def main():
         force=args.force,
         tolerance=settings_from(args, Fp32Tolerance, 'tolerance'),
         int8=settings_from(args, Int8Settings) if args.int8 else None)
-    report(result, args.verbose)
+    report(result, args.verbose, args.int8_report)
 
 
-def report(result, verbose):
+def report(result, verbose, int8_report=False):
     """Print what was exported and how closely it matches."""
     shape = 'x'.join(map(str, result.input_size))
     print(f'exported at {shape}' + (' (any size)' if result.dynamic else ''))
@@ -60,13 +66,29 @@ def report(result, verbose):
           f'{result.num_inputs} input(s): {result.check.describe()}; '
           f'{result.tied_flips} label(s) flipped at near-ties')
     if result.info.precision == 'int8':
-        agreement = result.info.agreement
-        print(f'int8, calibrated on {result.info.calibration["images"]} '
-              f'training image(s): labels agree with fp32 on '
-              f'{agreement["labels"]:.2%} of the pixels of '
-              f'{agreement["images"]} validation image(s) (logits within '
-              f'{agreement["max_rel_error"]:.1e} relative)')
+        report_int8(result.info, int8_report)
     print(f'wrote {result.out}')
+
+
+def report_int8(info, ranking):
+    """Print an int8 model's agreement and the convs it keeps in fp32;
+    with ``ranking``, every conv's sensitivity."""
+    agreement = info.agreement
+    print(f'int8 ({info.int8_scheme} scheme), calibrated on '
+          f'{info.calibration["images"]} training image(s): labels agree '
+          f'with fp32 on {agreement["labels"]:.2%} of the pixels of '
+          f'{agreement["images"]} validation image(s) (logits within '
+          f'{agreement["max_rel_error"]:.1e} relative)')
+    kept = ', '.join(info.float_convs) or 'none'
+    every = agreement.get('all_int8_labels')
+    print(f'convs kept in fp32: {len(info.float_convs)} of '
+          f'{len(info.sensitivity)} ({kept})' +
+          (f'; with every conv in int8, {every:.2%} agreed' if every else ''))
+    if ranking:
+        print('rank  logits error alone in int8  conv')
+        for rank, conv in enumerate(info.sensitivity, 1):
+            mark = '  (fp32)' if conv.conv in info.float_convs else ''
+            print(f'{rank:4d}  {conv.error:26.3e}  {conv.conv}{mark}')
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ and its graph must take ``images`` and give ``logits`` and ``labels`` as
 one line that names the file and what is wrong.
 """
 import json
+import math
 import os.path as osp
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
@@ -18,8 +19,8 @@ from ..version import __version__
 from .loading import DatasetMeta
 
 __all__ = [
-    'INPUT', 'OUTPUTS', 'MAX_MODEL_BYTES', 'ExportedModelInfo', 'ModelFile',
-    'set_info', 'read_model'
+    'INPUT', 'OUTPUTS', 'MAX_MODEL_BYTES', 'INT8_SCHEMES', 'ConvSensitivity',
+    'ExportedModelInfo', 'ModelFile', 'set_info', 'read_model'
 ]
 
 INPUT = 'images'
@@ -31,9 +32,38 @@ _MAX_VALUE_CHARS = 1 << 20
 _MAX_DEPTH = 16
 _MAX_SIZE = 16384
 _PRECISIONS = ('fp32', 'int8')
+# How int8 activations are stored: see mmrepvgg.deploy.quantize.
+INT8_SCHEMES = ('cpu', 'tensorrt')
+# Far above the convolutions of any model we export.
+_MAX_CONVS = 4096
 _JSON_VALUES = (str, int, float, bool, type(None))
 # ONNX element types: FLOAT, INT64.
 _FLOAT, _INT64 = 1, 7
+
+
+@dataclass
+class ConvSensitivity:
+    """How much one convolution alone moves an int8 model's logits.
+
+    Attributes:
+        conv (str): The conv's module name (its weight's name without
+            ``.weight``).
+        error (float): ``sum (q - f)^2 / sum f^2`` of the logits ``q``
+            with this conv alone in int8 and the fp32 logits ``f``, on
+            the calibration images.
+    """
+    conv: str
+    error: float
+
+    @classmethod
+    def parse(cls, value):
+        """The record of a metadata value, or None if it is not one."""
+        if not (isinstance(value, dict) and set(value) == {'conv', 'error'}
+                and isinstance(value['conv'], str)
+                and type(value['error']) in (int, float)
+                and math.isfinite(value['error']) and value['error'] >= 0):
+            return None
+        return cls(value['conv'], float(value['error']))
 
 
 @dataclass
@@ -56,6 +86,12 @@ class ExportedModelInfo:
             images its activation ranges were calibrated on.
         agreement (dict): For int8 models: its agreement with the fp32
             model (:class:`mmrepvgg.deploy.quantize.Agreement`).
+        int8_scheme (str): For int8 models: how activations are stored,
+            one of :data:`INT8_SCHEMES`.
+        float_convs (list[str]): For int8 models: the convs kept in fp32,
+            most sensitive first.
+        sensitivity (list[ConvSensitivity]): For int8 models: every conv,
+            most sensitive first.
     """
     classes: List[str]
     palette: List[List[int]]
@@ -68,6 +104,9 @@ class ExportedModelInfo:
     mmrepvgg: str = __version__
     calibration: dict = field(default_factory=dict)
     agreement: dict = field(default_factory=dict)
+    int8_scheme: str = ''
+    float_convs: List[str] = field(default_factory=list)
+    sensitivity: List[ConvSensitivity] = field(default_factory=list)
 
     def to_props(self):
         return {key: json.dumps(value) for key, value in asdict(self).items()}
@@ -98,6 +137,9 @@ class ExportedModelInfo:
                 raise MetadataError(f'{source}: its metadata has no {name}')
         info = cls(**values)
         info._check(source)
+        info.sensitivity = [
+            ConvSensitivity.parse(s) for s in info.sensitivity
+        ]
         return info
 
     def _check(self, source):
@@ -111,6 +153,11 @@ class ExportedModelInfo:
             ('precision', self.precision in _PRECISIONS),
             ('calibration', isinstance(self.calibration, dict)),
             ('agreement', isinstance(self.agreement, dict)),
+            ('int8_scheme', self.int8_scheme in ('', *INT8_SCHEMES)),
+            ('float_convs', _names(self.float_convs)),
+            ('sensitivity', isinstance(self.sensitivity, list)
+             and len(self.sensitivity) <= _MAX_CONVS and all(
+                 ConvSensitivity.parse(s) for s in self.sensitivity)),
         ) + tuple(
             (name, isinstance(getattr(self, name), str))
             for name in ('source', 'source_sha256', 'config', 'mmrepvgg'))
@@ -118,6 +165,11 @@ class ExportedModelInfo:
             if not ok:
                 raise MetadataError(f'{source}: its metadata {name} is '
                                     f'{getattr(self, name)!r:.60}')
+
+
+def _names(value):
+    return (isinstance(value, list) and len(value) <= _MAX_CONVS
+            and all(isinstance(v, str) for v in value))
 
 
 def _parse_json(text, name, source):

@@ -1,11 +1,15 @@
 """Calibrated post-training INT8 of exported segmentors.
 
 An fp32 model written by :func:`mmrepvgg.deploy.export.to_onnx` becomes a
-QDQ model (8-bit activations with zero points, per-channel 8-bit weights)
-that ONNX Runtime and OpenVINO both run in int8. Its activation ranges are
-calibrated on images of the config's training set, read through its test
-pipeline; its agreement with the fp32 model is measured on images of the
-validation set.
+QDQ model with per-channel 8-bit weights, in one of two schemes: ``cpu``
+(unsigned 8-bit activations with zero points, which ONNX Runtime and
+OpenVINO both run in int8) or ``tensorrt`` (signed 8-bit activations with
+zero point 0, as TensorRT's explicit quantization takes them). Its
+activation ranges are calibrated on images of the config's training set,
+read through its test pipeline; its agreement with the fp32 model is
+measured on images of the validation set. When too few labels agree, the
+convs that move the logits most (:mod:`.mixed_precision`) are kept in fp32,
+fewest first, up to a limit.
 
 The choices were measured (a PSPNet-RepVGG-A0, 512x1024): MinMax ranges
 agree with fp32 as well as entropy or percentile ones and take a third of
@@ -18,7 +22,8 @@ import logging
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 import torch
 
@@ -26,11 +31,12 @@ from ..errors import UsageError, VerificationError
 from .compare import relative_error
 from .engines import onnxruntime_session
 from .images import split_images
-from .model_info import set_info
+from .mixed_precision import convs_of, keep_float, sensitivities
+from .model_info import INPUT, INT8_SCHEMES, set_info
 
 __all__ = [
     'Agreement', 'Int8Settings', 'quantize_int8', 'measure_agreement',
-    'int8_model'
+    'check_agreement', 'int8_model'
 ]
 
 
@@ -44,11 +50,14 @@ class Agreement:
             of the logits.
         images (int): The images compared on.
         split (str): The dataset split they came from.
+        all_int8_labels (float, optional): For a model with convs kept in
+            fp32, the share of labels kept with every conv in int8.
     """
     labels: float
     max_rel_error: float
     images: int
     split: str
+    all_int8_labels: Optional[float] = None
 
     def to_dict(self):
         return asdict(self)
@@ -65,6 +74,9 @@ class Int8Settings:
             with fp32 is measured on.
         min_agreement (float): The share of pixels whose int8 label must
             equal the fp32 one, or nothing is written.
+        max_float (int): The most convs kept in fp32 to reach
+            ``min_agreement``, the most sensitive first.
+        scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
     """
     calib_num: int = field(
         default=16, metadata=dict(help='training images to calibrate on'))
@@ -75,6 +87,17 @@ class Int8Settings:
         default=0.99,
         metadata=dict(help="share of pixels whose int8 label must equal the "
                       "fp32 one"))
+    max_float: int = field(
+        default=3,
+        metadata=dict(help='the most convs kept in fp32, the most sensitive '
+                      'first, if full int8 misses --min-agreement'))
+    scheme: str = field(
+        default='cpu',
+        metadata=dict(
+            flag='--int8-scheme',
+            help='cpu: unsigned activations with zero points (ONNX Runtime, '
+            'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
+            "(TensorRT's explicit quantization)"))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -83,6 +106,12 @@ class Int8Settings:
         if not 0 <= self.min_agreement <= 1:
             raise UsageError(f'--min-agreement is a share of pixels, from 0 '
                              f'to 1; got {self.min_agreement}')
+        if self.max_float < 0:
+            raise UsageError(f'--max-float is a number of convs, at least 0; '
+                             f'got {self.max_float}')
+        if self.scheme not in INT8_SCHEMES:
+            raise UsageError(f'--int8-scheme must be one of '
+                             f'{", ".join(INT8_SCHEMES)}; got {self.scheme!r}')
 
 
 class _Batches:
@@ -93,7 +122,7 @@ class _Batches:
 
     def get_next(self):
         batch = next(self._batches, None)
-        return None if batch is None else {'images': batch.numpy()}
+        return None if batch is None else {INPUT: batch.numpy()}
 
     def rewind(self):
         raise NotImplementedError('calibration reads its images once')
@@ -107,13 +136,28 @@ def _outer_nodes(proto):
     return [n.name for n in nodes[:convs[0]] + nodes[convs[-1] + 1:]]
 
 
-def quantize_int8(model, calibration):
+# quantize_static's options of each scheme. Weights are per-channel,
+# symmetric int8 in both. A ReLU stays in the graph (the engines fuse it) and
+# a conv's own output is not quantized, only the ReLU's: every fp32 tensor
+# stays, so that any conv can be given back its fp32 input.
+_KEEP_FP32_TENSORS = dict(
+    QDQKeepRemovableActivations=True,
+    OpTypesToExcludeOutputQuantization=['Conv'])
+_SCHEMES = dict(
+    cpu=dict(activation_type='QUInt8', extra_options=_KEEP_FP32_TENSORS),
+    tensorrt=dict(
+        activation_type='QInt8',
+        extra_options=dict(_KEEP_FP32_TENSORS, ActivationSymmetric=True)))
+
+
+def quantize_int8(model, calibration, scheme='cpu'):
     """An int8 QDQ model of an fp32 one.
 
     Args:
         model (bytes): The fp32 ONNX model.
         calibration (Sequence[Tensor]): Image batches the activation ranges
             are calibrated on.
+        scheme (str): One of :data:`~.model_info.INT8_SCHEMES`.
 
     Returns:
         onnx.ModelProto: The int8 model, with the fp32 model's metadata.
@@ -122,6 +166,7 @@ def quantize_int8(model, calibration):
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
     proto = onnx.load_from_string(model)
+    options = _SCHEMES[scheme]
     # ONNX Runtime writes the model, and its calibration copy, to files.
     with _quiet_quantizer(), tempfile.TemporaryDirectory(
             prefix='mmrepvgg_int8_') as folder:
@@ -132,10 +177,11 @@ def quantize_int8(model, calibration):
             _Batches(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType[options['activation_type']],
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=_outer_nodes(proto))
+            nodes_to_exclude=_outer_nodes(proto),
+            extra_options=dict(options['extra_options']))
         return onnx.load(out)
 
 
@@ -158,13 +204,26 @@ def _quiet_quantizer():
         onnxruntime.set_default_logger_severity(2)  # its default
 
 
+def _run(model, images):
+    """(logits, labels) of a model on ONNX Runtime for each batch."""
+    session = onnxruntime_session(model)
+    return [session.run(None, {INPUT: b.numpy()}) for b in images]
+
+
 def measure_agreement(int8, fp32, images, split):
-    """:class:`Agreement` of two models on ONNX Runtime over ``images``."""
-    sessions = [onnxruntime_session(m) for m in (int8, fp32)]
+    """:class:`Agreement` of two models on ONNX Runtime over ``images``.
+
+    Args:
+        int8 (bytes): The model compared.
+        fp32 (bytes | list): The reference model, or its outputs on
+            ``images`` (as it gives them, for each batch).
+        images (Sequence[Tensor]): Image batches.
+        split (str): The dataset split they came from.
+    """
+    reference = _run(fp32, images) if isinstance(fp32, bytes) else fp32
     same, total, error = 0, 0, 0.0
-    for batch in images:
-        (logits, labels), (ref_logits, ref_labels) = (
-            s.run(None, {'images': batch.numpy()}) for s in sessions)
+    for (logits, labels), (ref_logits, ref_labels) in zip(
+            _run(int8, images), reference):
         same += int((labels == ref_labels).sum())
         total += labels.size
         error = max(
@@ -174,18 +233,42 @@ def measure_agreement(int8, fp32, images, split):
     return Agreement(same / total, error, len(images), split)
 
 
-def check_agreement(agreement, min_agreement):
+def check_agreement(agreement, min_agreement, float_convs=0):
     """Raise VerificationError if fewer labels agree than asked."""
     if not agreement.labels >= min_agreement:
+        kept = f' with {float_convs} conv(s) in fp32' if float_convs else ''
         raise VerificationError(
             f'INT8 labels agree with fp32 on {agreement.labels:.2%} of the '
-            f'pixels of {agreement.images} {agreement.split} image(s), below '
-            f'the {min_agreement:.2%} asked; nothing written')
+            f'pixels of {agreement.images} {agreement.split} image(s){kept}, '
+            f'below the {min_agreement:.2%} asked; nothing written')
+
+
+def _mixed_precision(int8, fp32, ranking, held_out, settings):
+    """The int8 model with the fewest of the most sensitive convs in fp32
+    (at most ``settings.max_float``) whose labels agree as asked, its
+    :class:`Agreement` and the names of those convs."""
+    nodes = {c.name: c.node for c in convs_of(fp32)}
+    reference = _run(fp32.SerializeToString(), held_out)
+    count, all_int8 = 0, None
+    while True:
+        kept = [s.conv for s in ranking[:count]]
+        model = keep_float(int8, fp32, {nodes[k] for k in kept})
+        agreement = measure_agreement(model.SerializeToString(), reference,
+                                      held_out, 'val')
+        if all_int8 is None:
+            all_int8 = agreement.labels
+        if (agreement.labels >= settings.min_agreement
+                or count >= min(settings.max_float, len(ranking))):
+            if count:
+                agreement = replace(agreement, all_int8_labels=all_int8)
+            return model, agreement, kept
+        count += 1
 
 
 def int8_model(cfg, fp32, info, size, settings):
     """An int8 model of an fp32 one, calibrated and checked as ``settings``
-    say, with its calibration and agreement in its metadata.
+    say, with its calibration, the sensitivity of its convs, the convs kept
+    in fp32 and its agreement in its metadata.
 
     Args:
         cfg (Config): The model's config, whose training set calibrates and
@@ -199,16 +282,23 @@ def int8_model(cfg, fp32, info, size, settings):
         bytes: The int8 model.
 
     Raises:
-        VerificationError: Its labels agree less than asked.
+        VerificationError: Its labels agree less than asked, with as many
+            convs in fp32 as allowed.
     """
+    import onnx
     calibration = split_images(cfg, 'train', settings.calib_num, size)
     held_out = split_images(cfg, 'val', settings.eval_num, size)
-    proto = quantize_int8(fp32, calibration)
-    agreement = measure_agreement(proto.SerializeToString(), fp32, held_out,
-                                  'val')
-    check_agreement(agreement, settings.min_agreement)
+    int8 = quantize_int8(fp32, calibration, settings.scheme)
+    fp32 = onnx.load_from_string(fp32)
+    ranking = sensitivities(int8, fp32, calibration)
+    proto, agreement, kept = _mixed_precision(int8, fp32, ranking, held_out,
+                                              settings)
+    check_agreement(agreement, settings.min_agreement, len(kept))
     info.precision = 'int8'
+    info.int8_scheme = settings.scheme
     info.calibration = dict(split='train', images=len(calibration))
     info.agreement = agreement.to_dict()
+    info.float_convs = kept
+    info.sensitivity = ranking
     set_info(proto, info)
     return proto.SerializeToString()
