@@ -15,7 +15,7 @@ from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import ExportedModelInfo, read_model
-from mmrepvgg.deploy.quantize import quantize_int8
+from mmrepvgg.deploy.quantize import measure_agreement, quantize_int8
 from mmrepvgg.errors import MetadataError
 from mmrepvgg.testing import HOSTILE_BLOCKS, make_quantization_hostile
 
@@ -25,6 +25,9 @@ pytestmark = pytest.mark.integration
 HOSTILE_CEILING = 0.97
 MIN_AGREEMENT = 0.995
 MAX_FLOAT_SHARE = 0.10
+# What the toy PSPNet (not hostile) keeps of its labels in int8 at the
+# least, in each scheme (99.35% and 99.50% when this was written).
+SCHEME_AGREEMENT = dict(cpu=0.98, tensorrt=0.98)
 INT8_ARGS = ('--shape', *TOY_SIZE, '--int8', '--calib-num', 8, '--eval-num',
              4)
 
@@ -42,14 +45,6 @@ def _export(config, checkpoint, out, *args):
                            *args)
     assert result.returncode == 0, output(result)
     return read_model(str(out)).info, result.stdout
-
-
-@pytest.fixture(scope='module')
-def plain_int8(trained_pspnet, hostile, tmp_path_factory):
-    """The hostile model in int8 with every conv quantized."""
-    out = tmp_path_factory.mktemp('plain') / 'plain.onnx'
-    return _export(trained_pspnet.config, hostile, out, '--max-float', 0,
-                   '--min-agreement', 0)
 
 
 @pytest.fixture(scope='module')
@@ -75,16 +70,13 @@ def test_the_hostile_model_computes_as_the_trained_one(trained_pspnet,
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_plain_int8_loses_labels_that_mixed_precision_keeps(
-        plain_int8, mixed_int8):
-    plain, _ = plain_int8
-    _, mixed, _ = mixed_int8
-    assert plain.agreement['labels'] < HOSTILE_CEILING
-    assert plain.float_convs == []
+def test_plain_int8_loses_labels_that_mixed_precision_keeps(mixed_int8):
+    _, mixed, stdout = mixed_int8
+    assert mixed.agreement['all_int8_labels'] < HOSTILE_CEILING
     assert mixed.agreement['labels'] >= MIN_AGREEMENT
-    assert mixed.agreement['all_int8_labels'] == plain.agreement['labels']
     assert 1 <= len(mixed.float_convs) <= MAX_FLOAT_SHARE * len(
         mixed.sensitivity)
+    assert 'with every conv in int8, ' in stdout
 
 
 @pytest.mark.slow
@@ -147,15 +139,20 @@ def _zero_points(model):
     return activations, weights, initializers
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize('scheme, dtype', [('cpu', np.uint8),
                                            ('tensorrt', np.int8)])
 def test_int8_schemes_store_the_zero_points_their_engines_take(
         exported, trained_pspnet, scheme, dtype):
     fp32, _ = exported
+    fp32 = open(fp32, 'rb').read()
     cfg = read_config(trained_pspnet.config)
-    model = quantize_int8(
-        open(fp32, 'rb').read(), split_images(cfg, 'train', 2, TOY_SIZE),
-        scheme)
+    model = quantize_int8(fp32, split_images(cfg, 'train', 8, TOY_SIZE),
+                          scheme)
+    # Checked on ONNX Runtime like any int8 model.
+    agreement = measure_agreement(model.SerializeToString(), fp32,
+                                  split_images(cfg, 'val', 4, TOY_SIZE), 'val')
+    assert agreement.labels >= SCHEME_AGREEMENT[scheme]
     activations, weights, initializers = _zero_points(model)
     assert len(activations) > 20
     assert all(z.dtype == dtype for z in activations)
@@ -171,18 +168,6 @@ def test_int8_schemes_store_the_zero_points_their_engines_take(
             channels, ) and (zero == 0).all(), node.name
 
 
-@pytest.mark.slow
-@pytest.mark.numerics
-def test_the_tensorrt_scheme_is_checked_on_onnxruntime(
-        trained_pspnet, tmp_path):
-    info, stdout = _export(trained_pspnet.config, trained_pspnet.checkpoint,
-                           tmp_path / 'trt.onnx', '--int8-scheme', 'tensorrt',
-                           '--min-agreement', MIN_AGREEMENT)
-    assert info.int8_scheme == 'tensorrt'
-    assert info.agreement['labels'] >= MIN_AGREEMENT
-    assert 'int8 (tensorrt scheme)' in stdout
-
-
 @pytest.mark.parametrize('arguments, message', [
     (['--max-float', '-1'], '--max-float is a number of convs, at least 0'),
     (['--int8-scheme', 'gpu'], '--int8-scheme must be one of cpu, tensorrt'),
@@ -196,13 +181,14 @@ def test_bad_int8_arguments_are_refused(trained_pspnet, tmp_path, arguments,
     assert_refused(result, message, tmp_path, before)
 
 
+@pytest.mark.slow
 def test_mixed_precision_beyond_max_float_writes_nothing(
-        trained_pspnet, hostile, plain_int8, tmp_path):
-    plain, _ = plain_int8
+        trained_pspnet, hostile, tmp_path):
     before = snapshot(tmp_path)
     result = run_tool_here('export.py', trained_pspnet.config, hostile,
                            tmp_path / 'out.onnx', *INT8_ARGS,
-                           '--min-agreement', 1, '--max-float', 1)
+                           '--calib-num', 2, '--min-agreement', 1,
+                           '--max-float', 1)
     assert_refused(result, 'with 1 conv(s) in fp32, below the 100.00% asked',
                    tmp_path, before)
 
