@@ -222,8 +222,9 @@ def write_toy_config(base,
 
 # Blocks of a RepVGG-A0 backbone whose outputs make_quantization_hostile
 # blows up. On the toy PSPNet of the tests (64x128), plain PTQ then keeps
-# 14% of the fp32 labels and the two convs that read those outputs, kept in
-# fp32, bring it back to 99.7%; a factor of 512 kept 98%.
+# 96.6% of the fp32 labels and the two convs that read those outputs, kept
+# in fp32, 99.6%. The effect on labels is not monotonic in the factor and
+# the channels: a factor of 512 or 128 channels kept 98%-99%.
 HOSTILE_BLOCKS = ('stage_3.9', 'stage_3.10')
 
 
@@ -264,8 +265,8 @@ def _scale_inputs(weights, block, channels, factor, eps):
 def make_quantization_hostile(checkpoint,
                               out,
                               blocks=HOSTILE_BLOCKS,
-                              channels=2,
-                              factor=1024.0,
+                              channels=96,
+                              factor=256.0,
                               eps=1e-5):
     """Write a trained RepVGG checkpoint that computes what it did in fp32
     but quantizes as badly as ImageNet RepVGGs do.

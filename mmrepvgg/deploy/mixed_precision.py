@@ -67,6 +67,12 @@ def _module_name(name):
 def keep_float(int8, fp32, nodes):
     """A copy of a QDQ model in which the named operators compute in fp32.
 
+    Each reads the fp32 value of its inputs as the int8 model computes
+    them, and its own fp32 weights. Where the quantizer dropped an
+    operator (a ReLU that a zero point at the bottom of an unsigned range
+    does), it is put back on the paths into fp32 operators only, so that
+    the int8 convs keep their fused int8 kernels.
+
     Args:
         int8 (onnx.ModelProto): The QDQ model.
         fp32 (onnx.ModelProto): The fp32 model it was quantized from.
@@ -78,22 +84,84 @@ def keep_float(int8, fp32, nodes):
         weights that no int8 operator reads any more.
     """
     proto = copy.deepcopy(int8)
-    sources = {n.name: n for n in fp32.graph.node}
-    weights = {t.name: t for t in fp32.graph.initializer}
-    needed = set()
-    for node in proto.graph.node:
+    graph = _Rebuild(proto, fp32)
+    for node in list(proto.graph.node):
         if node.name in nodes and node.op_type not in _QDQ:
-            node.input[:] = sources[node.name].input
-            needed.update(i for i in node.input if i in weights)
-    # A float weight replaces the DequantizeLinear that gave its value.
-    producers = [n for n in proto.graph.node if set(n.output) & needed]
-    for node in producers:
-        proto.graph.node.remove(node)
-    present = {t.name for t in proto.graph.initializer}
-    proto.graph.initializer.extend(
-        copy.deepcopy(weights[name]) for name in sorted(needed - present))
+            node.input[:] = [
+                graph.resolve(i) for i in graph.sources[node.name].input
+            ]
+    graph.finish()
     _prune(proto)
     return proto
+
+
+class _Rebuild:
+    """Finds, in an int8 model, the tensor that holds the value of an fp32
+    model's tensor, re-creating dropped operators where needed."""
+
+    def __init__(self, proto, fp32):
+        self.proto = proto
+        self.sources = {n.name: n for n in fp32.graph.node}
+        self.weights = {t.name: t for t in fp32.graph.initializer}
+        self.tensors = {o for n in proto.graph.node for o in n.output}
+        self.alias = {i.name: i.name for i in fp32.graph.input}
+        int8_nodes = {n.name: n for n in proto.graph.node}
+        for node in fp32.graph.node:
+            if node.name in int8_nodes:
+                self.alias.update(zip(node.output,
+                                      int8_nodes[node.name].output))
+        self.producers = {o: n for n in fp32.graph.node for o in n.output}
+        self.needed, self.added = set(), []
+
+    def resolve(self, name):
+        """The int8 model's tensor with the value of fp32 tensor ``name``."""
+        if name in self.weights:
+            self.needed.add(name)
+            return name
+        if name and name not in self.alias:  # '': an optional input unset
+            node = copy.deepcopy(self.producers[name])
+            node.input[:] = [self.resolve(i) for i in node.input]
+            renamed = [
+                f'{o}_fp32' if o in self.tensors else o for o in node.output
+            ]
+            self.alias.update(zip(node.output, renamed))
+            node.output[:] = renamed
+            node.name += '_fp32'
+            self.added.append(node)
+        return self.alias.get(name, name)
+
+    def finish(self):
+        """Put the fp32 weights and the re-created operators in: a float
+        weight replaces the DequantizeLinear that gave its value."""
+        graph = self.proto.graph
+        for node in [n for n in graph.node if set(n.output) & self.needed]:
+            graph.node.remove(node)
+        present = {t.name for t in graph.initializer}
+        graph.initializer.extend(
+            copy.deepcopy(self.weights[name])
+            for name in sorted(self.needed - present))
+        _insert_sorted(graph, self.added)
+
+
+def _insert_sorted(graph, added):
+    """Add nodes to a graph, keeping its nodes in topological order."""
+    nodes = list(graph.node) + added
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output}
+    order, state = [], {}
+
+    def visit(index):
+        if state.get(index):
+            return
+        state[index] = True
+        for name in nodes[index].input:
+            if name in produced:
+                visit(produced[name])
+        order.append(nodes[index])
+
+    for index in range(len(nodes)):
+        visit(index)
+    del graph.node[:]
+    graph.node.extend(order)
 
 
 def _prune(proto):

@@ -136,21 +136,17 @@ def _outer_nodes(proto):
     return [n.name for n in nodes[:convs[0]] + nodes[convs[-1] + 1:]]
 
 
-# quantize_static's options of each scheme. Weights are per-channel,
-# symmetric int8 in both. A ReLU stays in the graph (the engines fuse it) and
-# a conv's own output is not quantized, only the ReLU's: every fp32 tensor
-# stays, so that any conv can be given back its fp32 input.
-_KEEP_FP32_TENSORS = dict(
-    QDQKeepRemovableActivations=True,
-    OpTypesToExcludeOutputQuantization=['Conv'])
+# quantize_static's options of each scheme; weights are per-channel,
+# symmetric int8 in both. In the cpu scheme a ReLU before an unsigned
+# activation is dropped (its zero point at the bottom of the range clamps
+# as it did), so that ONNX Runtime fuses conv, ReLU and requantization.
 _SCHEMES = dict(
-    cpu=dict(activation_type='QUInt8', extra_options=_KEEP_FP32_TENSORS),
+    cpu=dict(activation_type='QUInt8', extra_options={}),
     tensorrt=dict(
-        activation_type='QInt8',
-        extra_options=dict(_KEEP_FP32_TENSORS, ActivationSymmetric=True)))
+        activation_type='QInt8', extra_options=dict(ActivationSymmetric=True)))
 
 
-def quantize_int8(model, calibration, scheme='cpu'):
+def quantize_int8(model, calibration, scheme='cpu', outer_fp32=True):
     """An int8 QDQ model of an fp32 one.
 
     Args:
@@ -158,6 +154,9 @@ def quantize_int8(model, calibration, scheme='cpu'):
         calibration (Sequence[Tensor]): Image batches the activation ranges
             are calibrated on.
         scheme (str): One of :data:`~.model_info.INT8_SCHEMES`.
+        outer_fp32 (bool): Keep the operators before the first conv and
+            after the last in fp32 (a segmentor's normalization, resize and
+            argmax).
 
     Returns:
         onnx.ModelProto: The int8 model, with the fp32 model's metadata.
@@ -180,7 +179,7 @@ def quantize_int8(model, calibration, scheme='cpu'):
             activation_type=QuantType[options['activation_type']],
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=_outer_nodes(proto),
+            nodes_to_exclude=_outer_nodes(proto) if outer_fp32 else [],
             extra_options=dict(options['extra_options']))
         return onnx.load(out)
 

@@ -34,8 +34,9 @@ from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError
-from .engines import (FORM_PRECISIONS, check_engines, engine_forms,
-                      engine_runner, exported_models, model_precision)
+from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines,
+                      conv_models, conv_runner, engine_forms, engine_runner,
+                      exported_models, model_precision)
 from .fast_path import FAST_STEPS, check_fast_path, fast_steps_for, optimize
 from .mmpretrain import build_mmpretrain_backbone
 
@@ -236,12 +237,31 @@ class Check:
 
 
 @dataclass
+class Int8Ceiling:
+    """A segmentor's int8 speed-up on an engine against the engine's own
+    ceiling: one 3x3 conv's (see :data:`apps.engines.CONV_SHAPE`).
+
+    Attributes:
+        backend (str): The engine.
+        model_speedup (float): The segmentor's int8 over its fp32.
+        conv_speedup (float): The conv's int8 over its fp32.
+        share (float): ``model_speedup / conv_speedup``.
+    """
+    backend: str
+    model_speedup: float
+    conv_speedup: float
+    share: float
+
+
+@dataclass
 class BenchmarkResult:
-    """Settings, per-model timings, speed-ups and output checks."""
+    """Settings, per-model timings, speed-ups, output checks and the int8
+    speed-ups against the engines' ceilings."""
     settings: dict
     timings: List[Timing]
     ratios: List[Ratio]
     checks: List[Check]
+    int8_ceilings: List[Int8Ceiling] = field(default_factory=list)
 
     def to_dict(self):
         return asdict(self)
@@ -361,6 +381,22 @@ def _engine_entries(settings, models, images, log):
     return entries
 
 
+def _conv_entries(settings, log):
+    """One 3x3 conv in fp32 and int8 on each engine, when int8 is timed:
+    the engines' own int8 ceiling."""
+    backends = [b for b in BACKENDS if b in settings.backends]
+    if 'int8' not in settings.precisions or not backends:
+        return []
+    log('quantizing one 3x3 conv of 256 channels')
+    models = conv_models(settings.seed)
+    inputs = torch.rand(*CONV_SHAPE)
+    return [
+        Entry('conv3x3-256', 'conv', f'{backend} {precision}',
+              conv_runner(models[precision], backend, settings.threads),
+              inputs) for backend in backends for precision in models
+    ]
+
+
 def _entries(settings, log):
     models = _models(settings)
     images = _raw_images(settings)
@@ -369,7 +405,7 @@ def _entries(settings, log):
         entries += _torch_entries(settings, models, images, part)
         if part == 'segmentor':
             entries += _engine_entries(settings, models, images, log)
-    return entries
+    return entries + _conv_entries(settings, log)
 
 
 def _memory(settings):
@@ -477,6 +513,22 @@ def _ratios(entries, parts):
     return ratios
 
 
+def _int8_ceilings(entries):
+    """Each engine's int8 speed-up of our segmentor and of one conv."""
+    ours = entries[0].model
+    ceilings = []
+    for backend in BACKENDS:
+        pairs = [(_find(entries, part, f'{backend} int8', model),
+                  _find(entries, part, f'{backend} fp32', model))
+                 for part, model in (('segmentor', ours), ('conv', None))]
+        if all(a is not None and b is not None for a, b in pairs):
+            model, conv = (Ratio.of(*pair) for pair in pairs)
+            ceilings.append(
+                Int8Ceiling(backend, model.speedup, conv.speedup,
+                            model.speedup / conv.speedup))
+    return ceilings
+
+
 def _prepare_device(settings):
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -521,4 +573,5 @@ def run_benchmark(settings, log=print):
         device=str(device),
         torch=torch.__version__)
     return BenchmarkResult(described, [Timing.of(e) for e in entries],
-                           _ratios(entries, settings.parts), checks)
+                           _ratios(entries, settings.parts), checks,
+                           _int8_ceilings(entries))

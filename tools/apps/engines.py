@@ -11,15 +11,19 @@ import torch
 
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import (BACKENDS, PRECISIONS, EngineSettings,
-                                     SegmentationEngine, bf16_available)
-from mmrepvgg.deploy.export import exportable, to_onnx
+                                     SegmentationEngine, bf16_available,
+                                     onnxruntime_session)
+from mmrepvgg.deploy.export import OPSET, exportable, to_onnx
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import dataset_meta
-from mmrepvgg.deploy.model_info import ExportedModelInfo
+from mmrepvgg.deploy.model_info import INPUT, ExportedModelInfo
 from mmrepvgg.deploy.quantize import quantize_int8
 from mmrepvgg.errors import UsageError
 
 FORM_PRECISIONS = (*PRECISIONS, 'int8')
+# The engines' int8 ceiling is timed on one 3x3 conv of 256 channels with
+# its ReLU, at 64x128: the bulk of a RepVGG's arithmetic.
+CONV_SHAPE = (1, 256, 64, 128)
 
 
 def check_engines(backends, precisions):
@@ -86,3 +90,54 @@ def engine_runner(model, backend, precision, threads):
     engine = SegmentationEngine(model,
                                 engine_settings(backend, precision, threads))
     return lambda images: torch.from_numpy(engine(images.numpy())[0])
+
+
+def conv_models(seed=0):
+    """One 3x3 conv with its ReLU at :data:`CONV_SHAPE`, as fp32 and int8
+    ONNX bytes (random weights; int8 calibrated on random inputs, its
+    input and output quantized as inside a model)."""
+    from onnx import TensorProto, helper, numpy_helper
+    generator = torch.Generator().manual_seed(seed)
+    channels = CONV_SHAPE[1]
+    weight = torch.randn(
+        channels, channels, 3, 3, generator=generator) / (9 * channels)**0.5
+    tensors = [
+        numpy_helper.from_array(weight.numpy(), 'conv.weight'),
+        numpy_helper.from_array(torch.zeros(channels).numpy(), 'conv.bias')
+    ]
+    nodes = [
+        helper.make_node(
+            'Conv', [INPUT, 'conv.weight', 'conv.bias'], ['conv'],
+            name='conv',
+            pads=[1] * 4),
+        helper.make_node('Relu', ['conv'], ['logits'], name='relu')
+    ]
+    values = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, CONV_SHAPE)
+        for name in (INPUT, 'logits')
+    ]
+    graph = helper.make_graph(nodes, 'conv3x3', values[:1], values[1:],
+                              tensors)
+    fp32 = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid('', OPSET)])
+    fp32 = fp32.SerializeToString()
+    calibration = [
+        torch.randn(*CONV_SHAPE, generator=generator).relu() for _ in range(2)
+    ]
+    int8 = quantize_int8(fp32, calibration, outer_fp32=False)
+    return dict(fp32=fp32, int8=int8.SerializeToString())
+
+
+def conv_runner(model, backend, threads):
+    """A function from an input tensor to the conv model's output on an
+    engine, in fp32 arithmetic (an int8 model's convs stay int8)."""
+    if backend == 'onnxruntime':
+        session = onnxruntime_session(model, threads)
+        return lambda x: session.run(None, {INPUT: x.numpy()})[0]
+    import openvino
+    core = openvino.Core()
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    if threads:
+        config['INFERENCE_NUM_THREADS'] = threads
+    compiled = core.compile_model(core.read_model(model), 'CPU', config)
+    return lambda x: compiled({INPUT: x.numpy()})['logits']

@@ -45,6 +45,12 @@ def format_report(result):
         f'  {r.part}: {r.candidate} over {r.baseline}: {r.speedup:.2f}x '
         f'[{r.speedup_min:.2f}, {r.speedup_max:.2f}]' for r in result.ratios
     ]
+    lines += [
+        f'  {c.backend}: the segmentor in int8 runs {c.model_speedup:.2f}x '
+        f'its fp32, one 3x3 conv of 256 channels {c.conv_speedup:.2f}x: '
+        f'{c.share:.0%} of the engine\'s int8 ceiling'
+        for c in result.int8_ceilings
+    ]
     lines.append('output checks:')
     for c in result.checks:
         labels = ('' if c.label_mismatches is None else
