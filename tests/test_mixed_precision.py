@@ -31,8 +31,7 @@ MAX_FLOAT = 3
 # What the toy PSPNet (not hostile) keeps of its labels in int8 at the
 # least, in each scheme (99.35% and 99.50% when this was written).
 SCHEME_AGREEMENT = dict(cpu=0.98, tensorrt=0.98)
-INT8_ARGS = ('--shape', *TOY_SIZE, '--int8', '--calib-num', 8, '--eval-num',
-             4)
+INT8_ARGS = ('--shape', *TOY_SIZE, '--int8', '--calib-num', 8, '--eval-num', 4)
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +55,7 @@ def mixed_int8(trained_pspnet, hostile, tmp_path_factory):
     out = tmp_path_factory.mktemp('mixed') / 'mixed.onnx'
     info, stdout = _export(trained_pspnet.config, hostile, out,
                            '--min-agreement', MIN_AGREEMENT, '--max-float',
-                           MAX_FLOAT,
-                           '--int8-report')
+                           MAX_FLOAT, '--int8-report')
     return out, info, stdout
 
 
@@ -97,8 +95,8 @@ def test_the_most_sensitive_convs_are_kept_in_fp32(mixed_int8):
     }
     lines = stdout.splitlines()
     assert f'convs kept in fp32: {len(info.float_convs)} of' in stdout
-    assert sum(line.endswith('(fp32)') for line in lines) == len(
-        info.float_convs)
+    assert sum(line.endswith('(fp32)')
+               for line in lines) == len(info.float_convs)
 
 
 def _next_block(block):
@@ -123,8 +121,8 @@ def test_fp32_convs_read_fp32_inputs_and_weights(mixed_int8):
             assert not any(from_dq), conv.name
         else:
             assert from_dq[:2] == [True, True], conv.name
-    assert sum(not produced.get(c.input[1]) for c in convs) == len(
-        info.float_convs)
+    assert sum(not produced.get(c.input[1])
+               for c in convs) == len(info.float_convs)
 
 
 def _zero_points(model):
@@ -189,15 +187,14 @@ def test_mixed_precision_beyond_max_float_writes_nothing(
         trained_pspnet, hostile, tmp_path):
     before = snapshot(tmp_path)
     result = run_tool_here('export.py', trained_pspnet.config, hostile,
-                           tmp_path / 'out.onnx', *INT8_ARGS,
-                           '--calib-num', 2, '--min-agreement', 1,
-                           '--max-float', 1)
+                           tmp_path / 'out.onnx', *INT8_ARGS, '--calib-num', 2,
+                           '--min-agreement', 1, '--max-float', 1)
     assert_refused(result, 'with 1 conv(s) in fp32, below the 100.00% asked',
                    tmp_path, before)
 
 
-_PROPS = dict(classes='["road"]', palette='[]', align_corners='false',
-              input_size='null')
+_PROPS = dict(
+    classes='["road"]', palette='[]', align_corners='false', input_size='null')
 
 
 @pytest.mark.parametrize('props, message', [

@@ -16,7 +16,6 @@ serves every such model:
 """
 import copy
 from dataclasses import dataclass
-from typing import List
 
 import numpy as np
 
@@ -108,8 +107,8 @@ class _Rebuild:
         int8_nodes = {n.name: n for n in proto.graph.node}
         for node in fp32.graph.node:
             if node.name in int8_nodes:
-                self.alias.update(zip(node.output,
-                                      int8_nodes[node.name].output))
+                self.alias.update(
+                    zip(node.output, int8_nodes[node.name].output))
         self.producers = {o: n for n in fp32.graph.node for o in n.output}
         self.needed, self.added = set(), []
 
@@ -186,8 +185,8 @@ def _logits(model, images):
 
 
 def _noise_to_signal(logits, reference):
-    noise = sum(float(np.square(a - b).sum())
-                for a, b in zip(logits, reference))
+    noise = sum(
+        float(np.square(a - b).sum()) for a, b in zip(logits, reference))
     signal = sum(float(np.square(b).sum()) for b in reference)
     return noise / signal if signal else noise
 
@@ -213,6 +212,6 @@ def sensitivities(int8, fp32, images):
         alone = keep_float(int8, fp32, others - {conv.node})
         ranking.append(
             ConvSensitivity(
-                conv.name,
-                _noise_to_signal(_logits(alone, images), reference)))
+                conv.name, _noise_to_signal(_logits(alone, images),
+                                            reference)))
     return sorted(ranking, key=lambda s: -s.error)

@@ -137,9 +137,7 @@ class ExportedModelInfo:
                 raise MetadataError(f'{source}: its metadata has no {name}')
         info = cls(**values)
         info._check(source)
-        info.sensitivity = [
-            ConvSensitivity.parse(s) for s in info.sensitivity
-        ]
+        info.sensitivity = [ConvSensitivity.parse(s) for s in info.sensitivity]
         return info
 
     def _check(self, source):
@@ -156,8 +154,8 @@ class ExportedModelInfo:
             ('int8_scheme', self.int8_scheme in ('', *INT8_SCHEMES)),
             ('float_convs', _names(self.float_convs)),
             ('sensitivity', isinstance(self.sensitivity, list)
-             and len(self.sensitivity) <= _MAX_CONVS and all(
-                 ConvSensitivity.parse(s) for s in self.sensitivity)),
+             and len(self.sensitivity) <= _MAX_CONVS
+             and all(ConvSensitivity.parse(s) for s in self.sensitivity)),
         ) + tuple(
             (name, isinstance(getattr(self, name), str))
             for name in ('source', 'source_sha256', 'config', 'mmrepvgg'))

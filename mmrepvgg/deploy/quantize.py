@@ -221,8 +221,8 @@ def measure_agreement(int8, fp32, images, split):
     """
     reference = _run(fp32, images) if isinstance(fp32, bytes) else fp32
     same, total, error = 0, 0, 0.0
-    for (logits, labels), (ref_logits, ref_labels) in zip(
-            _run(int8, images), reference):
+    for (logits, labels), (ref_logits,
+                           ref_labels) in zip(_run(int8, images), reference):
         same += int((labels == ref_labels).sum())
         total += labels.size
         error = max(

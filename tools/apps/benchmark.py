@@ -34,8 +34,8 @@ from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError
-from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines,
-                      conv_models, conv_runner, engine_forms, engine_runner,
+from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines, conv_models,
+                      conv_runner, engine_forms, engine_runner,
                       exported_models, model_precision)
 from .fast_path import FAST_STEPS, check_fast_path, fast_steps_for, optimize
 from .mmpretrain import build_mmpretrain_backbone
@@ -518,8 +518,8 @@ def _int8_ceilings(entries):
     ours = entries[0].model
     ceilings = []
     for backend in BACKENDS:
-        pairs = [(_find(entries, part, f'{backend} int8', model),
-                  _find(entries, part, f'{backend} fp32', model))
+        pairs = [(_find(entries, part, f'{backend} int8',
+                        model), _find(entries, part, f'{backend} fp32', model))
                  for part, model in (('segmentor', ours), ('conv', None))]
         if all(a is not None and b is not None for a, b in pairs):
             model, conv = (Ratio.of(*pair) for pair in pairs)
