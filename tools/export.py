@@ -11,6 +11,8 @@ from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportSettings, export_onnx
 from mmrepvgg.deploy.quantize import Int8Settings
+from mmrepvgg.errors import CheckpointError, UsageError
+from mmrepvgg.qat import export_qat_onnx, is_qat_checkpoint
 
 
 def parse_args():
@@ -38,6 +40,9 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if _is_qat(args.checkpoint):
+        export_qat(args)
+        return
     result = export_onnx(
         args.config,
         args.checkpoint,
@@ -67,6 +72,32 @@ def report(result, verbose):
               f'{agreement["images"]} validation image(s) (logits within '
               f'{agreement["max_rel_error"]:.1e} relative)')
     print(f'wrote {result.out}')
+
+
+def _is_qat(path):
+    try:
+        return is_qat_checkpoint(path)
+    except CheckpointError:
+        return False  # export_onnx reports it, in the order of its checks
+
+
+def export_qat(args):
+    """Export a QAT checkpoint with the scales it trained."""
+    if not args.int8:
+        raise UsageError(f'{args.checkpoint}: is a QAT checkpoint; export it '
+                         'with --int8')
+    result = export_qat_onnx(
+        args.config,
+        args.checkpoint,
+        args.out,
+        settings=settings_from(args, ExportSettings),
+        force=args.force,
+        eval_num=args.eval_num)
+    agreement = result.agreement
+    print(f'int8 from QAT: ONNX Runtime labels agree with the QAT model on '
+          f'{agreement.labels:.2%} of the pixels of {agreement.images} '
+          f'{agreement.split} image(s)')
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':
