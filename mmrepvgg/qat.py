@@ -21,7 +21,7 @@ checkpoints it saves (:data:`QAT_META_KEY`).
 Runtime labels are checked against the QAT model's own fake-quantized ones.
 """
 import os.path as osp
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from mmcv.cnn import ConvModule
@@ -32,26 +32,26 @@ from mmengine.registry import HOOKS, RUNNERS
 from mmengine.runner import Runner
 from torch import nn
 from torch.ao.nn import qat as nnqat
-# Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
-from torch.ao.quantization.fx import _decomposed  # noqa: F401
 from torch.ao.quantization import (FakeQuantize, FakeQuantizeBase,
                                    MovingAverageMinMaxObserver, QConfig)
 from torch.ao.quantization.fake_quantize import \
     default_per_channel_weight_fake_quant
+# Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
+from torch.ao.quantization.fx import _decomposed  # noqa: F401
 
 from .checkpoint import load_checkpoint, load_weights
 from .config import build_model, config_dicts, is_repvgg_node, read_config
+from .deploy.modules import replace_modules
 from .errors import ConfigError, UsageError, VerificationError
 from .models.fusion import fuse_conv_bn, is_batch_norm
-from .deploy.modules import replace_modules
 from .models.weight_layouts import is_deploy_form
 
 __all__ = [
     'QAT_META_KEY', 'qat_qconfig', 'QATConv2d', 'fold_conv_norms',
-    'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'is_qat_checkpoint', 'check_qat_start',
-    'use_qat', 'build_qat_model', 'load_qat_model', 'QATHook', 'QATRunner',
-    'QATAgreement', 'QATExport', 'qat_onnx', 'export_qat_onnx',
-    'MIN_QAT_AGREEMENT'
+    'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize',
+    'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
+    'load_qat_model', 'QATHook', 'QATRunner', 'QATAgreement', 'QATExport',
+    'qat_onnx', 'export_qat_onnx', 'MIN_QAT_AGREEMENT'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -328,6 +328,34 @@ class QATAgreement:
 
 
 @dataclass
+class QATExportSettings:
+    """How :func:`qat_onnx` checks an exported QAT model.
+
+    Attributes:
+        eval_num (int): Images of the config's validation set to compare
+            on.
+        min_agreement (float): The share of their pixels whose ONNX Runtime
+            label must equal the QAT model's own, or nothing is written.
+    """
+    eval_num: int = field(
+        default=8,
+        metadata=dict(help='validation images to compare the exported QAT '
+                      'model with the QAT model on'))
+    min_agreement: float = field(
+        default=MIN_QAT_AGREEMENT,
+        metadata=dict(help='share of pixels whose ONNX Runtime label must '
+                      "equal the QAT model's own"))
+
+    def check(self):
+        """Raise UsageError for settings that cannot be met."""
+        if self.eval_num < 1:
+            raise UsageError('--qat-eval-num must be at least 1')
+        if not 0 <= self.min_agreement <= 1:
+            raise UsageError('--qat-min-agreement is a share of pixels, from '
+                             f'0 to 1; got {self.min_agreement}')
+
+
+@dataclass
 class QATExport:
     """An exported QAT model.
 
@@ -414,8 +442,7 @@ def qat_onnx(config,
              checkpoint,
              size,
              dynamic=False,
-             eval_num=8,
-             min_agreement=MIN_QAT_AGREEMENT):
+             settings=QATExportSettings()):
     """A QAT checkpoint as a QDQ ONNX model, checked on ONNX Runtime.
 
     Each fake quantizer becomes a QuantizeLinear/DequantizeLinear pair with
@@ -431,9 +458,7 @@ def qat_onnx(config,
         checkpoint (str): A QAT checkpoint.
         size (tuple[int]): ``(height, width)`` of the model's input.
         dynamic (bool): Let height and width vary (checked at ``size``).
-        eval_num (int): Validation images to compare on.
-        min_agreement (float): The share of their pixels whose labels must
-            be equal.
+        settings (QATExportSettings): How it is checked.
 
     Returns:
         QATExport: The model, its agreement and its metadata.
@@ -445,18 +470,17 @@ def qat_onnx(config,
     from .deploy.images import split_images
     from .deploy.loading import LoadedModel
     from .deploy.logits import ImageSegmentor
-    if eval_num < 1 or not 0 <= min_agreement <= 1:
-        raise UsageError('the agreement is checked on at least 1 image and '
-                         f'is a share from 0 to 1; got {eval_num} image(s) '
-                         f'and {min_agreement}')
+    settings.check()
     cfg = read_config(config)
     model, loaded = load_qat_model(cfg, checkpoint, config)
     module = exportable(model)
     replace_modules(module, FrozenFakeQuantize.of)
     data = to_onnx(module, size, dynamic)
-    agreement = _agreement(data, ImageSegmentor(model).eval(),
-                           split_images(cfg, 'val', eval_num, size), 'val')
-    _check_agreement(agreement, min_agreement)
+    agreement = _agreement(data,
+                           ImageSegmentor(model).eval(),
+                           split_images(cfg, 'val', settings.eval_num, size),
+                           'val')
+    _check_agreement(agreement, settings.min_agreement)
     info = _info(cfg, LoadedModel(model, loaded, True), config,
                  None if dynamic else size)
     info.precision = 'int8'
@@ -467,6 +491,7 @@ def qat_onnx(config,
 
 def _with_info(data, info):
     import onnx
+
     from .deploy.model_info import set_info
     proto = onnx.load_from_string(data)
     set_info(proto, info)
@@ -478,12 +503,13 @@ def export_qat_onnx(config,
                     out,
                     settings=None,
                     force=False,
-                    eval_num=8,
-                    min_agreement=MIN_QAT_AGREEMENT):
+                    check=QATExportSettings()):
     """Write :func:`qat_onnx`'s model to ``out``, after every check.
 
     Args:
         settings (ExportSettings, optional): Its input size.
+        force (bool): Overwrite ``out``.
+        check (QATExportSettings): How it is checked.
 
     Returns:
         QATExport: What was written.
@@ -491,11 +517,11 @@ def export_qat_onnx(config,
     from .deploy.export import ExportSettings
     from .fileio import check_output_path, write_files
     settings = settings or ExportSettings()
+    check.check()
     files = []
     cfg = read_config(config, files)
     check_output_path(out, [config, checkpoint, *files], force)
     size = settings.input_size(cfg)
-    result = qat_onnx(config, checkpoint, size, settings.dynamic, eval_num,
-                      min_agreement)
+    result = qat_onnx(config, checkpoint, size, settings.dynamic, check)
     write_files({out: result.data}, force)
     return result

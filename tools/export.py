@@ -12,7 +12,7 @@ from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportSettings, export_onnx
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import CheckpointError, UsageError
-from mmrepvgg.qat import export_qat_onnx, is_qat_checkpoint
+from mmrepvgg.qat import QATExportSettings, export_qat_onnx, is_qat_checkpoint
 
 
 def parse_args():
@@ -33,6 +33,8 @@ def parse_args():
         help='write an int8 model (QDQ, per-channel weights), calibrated on '
         "images of the config's training set, if its labels agree with the "
         "fp32 model's on the validation set")
+    add_settings(
+        parser, QATExportSettings, 'int8 of a QAT checkpoint', prefix='qat')
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists')
     return parser.parse_args()
@@ -92,7 +94,7 @@ def export_qat(args):
         args.out,
         settings=settings_from(args, ExportSettings),
         force=args.force,
-        eval_num=args.eval_num)
+        check=settings_from(args, QATExportSettings, 'qat'))
     agreement = result.agreement
     print(f'int8 from QAT: ONNX Runtime labels agree with the QAT model on '
           f'{agreement.labels:.2%} of the pixels of {agreement.images} '
