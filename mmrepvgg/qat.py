@@ -24,6 +24,7 @@ import os.path as osp
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmengine.config import Config
 from mmengine.hooks import Hook
@@ -48,10 +49,11 @@ from .models.weight_layouts import is_deploy_form
 
 __all__ = [
     'QAT_META_KEY', 'qat_qconfig', 'QATConv2d', 'fold_conv_norms',
-    'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize',
+    'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
-    'load_qat_model', 'QATHook', 'QATRunner', 'QATAgreement', 'QATExport',
-    'qat_onnx', 'export_qat_onnx', 'MIN_QAT_AGREEMENT'
+    'load_qat_model', 'QATHook', 'QATRunner', 'QATAgreement',
+    'check_agreement', 'QATExportSettings', 'QATExport', 'qat_onnx',
+    'export_qat_onnx', 'MIN_QAT_AGREEMENT'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -374,7 +376,7 @@ class FrozenFakeQuantize(nn.Module):
     """A fake quantizer's eval-mode computation with its scale and zero
     point fixed, as PyTorch's own PT2E flow represents it (its
     ``quantized_decomposed`` quantize and dequantize ops), which the ONNX
-    exporter writes as QuantizeLinear/DequantizeLinear pairs.
+    exporter writes as QuantizeLinear and DequantizeLinear.
     ``torch.export`` traces neither the run-time switches of
     ``FakeQuantize`` (branches on its buffers) nor its kernel at a free
     batch size.
@@ -398,20 +400,64 @@ class FrozenFakeQuantize(nn.Module):
             self.register_buffer('zero_point',
                                  zero_point.detach().int().clone())
 
-    def forward(self, x):
-        ops = torch.ops.quantized_decomposed
+    def _qparams(self):
         if self.axis is None:
-            q = ops.quantize_per_tensor(x, *self.qparams, *self.bounds)
-            return ops.dequantize_per_tensor(q, *self.qparams, *self.bounds)
-        qparams = (self.scale, self.zero_point, self.axis)
-        q = ops.quantize_per_channel(x, *qparams, *self.bounds)
-        return ops.dequantize_per_channel(q, *qparams, *self.bounds)
+            return self.qparams
+        return self.scale, self.zero_point, self.axis
+
+    def quantize(self, x):
+        """The integers ``x`` rounds to."""
+        ops = torch.ops.quantized_decomposed
+        op = ops.quantize_per_tensor if self.axis is None else \
+            ops.quantize_per_channel
+        return op(x, *self._qparams(), *self.bounds)
+
+    def dequantize(self, q):
+        """The values of integers ``q``."""
+        ops = torch.ops.quantized_decomposed
+        op = ops.dequantize_per_tensor if self.axis is None else \
+            ops.dequantize_per_channel
+        return op(q, *self._qparams(), *self.bounds)
+
+    def forward(self, x):
+        return self.dequantize(self.quantize(x))
+
+
+class FrozenQATConv2d(nn.Module):
+    """A trained :class:`QATConv2d` for export: its input fake-quantized
+    with fixed parameters, its weights stored as the int8 values they round
+    to, so that the ONNX model holds int8 weights behind a
+    DequantizeLinear, as OpenVINO and ONNX Runtime take int8 convs.
+
+    Args:
+        conv (QATConv2d): The trained conv.
+    """
+
+    def __init__(self, conv):
+        super().__init__()
+        if conv.padding_mode != 'zeros':
+            raise UsageError(f'cannot export a conv with {conv.padding_mode} '
+                             'padding in int8')
+        self.input_fake_quant = FrozenFakeQuantize(conv.input_fake_quant)
+        self.weight_fake_quant = FrozenFakeQuantize(conv.weight_fake_quant)
+        self.register_buffer(
+            'int_weight',
+            self.weight_fake_quant.quantize(conv.weight.detach()))
+        self.register_buffer(
+            'bias', None if conv.bias is None else conv.bias.detach().clone())
+        self.conv_args = (conv.stride, conv.padding, conv.dilation,
+                          conv.groups)
+
+    def forward(self, x):
+        weight = self.weight_fake_quant.dequantize(self.int_weight)
+        return F.conv2d(
+            self.input_fake_quant(x), weight, self.bias, *self.conv_args)
 
     @classmethod
     def of(cls, module):
-        """A frozen copy of ``module`` if it is a fake quantizer, else None
-        (for :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
-        return cls(module) if isinstance(module, FakeQuantizeBase) else None
+        """A frozen copy of ``module`` if it is a :class:`QATConv2d`, else
+        None (for :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
+        return cls(module) if isinstance(module, QATConv2d) else None
 
 
 def _agreement(model, reference, batches, split):
@@ -429,7 +475,8 @@ def _agreement(model, reference, batches, split):
     return QATAgreement(same / total, len(batches), split)
 
 
-def _check_agreement(agreement, min_agreement):
+def check_agreement(agreement, min_agreement):
+    """Raise VerificationError if fewer labels agree than asked."""
     if not agreement.labels >= min_agreement:
         raise VerificationError(
             f'the ONNX Runtime labels of the QAT model agree with its own on '
@@ -474,13 +521,13 @@ def qat_onnx(config,
     cfg = read_config(config)
     model, loaded = load_qat_model(cfg, checkpoint, config)
     module = exportable(model)
-    replace_modules(module, FrozenFakeQuantize.of)
+    replace_modules(module, FrozenQATConv2d.of)
     data = to_onnx(module, size, dynamic)
     agreement = _agreement(data,
                            ImageSegmentor(model).eval(),
                            split_images(cfg, 'val', settings.eval_num, size),
                            'val')
-    _check_agreement(agreement, settings.min_agreement)
+    check_agreement(agreement, settings.min_agreement)
     info = _info(cfg, LoadedModel(model, loaded, True), config,
                  None if dynamic else size)
     info.precision = 'int8'

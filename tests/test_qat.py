@@ -20,8 +20,8 @@ from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.loading import deploy_model
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import (QAT_META_KEY, QATExportSettings, export_qat_onnx,
-                          qat_onnx)
+from mmrepvgg.qat import (MIN_QAT_AGREEMENT, QAT_META_KEY, QATAgreement,
+                          QATExportSettings, check_agreement, qat_onnx)
 
 QAT_ITERS = 4
 # Every conv of the toy PSPNet-RepVGG-A0 (22 in the backbone, 6 in the PSP
@@ -137,10 +137,11 @@ def test_qat_export_is_qdq_with_the_trained_scales(qat_run, qat_export):
         # uint8 activations with a zero point, one scale per tensor.
         scale, zero_point = (constants[n] for n in activation.input[1:])
         assert scale.shape == () and zero_point.dtype == np.uint8
-        # Symmetric int8 weights, one scale per output channel.
-        scales, zero_points = (constants[n] for n in weight.input[1:])
-        assert zero_points.dtype == np.int8 and not zero_points.any()
-        assert scales.ndim == 1 and scales.size == zero_points.size > 1
+        # Symmetric int8 weights stored as such, a scale per output channel.
+        values, scales, zero_points = (constants[n] for n in weight.input)
+        assert values.dtype == zero_points.dtype == np.int8
+        assert not zero_points.any()
+        assert scales.shape == zero_points.shape == values.shape[:1]
     weights = load_checkpoint(final_checkpoint(qat_run)).weights
     trained = weights['backbone.stem.branch_reparam.input_fake_quant.scale']
     first = nodes[convs[0].input[0]]
@@ -170,22 +171,25 @@ def test_openvino_runs_the_qat_model_in_int8(trained_pspnet, qat_export,
         assert (labels[0] == labels[1]).mean() >= AGREEMENT_FLOOR
 
 
-def test_qat_export_below_the_agreement_writes_nothing(trained_pspnet, qat_run,
-                                                       qat_export, tmp_path):
-    with pytest.raises(VerificationError, match='nothing written'):
-        export_qat_onnx(
-            trained_pspnet.config,
-            final_checkpoint(qat_run),
-            str(tmp_path / 'qat.onnx'),
-            check=QATExportSettings(4, qat_export.agreement.labels + 1e-9))
-    assert os.listdir(tmp_path) == []
+def test_qat_export_below_the_agreement_is_refused():
+    with pytest.raises(VerificationError, match='below the 99.90% asked'):
+        check_agreement(QATAgreement(0.998, 4, 'val'), MIN_QAT_AGREEMENT)
+    check_agreement(
+        QATAgreement(MIN_QAT_AGREEMENT, 4, 'val'), MIN_QAT_AGREEMENT)
 
 
-def test_qat_checkpoint_exports_only_with_int8(trained_pspnet, qat_run,
-                                               tmp_path):
+@pytest.mark.parametrize('arguments, message', [
+    (['--qat-eval-num', '0'], '--qat-eval-num must be at least 1'),
+    (['--qat-min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
+    ([], 'export it with --int8'),
+])
+def test_qat_export_refuses_bad_arguments(trained_pspnet, qat_run, tmp_path,
+                                          arguments, message):
+    int8 = ['--int8'] if arguments else []
     result = run_tool_here('export.py', trained_pspnet.config,
-                           final_checkpoint(qat_run), tmp_path / 'qat.onnx')
-    assert_refused(result, 'is a QAT checkpoint; export it with --int8')
+                           final_checkpoint(qat_run), tmp_path / 'qat.onnx',
+                           *int8, *arguments)
+    assert_refused(result, message)
     assert os.listdir(tmp_path) == []
 
 
