@@ -193,9 +193,10 @@ def test_qat_export_refuses_bad_arguments(trained_pspnet, qat_run, tmp_path,
     assert os.listdir(tmp_path) == []
 
 
-@pytest.fixture
-def refused_inputs(trained_pspnet, qat_run, tmp_path):
+@pytest.fixture(scope='module')
+def refused_inputs(trained_pspnet, qat_run, tmp_path_factory):
     """Name to ``(config, checkpoint)`` of what QAT cannot start from."""
+    tmp_path = tmp_path_factory.mktemp('refused')
     cfg = read_config(trained_pspnet.config)
     deploy = tmp_path / 'deploy.pth'
     torch.save(
