@@ -11,6 +11,8 @@ from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportSettings, export_onnx
 from mmrepvgg.deploy.quantize import Int8Settings
+from mmrepvgg.errors import CheckpointError, UsageError
+from mmrepvgg.qat import QATExportSettings, export_qat_onnx, is_qat_checkpoint
 
 
 def parse_args():
@@ -37,6 +39,8 @@ def parse_args():
         action='store_true',
         help='print every conv, ranked by how much it alone moves the logits '
         'in int8 (the ranking is in the metadata too)')
+    add_settings(
+        parser, QATExportSettings, 'int8 of a QAT checkpoint', prefix='qat')
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists')
     return parser.parse_args()
@@ -44,6 +48,9 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if _is_qat(args.checkpoint):
+        export_qat(args)
+        return
     result = export_onnx(
         args.config,
         args.checkpoint,
@@ -89,6 +96,32 @@ def report_int8(info, ranking):
         for rank, conv in enumerate(info.sensitivity, 1):
             mark = '  (fp32)' if conv.conv in info.float_convs else ''
             print(f'{rank:4d}  {conv.error:26.3e}  {conv.conv}{mark}')
+
+
+def _is_qat(path):
+    try:
+        return is_qat_checkpoint(path)
+    except CheckpointError:
+        return False  # export_onnx reports it, in the order of its checks
+
+
+def export_qat(args):
+    """Export a QAT checkpoint with the scales it trained."""
+    if not args.int8:
+        raise UsageError(f'{args.checkpoint}: is a QAT checkpoint; export it '
+                         'with --int8')
+    result = export_qat_onnx(
+        args.config,
+        args.checkpoint,
+        args.out,
+        settings=settings_from(args, ExportSettings),
+        force=args.force,
+        check=settings_from(args, QATExportSettings, 'qat'))
+    agreement = result.agreement
+    print(f'int8 from QAT: ONNX Runtime labels agree with the QAT model on '
+          f'{agreement.labels:.2%} of the pixels of {agreement.images} '
+          f'{agreement.split} image(s)')
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

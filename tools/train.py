@@ -19,10 +19,18 @@ def main():
         help='resume from the latest checkpoint in the work dir')
     parser.add_argument(
         '--amp', action='store_true', help='enable mixed precision training')
+    parser.add_argument(
+        '--qat',
+        metavar='CHECKPOINT',
+        help='fine-tune the deploy form of a trained RepVGG checkpoint with '
+        'quantization-aware training (int8 fake quantization)')
     args = add_launch_arguments(parser).parse_args()
     cfg = load_launch_config(args)
     if args.amp:
         enable_amp(cfg)
+    if args.qat:
+        from mmrepvgg.qat import use_qat
+        use_qat(cfg, args.qat, args.config)
     cfg.resume = args.resume
     build_runner(cfg).train()
 

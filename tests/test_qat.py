@@ -1,0 +1,233 @@
+"""Quantization-aware training of the deploy form: ``tools/train.py --qat``
+fine-tunes the trained toy PSPNet-RepVGG-A0 with fake quantization on
+mmengine, marks its checkpoints, resumes as if never interrupted, refuses
+what it cannot start from, and exports a QDQ model whose ONNX Runtime labels
+are the QAT model's own and that OpenVINO runs in int8."""
+import os
+import os.path as osp
+from collections import Counter
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
+                     run_tool_here, snapshot)
+from mmrepvgg.checkpoint import load_checkpoint
+from mmrepvgg.config import read_config
+from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
+from mmrepvgg.deploy.loading import deploy_model
+from mmrepvgg.errors import VerificationError
+from mmrepvgg.qat import (MIN_QAT_AGREEMENT, QAT_META_KEY, QATAgreement,
+                          QATExportSettings, check_agreement, qat_onnx)
+
+QAT_ITERS = 4
+# Every conv of the toy PSPNet-RepVGG-A0 (22 in the backbone, 6 in the PSP
+# head, 2 in the auxiliary head) has a weight and an input quantizer.
+CONVS = 30
+# What the QAT model's own labels keep on ONNX Runtime at the least, for the
+# toy model trained a few iterations (99.3% measured when this was written:
+# its labels are near ties wherever an int8 rounding step moves them).
+AGREEMENT_FLOOR = 0.98
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def qat_train(trained, work_dir, iters, *options, checkpoint=None):
+    """``tools/train.py CONFIG --qat CHECKPOINT`` for ``iters`` iterations,
+    a checkpoint every 2."""
+    return run_tool_here('train.py', trained.config, '--qat', checkpoint
+                         or trained.checkpoint, '--work-dir', work_dir,
+                         *options, '--cfg-options',
+                         f'train_cfg.max_iters={iters}',
+                         'default_hooks.checkpoint.interval=2')
+
+
+@pytest.fixture(scope='module')
+def qat_run(trained_pspnet, tmp_path_factory):
+    """QAT of the shared toy PSPNet-RepVGG-A0; its work dir."""
+    work_dir = tmp_path_factory.mktemp('qat')
+    result = qat_train(trained_pspnet, work_dir, QAT_ITERS)
+    assert result.returncode == 0, output(result)
+    return work_dir
+
+
+def final_checkpoint(work_dir):
+    return str(work_dir / f'iter_{QAT_ITERS}.pth')
+
+
+def test_qat_checkpoints_are_marked_and_keep_the_deploy_names(
+        trained_pspnet, qat_run):
+    loaded = load_checkpoint(final_checkpoint(qat_run))
+    assert loaded.meta[QAT_META_KEY] == dict(
+        scheme='cpu', source=osp.basename(trained_pspnet.checkpoint))
+    weights = loaded.weights
+    deploy = deploy_model(
+        read_config(trained_pspnet.config),
+        trained_pspnet.checkpoint).model.state_dict()
+    # The deploy model's names, less the heads' norms folded into convs.
+    assert {k for k in deploy if '.bn.' not in k} <= set(weights)
+    assert not any('.bn.' in k for k in weights)
+    for quantizer in ('weight_fake_quant', 'input_fake_quant'):
+        scales = [
+            v for k, v in weights.items() if k.endswith(f'.{quantizer}.scale')
+        ]
+        assert len(scales) == CONVS and all((v > 0).all() for v in scales)
+    stem = 'backbone.stem.branch_reparam'
+    assert weights[f'{stem}.weight_fake_quant.scale'].shape == (
+        weights[f'{stem}.weight'].shape[0], )
+    assert not weights[f'{stem}.weight_fake_quant.zero_point'].any()
+    assert 0 <= int(weights[f'{stem}.input_fake_quant.zero_point']) <= 255
+
+
+@pytest.mark.numerics
+def test_resumed_qat_ends_as_the_uninterrupted_run(trained_pspnet, qat_run,
+                                                   tmp_path):
+    interrupted = qat_train(trained_pspnet, tmp_path, 2)
+    assert interrupted.returncode == 0, output(interrupted)
+    before = snapshot(tmp_path)
+    resumed = qat_train(trained_pspnet, tmp_path, QAT_ITERS, '--resume')
+    assert resumed.returncode == 0, output(resumed)
+    # It went on from iteration 2: it did not write that checkpoint again.
+    assert snapshot(tmp_path)['iter_2.pth'] == before['iter_2.pth']
+    final = load_checkpoint(final_checkpoint(tmp_path)).weights
+    expected = load_checkpoint(final_checkpoint(qat_run)).weights
+    assert final.keys() == expected.keys()
+    differ = [k for k in final if not torch.equal(final[k], expected[k])]
+    assert not differ, differ[:5]
+
+
+def test_the_qat_config_evaluates_its_checkpoint(qat_run, tmp_path):
+    # The config written to the work dir builds the QAT model again.
+    config = next(qat_run.glob('*.py'))
+    result = run_tool_here('test.py', config, final_checkpoint(qat_run),
+                           '--work-dir', tmp_path)
+    assert result.returncode == 0, output(result)
+    assert 0 < logged_metrics(tmp_path)['mIoU'] <= 100
+
+
+@pytest.fixture(scope='module')
+def qat_export(trained_pspnet, qat_run):
+    """The QAT checkpoint exported, checked against the floor."""
+    return qat_onnx(
+        trained_pspnet.config,
+        final_checkpoint(qat_run),
+        TOY_SIZE,
+        settings=QATExportSettings(4, AGREEMENT_FLOOR))
+
+
+@pytest.mark.numerics
+def test_qat_export_is_qdq_with_the_trained_scales(qat_run, qat_export):
+    assert qat_export.info.precision == 'int8'
+    assert qat_export.agreement.labels >= AGREEMENT_FLOOR
+    model = onnx.load_from_string(qat_export.data)
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    constants = {
+        i.name: onnx.numpy_helper.to_array(i)
+        for i in model.graph.initializer
+    }
+    convs = [n for n in model.graph.node if n.op_type == 'Conv']
+    # The auxiliary head trains but is not part of the exported model.
+    assert len(convs) == CONVS - 2
+    for conv in convs:
+        activation, weight = (nodes[name] for name in conv.input[:2])
+        assert activation.op_type == weight.op_type == 'DequantizeLinear'
+        # uint8 activations with a zero point, one scale per tensor.
+        scale, zero_point = (constants[n] for n in activation.input[1:])
+        assert scale.shape == () and zero_point.dtype == np.uint8
+        # Symmetric int8 weights stored as such, a scale per output channel.
+        values, scales, zero_points = (constants[n] for n in weight.input)
+        assert values.dtype == zero_points.dtype == np.int8
+        assert not zero_points.any()
+        assert scales.shape == zero_points.shape == values.shape[:1]
+    weights = load_checkpoint(final_checkpoint(qat_run)).weights
+    trained = weights['backbone.stem.branch_reparam.input_fake_quant.scale']
+    first = nodes[convs[0].input[0]]
+    assert float(constants[first.input[1]]) == float(trained)
+
+
+def test_openvino_runs_the_qat_model_in_int8(trained_pspnet, qat_export,
+                                             tmp_path):
+    import openvino
+    path = tmp_path / 'qat.onnx'
+    path.write_bytes(qat_export.data)
+    core = openvino.Core()
+    compiled = core.compile_model(
+        core.read_model(str(path)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    precisions = Counter(
+        op.get_rt_info()['runtimePrecision'].astype(str)
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()['layerType'].astype(str) == 'Convolution')
+    assert precisions['u8'] + precisions['i8'] >= 22, precisions
+    engines = [
+        SegmentationEngine(qat_export.data, EngineSettings(backend))
+        for backend in ('onnxruntime', 'openvino')
+    ]
+    for path in trained_pspnet.val_images:
+        image = cv2.imread(path)
+        labels = [engine.predict(image) for engine in engines]
+        assert (labels[0] == labels[1]).mean() >= AGREEMENT_FLOOR
+
+
+def test_qat_export_below_the_agreement_is_refused():
+    with pytest.raises(VerificationError, match='below the 99.90% asked'):
+        check_agreement(QATAgreement(0.998, 4, 'val'), MIN_QAT_AGREEMENT)
+    check_agreement(
+        QATAgreement(MIN_QAT_AGREEMENT, 4, 'val'), MIN_QAT_AGREEMENT)
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (['--qat-eval-num', '0'], '--qat-eval-num must be at least 1'),
+    (['--qat-min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
+    ([], 'export it with --int8'),
+])
+def test_qat_export_refuses_bad_arguments(trained_pspnet, qat_run, tmp_path,
+                                          arguments, message):
+    int8 = ['--int8'] if arguments else []
+    result = run_tool_here('export.py', trained_pspnet.config,
+                           final_checkpoint(qat_run), tmp_path / 'qat.onnx',
+                           *int8, *arguments)
+    assert_refused(result, message)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope='module')
+def refused_inputs(trained_pspnet, qat_run, tmp_path_factory):
+    """Name to ``(config, checkpoint)`` of what QAT cannot start from."""
+    tmp_path = tmp_path_factory.mktemp('refused')
+    cfg = read_config(trained_pspnet.config)
+    deploy = tmp_path / 'deploy.pth'
+    torch.save(
+        dict(
+            state_dict=deploy_model(
+                cfg, trained_pspnet.checkpoint).model.state_dict()), deploy)
+    foreign = tmp_path / 'resnet.py'
+    foreign.write_text(f'_base_ = {trained_pspnet.config!r}\n'
+                       'model = dict(backbone=dict(_delete_=True, '
+                       "type='ResNetV1c', depth=18))\n")
+    config = trained_pspnet.config
+    return {
+        'deploy': (config, deploy),
+        'foreign': (foreign, trained_pspnet.checkpoint),
+        'missing': (config, tmp_path / 'missing.pth'),
+        'qat': (config, final_checkpoint(qat_run)),
+    }
+
+
+@pytest.mark.parametrize('name, message', [
+    ('deploy', 'is a deploy checkpoint; QAT starts from a trained'),
+    ('foreign', 'this config builds no RepVGG backbone'),
+    ('missing', 'missing.pth: no such file'),
+    ('qat', 'is a QAT checkpoint already; continue its training with'),
+])
+def test_qat_refuses_what_it_cannot_start_from(refused_inputs, tmp_path, name,
+                                               message):
+    config, checkpoint = refused_inputs[name]
+    work_dir = tmp_path / 'work'
+    before = snapshot(tmp_path)
+    result = run_tool_here('train.py', config, '--qat', checkpoint,
+                           '--work-dir', work_dir)
+    assert_refused(result, message, tmp_path, before)
+    assert not work_dir.exists()
