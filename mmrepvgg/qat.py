@@ -43,7 +43,7 @@ from torch.ao.quantization.fx import _decomposed  # noqa: F401
 from .checkpoint import load_checkpoint, load_weights
 from .config import build_model, config_dicts, is_repvgg_node, read_config
 from .deploy.modules import replace_modules
-from .errors import ConfigError, UsageError, VerificationError
+from .errors import ConfigError, UsageError
 from .models.fusion import fuse_conv_bn, is_batch_norm
 from .models.weight_layouts import is_deploy_form
 
@@ -51,9 +51,8 @@ __all__ = [
     'QAT_META_KEY', 'qat_qconfig', 'QATConv2d', 'fold_conv_norms',
     'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
-    'load_qat_model', 'QATHook', 'QATRunner', 'QATAgreement',
-    'check_agreement', 'QATExportSettings', 'QATExport', 'qat_onnx',
-    'export_qat_onnx', 'MIN_QAT_AGREEMENT'
+    'load_qat_model', 'QATHook', 'QATRunner', 'QATExportSettings', 'QATExport',
+    'qat_onnx', 'export_qat_onnx', 'MIN_QAT_AGREEMENT'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -315,21 +314,6 @@ class QATRunner(Runner):
 
 
 @dataclass
-class QATAgreement:
-    """How an exported QAT model's labels compare with the QAT model's own
-    (fake-quantized) ones.
-
-    Attributes:
-        labels (float): The share of pixels with the same label.
-        images (int): The images compared on.
-        split (str): The dataset split they came from.
-    """
-    labels: float
-    images: int
-    split: str
-
-
-@dataclass
 class QATExportSettings:
     """How :func:`qat_onnx` checks an exported QAT model.
 
@@ -363,12 +347,12 @@ class QATExport:
 
     Attributes:
         data (bytes): The QDQ ONNX model, with its metadata.
-        agreement (QATAgreement): Its labels on ONNX Runtime against the
+        agreement (Agreement): Its labels on ONNX Runtime against the
             QAT model's own.
         info (ExportedModelInfo): Its metadata.
     """
     data: bytes
-    agreement: QATAgreement
+    agreement: object
     info: object
 
 
@@ -461,28 +445,24 @@ class FrozenQATConv2d(nn.Module):
 
 
 def _agreement(model, reference, batches, split):
-    """:class:`QATAgreement` of an ONNX model on ONNX Runtime with its
-    PyTorch form (an :class:`ImageSegmentor`) over ``batches``."""
+    """:class:`~mmrepvgg.deploy.quantize.Agreement` of an ONNX model on ONNX
+    Runtime with its PyTorch form (an :class:`ImageSegmentor`) over
+    ``batches``."""
+    from .deploy.compare import relative_error
     from .deploy.engines import onnxruntime_session
+    from .deploy.quantize import Agreement
     session = onnxruntime_session(model)
     same = total = 0
+    error = 0.0
     for batch in batches:
-        _, labels = session.run(None, {'images': batch.numpy()})
+        logits, labels = session.run(None, {'images': batch.numpy()})
         with torch.no_grad():
-            _, expected = reference(batch)
+            expected_logits, expected = reference(batch)
         same += int((torch.from_numpy(labels) == expected).sum())
         total += expected.numel()
-    return QATAgreement(same / total, len(batches), split)
-
-
-def check_agreement(agreement, min_agreement):
-    """Raise VerificationError if fewer labels agree than asked."""
-    if not agreement.labels >= min_agreement:
-        raise VerificationError(
-            f'the ONNX Runtime labels of the QAT model agree with its own on '
-            f'{agreement.labels:.2%} of the pixels of {agreement.images} '
-            f'{agreement.split} image(s), below the {min_agreement:.2%} '
-            'asked; nothing written')
+        error = max(error,
+                    relative_error(torch.from_numpy(logits), expected_logits))
+    return Agreement(same / total, error, len(batches), split)
 
 
 def qat_onnx(config,
@@ -517,6 +497,7 @@ def qat_onnx(config,
     from .deploy.images import split_images
     from .deploy.loading import LoadedModel
     from .deploy.logits import ImageSegmentor
+    from .deploy.quantize import check_agreement
     settings.check()
     cfg = read_config(config)
     model, loaded = load_qat_model(cfg, checkpoint, config)
@@ -527,7 +508,8 @@ def qat_onnx(config,
                            ImageSegmentor(model).eval(),
                            split_images(cfg, 'val', settings.eval_num, size),
                            'val')
-    check_agreement(agreement, settings.min_agreement)
+    check_agreement(
+        agreement, settings.min_agreement, reference='the QAT model')
     info = _info(cfg, LoadedModel(model, loaded, True), config,
                  None if dynamic else size)
     info.precision = 'int8'

@@ -19,9 +19,10 @@ from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.loading import deploy_model
+from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import (MIN_QAT_AGREEMENT, QAT_META_KEY, QATAgreement,
-                          QATExportSettings, check_agreement, qat_onnx)
+from mmrepvgg.qat import (MIN_QAT_AGREEMENT, QAT_META_KEY, QATExportSettings,
+                          qat_onnx)
 
 QAT_ITERS = 4
 # Every conv of the toy PSPNet-RepVGG-A0 (22 in the backbone, 6 in the PSP
@@ -172,10 +173,16 @@ def test_openvino_runs_the_qat_model_in_int8(trained_pspnet, qat_export,
 
 
 def test_qat_export_below_the_agreement_is_refused():
-    with pytest.raises(VerificationError, match='below the 99.90% asked'):
-        check_agreement(QATAgreement(0.998, 4, 'val'), MIN_QAT_AGREEMENT)
+    with pytest.raises(
+            VerificationError,
+            match='agree with the QAT model on 99.80% .* below the 99.90% '
+            'asked'):
+        check_agreement(
+            Agreement(0.998, 0.01, 4, 'val'),
+            MIN_QAT_AGREEMENT,
+            reference='the QAT model')
     check_agreement(
-        QATAgreement(MIN_QAT_AGREEMENT, 4, 'val'), MIN_QAT_AGREEMENT)
+        Agreement(MIN_QAT_AGREEMENT, 0.01, 4, 'val'), MIN_QAT_AGREEMENT)
 
 
 @pytest.mark.parametrize('arguments, message', [

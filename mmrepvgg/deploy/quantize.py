@@ -232,14 +232,22 @@ def measure_agreement(int8, fp32, images, split):
     return Agreement(same / total, error, len(images), split)
 
 
-def check_agreement(agreement, min_agreement, float_convs=0):
-    """Raise VerificationError if fewer labels agree than asked."""
+def check_agreement(agreement, min_agreement, float_convs=0, reference='fp32'):
+    """Raise VerificationError if fewer labels agree than asked.
+
+    Args:
+        agreement (Agreement): The int8 model's agreement.
+        min_agreement (float): The share of labels asked for.
+        float_convs (int): The convs the model keeps in fp32.
+        reference (str): What it was compared with.
+    """
     if not agreement.labels >= min_agreement:
         kept = f' with {float_convs} conv(s) in fp32' if float_convs else ''
         raise VerificationError(
-            f'INT8 labels agree with fp32 on {agreement.labels:.2%} of the '
-            f'pixels of {agreement.images} {agreement.split} image(s){kept}, '
-            f'below the {min_agreement:.2%} asked; nothing written')
+            f'INT8 labels agree with {reference} on {agreement.labels:.2%} '
+            f'of the pixels of {agreement.images} {agreement.split} '
+            f'image(s){kept}, below the {min_agreement:.2%} asked; '
+            'nothing written')
 
 
 def _mixed_precision(int8, fp32, ranking, held_out, settings):
