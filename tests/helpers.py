@@ -199,10 +199,17 @@ def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):
 
 
 def logged_metrics(work_dir):
-    """The metrics of the one evaluation logged under ``work_dir``:
+    """The metrics of the last evaluation logged under ``work_dir``:
     mmengine writes them as the last JSON line of
-    ``WORK_DIR/TIMESTAMP/TIMESTAMP.json``."""
-    logs = glob.glob(osp.join(str(work_dir), '*', '*.json'))
+    ``WORK_DIR/TIMESTAMP/TIMESTAMP.json`` (of ``TIMESTAMP/vis_data/`` in a
+    training run's work dir)."""
+    logs = [
+        path for run in glob.glob(osp.join(str(work_dir), '2*'))
+        for path in (osp.join(run, osp.basename(run) + '.json'),
+                     osp.join(run, 'vis_data',
+                              osp.basename(run) + '.json'))
+        if osp.isfile(path)
+    ]
     assert len(logs) == 1, logs
     with open(logs[0]) as f:
         return json.loads(f.read().splitlines()[-1])
