@@ -1,10 +1,12 @@
 """Expensive setup that the tests share: toy PSPNets trained once."""
 import glob
+import os
 import os.path as osp
 from dataclasses import dataclass
 from typing import List
 
 import pytest
+import torch
 
 from helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TOY_SIZE, mim, output,
                      run_tool)
@@ -12,6 +14,25 @@ from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 TRAIN_ITERS = 4
 QAREPVGG_ITERS = 60
+# Each worker trains the session's toy models again; the largest test
+# process peaks at 5.7 GB.
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core this process may run on, up to
+    :data:`MAX_WORKERS`."""
+    return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
+def pytest_configure(config):
+    """Share the cores among the workers, in this process and in the tools
+    its tests start, instead of each worker running a thread per core."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', 1))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ['OMP_NUM_THREADS'] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @dataclass

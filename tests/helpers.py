@@ -204,11 +204,8 @@ def logged_metrics(work_dir):
     ``WORK_DIR/TIMESTAMP/TIMESTAMP.json`` (of ``TIMESTAMP/vis_data/`` in a
     training run's work dir)."""
     logs = [
-        path for run in glob.glob(osp.join(str(work_dir), '2*'))
-        for path in (osp.join(run, osp.basename(run) + '.json'),
-                     osp.join(run, 'vis_data',
-                              osp.basename(run) + '.json'))
-        if osp.isfile(path)
+        path for folder in ('*', osp.join('*', 'vis_data'))
+        for path in glob.glob(osp.join(str(work_dir), folder, '2*.json'))
     ]
     assert len(logs) == 1, logs
     with open(logs[0]) as f:

@@ -108,19 +108,16 @@ def test_resumed_qat_ends_as_the_uninterrupted_run(trained_qarepvgg, qat_run,
     assert not differ, differ[:5]
 
 
-def test_qat_keeps_the_trained_models_miou(trained_qarepvgg, qat_run):
-    # Each run evaluates on the toy val set at its end.
-    trained = logged_metrics(trained_qarepvgg.work_dir)['mIoU']
-    assert logged_metrics(qat_run)['mIoU'] >= trained - 0.3
-
-
-def test_the_qat_config_evaluates_its_checkpoint(qat_run, tmp_path):
+def test_the_qat_config_evaluates_its_checkpoint_as_well_as_fp32(
+        trained_qarepvgg, qat_run, tmp_path):
     # The config written to the work dir builds the QAT model again.
     config = next(qat_run.glob('*.py'))
     result = run_tool_here('test.py', config, final_checkpoint(qat_run),
                            '--work-dir', tmp_path)
     assert result.returncode == 0, output(result)
-    assert 0 < logged_metrics(tmp_path)['mIoU'] <= 100
+    # The fp32 model's evaluation at the end of its training.
+    trained = logged_metrics(trained_qarepvgg.work_dir)['mIoU']
+    assert logged_metrics(tmp_path)['mIoU'] >= trained - 0.3
 
 
 @pytest.fixture(scope='module')

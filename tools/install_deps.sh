@@ -36,7 +36,7 @@ satisfied 'torch>=2.0' || pip_install 'torch==2.13.0'
 # building mmcv, whose setup.py needs pkg_resources from setuptools<81.
 TOOLBOXES=('mmengine>=0.10.0,<0.11.0' 'mmsegmentation>=1.2.0,<2.0.0'
            'mmdet>=3.0.0,<4.0.0' 'openmim>=0.3.9' 'ftfy' 'regex')
-TEST_TOOLS=('pytest' 'matplotlib' 'prettytable' 'pycocotools')
+TEST_TOOLS=('pytest' 'pytest-xdist' 'matplotlib' 'prettytable' 'pycocotools')
 # The deploy extra (pip install mmrepvgg[deploy]), at the versions tested.
 ENGINES=('onnx==1.23.2' 'onnxscript==0.7.2' 'onnxruntime==1.32.0'
          'openvino==2026.4.1')
