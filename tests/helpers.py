@@ -199,7 +199,7 @@ def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):
 
 
 def logged_metrics(work_dir):
-    """The metrics of the last evaluation logged under ``work_dir``:
+    """The metrics of the one evaluation logged under ``work_dir``:
     mmengine writes them as the last JSON line of
     ``WORK_DIR/TIMESTAMP/TIMESTAMP.json`` (of ``TIMESTAMP/vis_data/`` in a
     training run's work dir)."""
