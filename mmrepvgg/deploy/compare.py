@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UsageError
-from .modules import ChunkedConv2d, replace_modules
+from .folded_psp import foldable_psp_head
+from .modules import ChunkedFloat64Convs, replace_modules
 
 __all__ = [
     'relative_error', 'Fp32Tolerance', 'Fp32Comparison', 'compare_fp32',
@@ -27,13 +28,27 @@ __all__ = [
     'label_agreement', 'tensors_of'
 ]
 
+# Elements compared at a time: float64 temporaries of whole 1024x2048
+# logits would take a GB.
+_COMPARED_AT_ONCE = 1 << 20
+
 
 def relative_error(actual, expected):
     """``max|actual - expected| / max|expected|`` (the plain difference
     where ``expected`` is all zeros), in float64."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max()
-    difference = (actual - expected).abs().max()
+    if actual.shape != expected.shape:
+        raise ValueError(f'cannot compare a {tuple(actual.shape)} tensor '
+                         f'with a {tuple(expected.shape)} one')
+    actual, expected = actual.reshape(-1), expected.reshape(-1)
+    scales, differences = [], []
+    for start in range(0, len(expected), _COMPARED_AT_ONCE):
+        end = start + _COMPARED_AT_ONCE
+        part = expected[start:end].double()
+        scales.append(part.abs().max())
+        differences.append((actual[start:end].double() - part).abs().max())
+    # Tensors, not floats: a NaN anywhere must make the result NaN.
+    scale, difference = torch.stack(scales).max(), torch.stack(
+        differences).max()
     if scale == 0:
         return difference.item()
     return (difference / scale).item()
@@ -94,6 +109,15 @@ class Fp32Comparison:
         return self.error / self.limit if self.error == self.error else (
             math.inf)
 
+    @classmethod
+    def of(cls, actual, exact, own_error, tolerance=Fp32Tolerance()):
+        """The comparison of one fp32 output with the exact one, where the
+        reference model's fp32 output is ``own_error`` off
+        (:func:`relative_error`)."""
+        return cls(
+            relative_error(actual, exact), own_error,
+            tolerance.limit(own_error))
+
     def describe(self):
         return (f'max relative difference {self.error:.2e} from the exact '
                 '(float64) outputs, where the reference fp32 model is off by '
@@ -117,12 +141,8 @@ def compare_fp32(actual, own, exact, tolerance=Fp32Tolerance()):
     if not len(actual) == len(own) == len(exact) > 0:
         raise ValueError(f'cannot compare {len(actual)} outputs with '
                          f'{len(own)} and {len(exact)}')
-    comparisons = []
-    for a, o, e in zip(actual, own, exact):
-        own_error = relative_error(o, e)
-        comparisons.append(
-            Fp32Comparison(
-                relative_error(a, e), own_error, tolerance.limit(own_error)))
+    comparisons = (Fp32Comparison.of(a, e, relative_error(o, e), tolerance)
+                   for a, o, e in zip(actual, own, exact))
     return max(comparisons, key=lambda c: c.margin)
 
 
@@ -153,7 +173,11 @@ def _outputs(module, inputs, run):
 
 def exact_outputs(module, inputs, run=None):
     """What a model computes from its weights, exactly: its outputs computed
-    by a float64 copy of it.
+    by a float64 copy of it, which folds its PSP heads
+    (:func:`~mmrepvgg.deploy.folded_psp.foldable_psp_head`) and sums its
+    convolutions' input channels in chunks
+    (:class:`~mmrepvgg.deploy.modules.ChunkedFloat64Convs`): the same
+    function up to float64 rounding, in a fraction of the memory.
 
     Args:
         module (nn.Module): The model; left unchanged.
@@ -166,8 +190,9 @@ def exact_outputs(module, inputs, run=None):
     """
     run = run or (lambda m, x: m(x))
     exact_module = copy.deepcopy(module).double()
-    replace_modules(exact_module, ChunkedConv2d.of)
-    return _outputs(exact_module, [_in_float64(x) for x in inputs], run)
+    replace_modules(exact_module, foldable_psp_head)
+    with ChunkedFloat64Convs():
+        return _outputs(exact_module, [_in_float64(x) for x in inputs], run)
 
 
 def fp32_and_exact(module, inputs, run=None):
@@ -208,7 +233,8 @@ def compare_labels(labels, exact_logits, limit):
     exact_logits = exact_logits.double()
     differ = labels != exact_logits.argmax(1)
     top2 = exact_logits.topk(2, dim=1).values
-    tie = (top2[:, 0] - top2[:, 1]) <= (2 * limit * exact_logits.abs().max())
+    scale = torch.maximum(exact_logits.amax(), -exact_logits.amin())
+    tie = (top2[:, 0] - top2[:, 1]) <= (2 * limit * scale)
     return LabelComparison(int(differ.sum()), int((differ & ~tie).sum()))
 
 

@@ -23,7 +23,7 @@ from ..config import read_config
 from ..errors import ConfigError, UsageError, VerificationError
 from ..fileio import check_output_path, write_files
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
-                      compare_fp32, compare_labels, fp32_and_exact)
+                      compare_labels, fp32_and_exact, relative_error)
 from .convert import ConversionComparison
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
@@ -291,26 +291,32 @@ def check_on_engines(model,
     """
     model = read_model(model)
     result = _EngineCheck()
-    # One input at a time, and an engine at a time, created for it and
-    # gone before PyTorch runs: at 1024x2048 the logits take 500 MB in
-    # float64 and each engine holds a GB after a run.
     for images in inputs:
-        outputs = {
-            backend: _run_once(model, backend, images)
-            for backend in backends
-        }
-        (own, ), (exact, ) = fp32_and_exact(
-            reference, [images], run=lambda m, x: m(x)[0])
-        for backend, (logits, labels) in outputs.items():
-            check = compare_fp32([logits], [own], [exact], tolerance)
-            flips = compare_labels(labels, exact, check.limit)
-            if not check.passed or flips.untied:
-                raise VerificationError(
-                    f'{backend} differs from PyTorch ({check.describe()}; '
-                    f'{flips.untied} label(s) differ outside near-ties); '
-                    'nothing written')
-            result.add(check, flips)
+        _check_input(model, reference, images, tolerance, backends, result)
     return result.check, result.labels
+
+
+def _check_input(model, reference, images, tolerance, backends, result):
+    """Check one input, adding to ``result``; what it computed is gone when
+    it returns."""
+    # PyTorch first, keeping only the exact logits (320 MB in float64 at
+    # 1024x2048), then an engine at a time, created for the input and gone
+    # before the next: an engine takes a GB or more while it runs.
+    (own, ), (exact, ) = fp32_and_exact(
+        reference, [images], run=lambda m, x: m(x)[0])
+    own_error = relative_error(own, exact)
+    del own
+    for backend in backends:
+        logits, labels = _run_once(model, backend, images)
+        check = Fp32Comparison.of(logits, exact, own_error, tolerance)
+        flips = compare_labels(labels, exact, check.limit)
+        if not check.passed or flips.untied:
+            raise VerificationError(
+                f'{backend} differs from PyTorch ({check.describe()}; '
+                f'{flips.untied} label(s) differ outside near-ties); '
+                'nothing written')
+        result.add(check, flips)
+        del logits, labels  # before the next engine runs
 
 
 def _segmentor(cfg, checkpoint, config):

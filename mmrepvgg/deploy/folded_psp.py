@@ -27,7 +27,7 @@ from ..models.fusion import fuse_conv_bn
 from .images import interpolation_matrix
 from .modules import replace_modules
 
-__all__ = ['FoldedPSPHead', 'fold_psp_heads']
+__all__ = ['FoldedPSPHead', 'fold_psp_heads', 'foldable_psp_head']
 
 
 def _pooling_matrix(length, bins):
@@ -213,3 +213,18 @@ def fold_psp_heads(model):
                          'FoldedPSPHead(head)')
     return replace_modules(
         model, lambda m: FoldedPSPHead(m) if type(m) is PSPHead else None)
+
+
+def foldable_psp_head(module):
+    """For :func:`~mmrepvgg.deploy.modules.replace_modules`: a
+    :class:`FoldedPSPHead` of ``module`` if it is an eval-mode mmseg
+    ``PSPHead`` that folds; a folded head itself, so that the head inside
+    is left alone; else None."""
+    if isinstance(module, FoldedPSPHead):
+        return module
+    if type(module) is not PSPHead:
+        return None
+    try:
+        return FoldedPSPHead(module)
+    except ValueError:
+        return None
