@@ -26,6 +26,11 @@ pytestmark = pytest.mark.integration
 # to weights whose int8 needed a third conv, as the plain toy model's own
 # int8 keeps 99.4%: the tests allow 3).
 HOSTILE_CEILING = 0.97
+# make_quantization_hostile's default factor (the README's table), 256,
+# left a toy trained with AVX kernels and one thread at 97.0001%; at 1024
+# plain int8 kept 96.63% and 96.69% (AMX and AVX kernels, one thread) and
+# mixed precision 99.68% and 99.58% with 2 convs.
+HOSTILE_FACTOR = 1024.0
 MIN_AGREEMENT = 0.995
 MAX_FLOAT = 3
 # What the toy PSPNet (not hostile) keeps of its labels in int8 at the
@@ -39,7 +44,8 @@ def hostile(trained_pspnet, tmp_path_factory):
     """The toy PSPNet-RepVGG-A0 made hostile to int8."""
     return make_quantization_hostile(
         trained_pspnet.checkpoint,
-        str(tmp_path_factory.mktemp('hostile') / 'hostile.pth'))
+        str(tmp_path_factory.mktemp('hostile') / 'hostile.pth'),
+        factor=HOSTILE_FACTOR)
 
 
 def _export(config, checkpoint, out, *args):
