@@ -52,7 +52,7 @@ __all__ = [
     'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
     'load_qat_model', 'QATHook', 'QATRunner', 'QATExportSettings', 'QATExport',
-    'qat_onnx', 'export_qat_onnx', 'MIN_QAT_AGREEMENT'
+    'qat_onnx', 'MIN_QAT_AGREEMENT'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -493,7 +493,7 @@ def qat_onnx(config,
     Raises:
         VerificationError: Fewer labels agree than asked.
     """
-    from .deploy.export import _info, exportable, to_onnx
+    from .deploy.graph import exportable, exported_model_info, to_onnx
     from .deploy.images import split_images
     from .deploy.loading import LoadedModel
     from .deploy.logits import ImageSegmentor
@@ -510,9 +510,9 @@ def qat_onnx(config,
                            'val')
     check_agreement(
         agreement, settings.min_agreement, reference='the QAT model')
-    info = _info(cfg, LoadedModel(model, loaded, True), config,
-                 None if dynamic else size)
-    info.precision = 'int8'
+    info = exported_model_info(cfg, LoadedModel(model, loaded, True), config,
+                               None if dynamic else size)
+    info.precision, info.int8_scheme = 'int8', QAT_SCHEME
     info.calibration = dict(qat=loaded.meta[QAT_META_KEY])
     info.agreement = dict(asdict(agreement), reference='qat')
     return QATExport(_with_info(data, info), agreement, info)
@@ -525,32 +525,3 @@ def _with_info(data, info):
     proto = onnx.load_from_string(data)
     set_info(proto, info)
     return proto.SerializeToString()
-
-
-def export_qat_onnx(config,
-                    checkpoint,
-                    out,
-                    settings=None,
-                    force=False,
-                    check=QATExportSettings()):
-    """Write :func:`qat_onnx`'s model to ``out``, after every check.
-
-    Args:
-        settings (ExportSettings, optional): Its input size.
-        force (bool): Overwrite ``out``.
-        check (QATExportSettings): How it is checked.
-
-    Returns:
-        QATExport: What was written.
-    """
-    from .deploy.export import ExportSettings
-    from .fileio import check_output_path, write_files
-    settings = settings or ExportSettings()
-    check.check()
-    files = []
-    cfg = read_config(config, files)
-    check_output_path(out, [config, checkpoint, *files], force)
-    size = settings.input_size(cfg)
-    result = qat_onnx(config, checkpoint, size, settings.dynamic, check)
-    write_files({out: result.data}, force)
-    return result

@@ -23,10 +23,10 @@ from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.loading import deploy_model
+from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import (MIN_QAT_AGREEMENT, QAT_META_KEY, QATExportSettings,
-                          qat_onnx)
+from mmrepvgg.qat import MIN_QAT_AGREEMENT, QAT_META_KEY
 
 QAT_ITERS = 4
 # QAT fine-tunes: at the toy config's training rate (1e-2) the fake-quantized
@@ -121,20 +121,27 @@ def test_the_qat_config_evaluates_its_checkpoint_as_well_as_fp32(
 
 
 @pytest.fixture(scope='module')
-def qat_export(trained_qarepvgg, qat_run):
-    """The QAT checkpoint exported, checked against the floor."""
-    return qat_onnx(
-        trained_qarepvgg.config,
-        final_checkpoint(qat_run),
-        TOY_SIZE,
-        settings=QATExportSettings(4, AGREEMENT_FLOOR))
+def qat_export(trained_qarepvgg, qat_run, tmp_path_factory):
+    """The QAT checkpoint exported by the command line, checked against the
+    floor: the model as read, and what the tool printed."""
+    out = tmp_path_factory.mktemp('qat_onnx') / 'qat.onnx'
+    result = run_tool_here('export.py', trained_qarepvgg.config,
+                           final_checkpoint(qat_run), out, '--shape',
+                           *TOY_SIZE, '--int8', '--qat-eval-num', 4,
+                           '--qat-min-agreement', AGREEMENT_FLOOR)
+    assert result.returncode == 0, output(result)
+    return read_model(str(out)), result.stdout
 
 
 @pytest.mark.numerics
 def test_qat_export_is_qdq_with_the_trained_scales(qat_run, qat_export):
-    assert qat_export.info.precision == 'int8'
-    assert qat_export.agreement.labels >= AGREEMENT_FLOOR
-    model = onnx.load_from_string(qat_export.data)
+    exported, stdout = qat_export
+    assert exported.info.precision == 'int8'
+    assert exported.info.int8_scheme == 'cpu'
+    assert exported.info.agreement['labels'] >= AGREEMENT_FLOOR
+    assert 'int8 (cpu scheme) from QAT: ONNX Runtime labels agree with the ' \
+        'QAT model on ' in stdout
+    model = exported.proto
     nodes = {o: n for n in model.graph.node for o in n.output}
     constants = {
         i.name: onnx.numpy_helper.to_array(i)
@@ -163,18 +170,18 @@ def test_qat_export_is_qdq_with_the_trained_scales(qat_run, qat_export):
 def test_openvino_runs_the_qat_model_in_int8(trained_qarepvgg, qat_export,
                                              tmp_path):
     import openvino
-    path = tmp_path / 'qat.onnx'
-    path.write_bytes(qat_export.data)
+    exported, _ = qat_export
     core = openvino.Core()
     compiled = core.compile_model(
-        core.read_model(str(path)), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+        core.read_model(exported.name), 'CPU',
+        {'INFERENCE_PRECISION_HINT': 'f32'})
     precisions = Counter(
         op.get_rt_info()['runtimePrecision'].astype(str)
         for op in compiled.get_runtime_model().get_ordered_ops()
         if op.get_rt_info()['layerType'].astype(str) == 'Convolution')
     assert precisions['u8'] + precisions['i8'] >= 22, precisions
     engines = [
-        SegmentationEngine(qat_export.data, EngineSettings(backend))
+        SegmentationEngine(exported, EngineSettings(backend))
         for backend in ('onnxruntime', 'openvino')
     ]
     for path in trained_qarepvgg.val_images:
@@ -200,10 +207,13 @@ def test_qat_export_below_the_agreement_is_refused():
     (['--qat-eval-num', '0'], '--qat-eval-num must be at least 1'),
     (['--qat-min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
     ([], 'export it with --int8'),
+    (['--img'], "checked on the config's validation images, not on --img"),
 ])
 def test_qat_export_refuses_bad_arguments(trained_qarepvgg, qat_run, tmp_path,
                                           arguments, message):
     int8 = ['--int8'] if arguments else []
+    if arguments == ['--img']:
+        arguments = ['--img', trained_qarepvgg.val_images[0]]
     result = run_tool_here('export.py', trained_qarepvgg.config,
                            final_checkpoint(qat_run), tmp_path / 'qat.onnx',
                            *int8, *arguments)

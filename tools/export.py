@@ -11,8 +11,7 @@ from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportSettings, export_onnx
 from mmrepvgg.deploy.quantize import Int8Settings
-from mmrepvgg.errors import CheckpointError, UsageError
-from mmrepvgg.qat import QATExportSettings, export_qat_onnx, is_qat_checkpoint
+from mmrepvgg.qat import QATExportSettings
 
 
 def parse_args():
@@ -48,9 +47,6 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if _is_qat(args.checkpoint):
-        export_qat(args)
-        return
     result = export_onnx(
         args.config,
         args.checkpoint,
@@ -59,7 +55,8 @@ def main():
         imgs=args.img,
         force=args.force,
         tolerance=settings_from(args, Fp32Tolerance, 'tolerance'),
-        int8=settings_from(args, Int8Settings) if args.int8 else None)
+        int8=settings_from(args, Int8Settings) if args.int8 else None,
+        qat=settings_from(args, QATExportSettings, 'qat'))
     report(result, args.verbose, args.int8_report)
 
 
@@ -69,9 +66,10 @@ def report(result, verbose, int8_report=False):
     print(f'exported at {shape}' + (' (any size)' if result.dynamic else ''))
     if verbose and result.conversion is not None:
         print(f'converted to deploy form: {result.conversion.describe()}')
-    print(f'{" and ".join(result.backends)} vs PyTorch on '
-          f'{result.num_inputs} input(s): {result.check.describe()}; '
-          f'{result.tied_flips} label(s) flipped at near-ties')
+    if result.check is not None:
+        print(f'{" and ".join(result.backends)} vs PyTorch on '
+              f'{result.num_inputs} input(s): {result.check.describe()}; '
+              f'{result.tied_flips} label(s) flipped at near-ties')
     if result.info.precision == 'int8':
         report_int8(result.info, int8_report)
     print(f'wrote {result.out}')
@@ -81,6 +79,12 @@ def report_int8(info, ranking):
     """Print an int8 model's agreement and the convs it keeps in fp32;
     with ``ranking``, every conv's sensitivity."""
     agreement = info.agreement
+    if 'qat' in info.calibration:
+        print(f'int8 ({info.int8_scheme} scheme) from QAT: ONNX Runtime '
+              f'labels agree with the QAT model on {agreement["labels"]:.2%} '
+              f'of the pixels of {agreement["images"]} '
+              f'{agreement["split"]} image(s)')
+        return
     print(f'int8 ({info.int8_scheme} scheme), calibrated on '
           f'{info.calibration["images"]} training image(s): labels agree '
           f'with fp32 on {agreement["labels"]:.2%} of the pixels of '
@@ -96,32 +100,6 @@ def report_int8(info, ranking):
         for rank, conv in enumerate(info.sensitivity, 1):
             mark = '  (fp32)' if conv.conv in info.float_convs else ''
             print(f'{rank:4d}  {conv.error:26.3e}  {conv.conv}{mark}')
-
-
-def _is_qat(path):
-    try:
-        return is_qat_checkpoint(path)
-    except CheckpointError:
-        return False  # export_onnx reports it, in the order of its checks
-
-
-def export_qat(args):
-    """Export a QAT checkpoint with the scales it trained."""
-    if not args.int8:
-        raise UsageError(f'{args.checkpoint}: is a QAT checkpoint; export it '
-                         'with --int8')
-    result = export_qat_onnx(
-        args.config,
-        args.checkpoint,
-        args.out,
-        settings=settings_from(args, ExportSettings),
-        force=args.force,
-        check=settings_from(args, QATExportSettings, 'qat'))
-    agreement = result.agreement
-    print(f'int8 from QAT: ONNX Runtime labels agree with the QAT model on '
-          f'{agreement.labels:.2%} of the pixels of {agreement.images} '
-          f'{agreement.split} image(s)')
-    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

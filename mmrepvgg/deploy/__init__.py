@@ -12,12 +12,18 @@ One module per concept:
   in deploy form, with their classes and palette;
 - :mod:`.pair`: the verified deploy checkpoint and config;
 - :mod:`.logits`: a segmentor as a function from images to logits;
-- :mod:`.export`: ONNX export, verified on the engines;
+- :mod:`.graph`: a segmentor as an ONNX graph, with its metadata;
+- :mod:`.export`: ONNX export (fp32, int8, or a QAT checkpoint's int8),
+  verified on the engines;
 - :mod:`.model_info`: an exported model's metadata and checks;
 - :mod:`.quantize`: calibrated int8;
+- :mod:`.mixed_precision`: each conv's int8 sensitivity, and the convs
+  kept in fp32;
 - :mod:`.engines`: ONNX Runtime and OpenVINO;
 - :mod:`.infer`: coloured label maps of image files;
-- :mod:`.folded_psp`: PSPNet's pyramid pooling folded, for inference.
+- :mod:`.folded_psp`: PSPNet's pyramid pooling folded, for inference;
+- :mod:`.modules`: replacing modules, and float64 convolutions within
+  memory.
 
 The names below are imported on first use, so that ``import mmrepvgg``
 (which every training run does) loads no ONNX, engine or quantization

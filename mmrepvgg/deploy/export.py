@@ -6,94 +6,35 @@ gives them and returns logits and labels (see
 know (classes, palette, input size) is in its metadata
 (:class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`).
 """
-import copy
-import logging
-import os.path as osp
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 from mmseg.models.segmentors import EncoderDecoder
-from torch import nn
-from torch.nn.modules.utils import _pair
 
 from ..config import read_config
-from ..errors import ConfigError, UsageError, VerificationError
+from ..errors import (CheckpointError, ConfigError, UsageError,
+                      VerificationError)
 from ..fileio import check_output_path, write_files
+from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
                       compare_labels, fp32_and_exact, relative_error)
 from .convert import ConversionComparison
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
+from .graph import MAX_DYNAMIC, exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
                      image_size, read_image)
-from .loading import dataset_meta, deploy_model
+from .loading import deploy_model
 from .logits import ImageSegmentor
-from .model_info import INPUT, OUTPUTS, ExportedModelInfo, read_model, set_info
-from .modules import replace_modules
+from .model_info import ExportedModelInfo, read_model
 
-__all__ = [
-    'OPSET', 'ExportSettings', 'ExportResult', 'SlicedAdaptiveAvgPool2d',
-    'exportable', 'to_onnx', 'check_on_engines', 'export_onnx'
-]
+__all__ = ['ExportSettings', 'ExportResult', 'check_on_engines', 'export_onnx']
 
-OPSET = 18
 # The frame the default export size is derived from: Cityscapes'.
 CITYSCAPES_FRAME = (1024, 2048)
-# The exporter's bounds of a free height or width; the check at 3/4 of the
-# size must stay within them too.
-_MIN_DYNAMIC, _MAX_DYNAMIC = 11, 16384
-
-
-class SlicedAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` with integer bins, computed as ONNX exports
-    it well: each bin's rows averaged, then each bin's columns, over
-    PyTorch's own windows.
-
-    The exporter unrolls adaptive pooling whose bins do not divide the
-    input into one gather per window element (about 10,000 nodes and two
-    minutes for PSPNet at 1024x2048) and fixes the windows to the example's
-    size; slices and means stay small and follow the input's size.
-    """
-
-    def __init__(self, output_size):
-        super().__init__()
-        self.output_size = _pair(output_size)
-
-    def forward(self, x):
-        rows, columns = self.output_size
-        return _pool(_pool(x, rows, 2), columns, 3)
-
-
-def _pool(x, bins, dim):
-    length = x.shape[dim]
-    if bins == 1:
-        return x.mean(dim, keepdim=True)
-    windows = []
-    for i in range(bins):
-        start = i * length // bins
-        # A ceiling without negative floor division, which ONNX's integer
-        # Div (rounding towards zero) would get wrong.
-        end = ((i + 1) * length + bins - 1) // bins
-        windows.append(
-            x.narrow(dim, start, end - start).mean(dim, keepdim=True))
-    return torch.cat(windows, dim)
-
-
-def _sliced_pool(module):
-    if type(module) is nn.AdaptiveAvgPool2d and all(
-            isinstance(s, int) for s in _pair(module.output_size)):
-        return SlicedAdaptiveAvgPool2d(module.output_size)
-    return None
-
-
-def exportable(segmentor):
-    """An eval-mode :class:`ImageSegmentor` of a copy of ``segmentor``,
-    with its adaptive pools sliced, as :func:`to_onnx` takes it."""
-    module = ImageSegmentor(copy.deepcopy(segmentor)).eval()
-    replace_modules(module, _sliced_pool)
-    return module
+# The smallest free height or width checked: its 3/4 must stay within the
+# exporter's bounds too.
+_MIN_DYNAMIC = 11
 
 
 @dataclass(frozen=True)
@@ -128,9 +69,9 @@ class ExportSettings:
         size = tuple(self.shape) if self.shape else TestPipeline(
             cfg).output_size(CITYSCAPES_FRAME)
         check_input_size(size, minimum=_MIN_DYNAMIC if self.dynamic else 1)
-        if self.dynamic and max(size) > _MAX_DYNAMIC:
+        if self.dynamic and max(size) > MAX_DYNAMIC:
             raise UsageError(f'a free height or width is at most '
-                             f'{_MAX_DYNAMIC}, got {size[0]}x{size[1]}')
+                             f'{MAX_DYNAMIC}, got {size[0]}x{size[1]}')
         return size
 
 
@@ -142,8 +83,10 @@ class ExportResult:
         out (str): The ONNX file.
         input_size (tuple[int]): The size it was exported and checked at.
         dynamic (bool): Whether it takes any input size.
-        check (Fp32Comparison): The engines' logits against PyTorch's exact
-            ones, for the output nearest to its limit.
+        check (Fp32Comparison, optional): The engines' logits against
+            PyTorch's exact ones, for the output nearest to its limit; None
+            for a QAT checkpoint's int8 model, checked by its labels
+            (``info.agreement``).
         tied_flips (int): Pixels whose label differs where the exact
             logits' two best classes tie within the limit (labels
             elsewhere are identical, or nothing is written).
@@ -152,83 +95,18 @@ class ExportResult:
         conversion (ConversionComparison, optional): The check of the
             conversion to deploy form, for a trained checkpoint.
         info (ExportedModelInfo): The model's metadata (for an int8 model,
-            its calibration and its agreement with the fp32 model).
+            its calibration and its agreement with the fp32 model, or with
+            the QAT model).
     """
     out: str
     input_size: Tuple[int, int]
     dynamic: bool
-    check: Fp32Comparison
+    check: Optional[Fp32Comparison]
     tied_flips: int
     num_inputs: int
     backends: List[str]
     conversion: Optional[ConversionComparison]
     info: ExportedModelInfo
-
-
-@contextmanager
-def _quiet_exporter():
-    logger = logging.getLogger('torch.onnx')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def to_onnx(module, size, dynamic=False, info=None):
-    """Export an :class:`ImageSegmentor` to ONNX bytes.
-
-    Args:
-        module (ImageSegmentor): The model, with its adaptive pools sliced
-            (:func:`exportable`).
-        size (tuple[int]): ``(height, width)`` of the example input.
-        dynamic (bool): Let height and width vary. The batch size always
-            may.
-        info (ExportedModelInfo, optional): Metadata to store.
-
-    Returns:
-        bytes: The model, with no trace of the exporting machine in it.
-    """
-    shapes = {0: torch.export.Dim('batch', min=1, max=1024)}
-    if dynamic:
-        shapes.update({
-            2: torch.export.Dim('height', min=8, max=_MAX_DYNAMIC),
-            3: torch.export.Dim('width', min=8, max=_MAX_DYNAMIC)
-        })
-    # Two images: a batch of one would be specialized to one.
-    example = torch.zeros(2, 3, *size)
-    with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
-            module, (example, ),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[INPUT],
-            output_names=list(OUTPUTS),
-            dynamic_shapes={INPUT: shapes},
-            verbose=False)
-    proto = program.model_proto
-    _check_dynamic_dims(proto, dynamic)
-    for node in proto.graph.node:
-        # Source paths and stack traces of the exporting machine.
-        del node.metadata_props[:]
-    if info is not None:
-        set_info(proto, info)
-    return proto.SerializeToString()
-
-
-def _check_dynamic_dims(proto, dynamic):
-    # The exporter may fall back to static sizes with a log line only.
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    wanted = [0, 2, 3] if dynamic else [0]
-    fixed = [i for i in wanted if not dims[i].dim_param]
-    if fixed:
-        names = ', '.join(('batch', '', 'height', 'width')[i] for i in fixed)
-        raise VerificationError(
-            f'the model did not export with a free {names}: some operation '
-            'of it depends on the input size')
 
 
 def _check_inputs(size, imgs, dynamic):
@@ -327,21 +205,6 @@ def _segmentor(cfg, checkpoint, config):
     return loaded
 
 
-def _info(cfg, loaded, config, size):
-    dataset = dataset_meta(cfg, loaded.checkpoint)
-    if dataset is None:
-        raise ConfigError(f'{config}: names no classes (neither the '
-                          "checkpoint's meta nor the config's test dataset)")
-    return ExportedModelInfo(
-        classes=list(dataset.classes),
-        palette=[list(c) for c in dataset.palette],
-        input_size=list(size) if size else None,
-        align_corners=bool(loaded.model.align_corners),
-        source=osp.basename(loaded.checkpoint.path),
-        source_sha256=loaded.checkpoint.sha256,
-        config=osp.basename(config))
-
-
 def export_onnx(config,
                 checkpoint,
                 out,
@@ -349,14 +212,20 @@ def export_onnx(config,
                 imgs=(),
                 force=False,
                 tolerance=Fp32Tolerance(),
-                int8=None):
+                int8=None,
+                qat=QATExportSettings()):
     """Export a segmentor to a verified, self-contained ONNX model.
+
+    A QAT checkpoint (which ``tools/train.py --qat`` writes) is exported in
+    int8 with the scales it trained, and checked against the QAT model as
+    ``qat`` says (:func:`mmrepvgg.qat.qat_onnx`); it needs ``int8``, whose
+    calibration it does not use, and takes no ``imgs``.
 
     Args:
         config (str): An mmseg ``EncoderDecoder`` config (RepVGG or not).
         checkpoint (str): A trained checkpoint (converted to deploy form
-            and checked, as :func:`reparameterize` does) or a deploy
-            checkpoint.
+            and checked, as :func:`reparameterize` does), a deploy
+            checkpoint or a QAT one.
         out (str): The ONNX file to write.
         settings (ExportSettings): Its input size.
         imgs (Sequence[str]): Images to check on too (resized to the size,
@@ -367,6 +236,7 @@ def export_onnx(config,
         int8 (Int8Settings, optional): Write an int8 model, calibrated
             and checked as these settings say, instead of the fp32 one
             (which is checked first all the same). Defaults to None.
+        qat (QATExportSettings): How a QAT checkpoint's model is checked.
 
     Returns:
         ExportResult: What was written.
@@ -377,21 +247,52 @@ def export_onnx(config,
     """
     if int8 is not None:
         int8.check()
+    qat.check()
     files = []
     cfg = read_config(config, files)
     check_output_path(out, [config, checkpoint, *imgs, *files], force)
     size = settings.input_size(cfg)
     for img in imgs:
         image_size(img)
+    export = _qat_model if _is_qat(checkpoint) else _fp32_or_int8_model
+    data, result = export(cfg, config, checkpoint, out, size, settings.dynamic,
+                          imgs, tolerance, int8, qat)
+    write_files({out: data}, force)
+    return result
+
+
+def _is_qat(checkpoint):
+    try:
+        return is_qat_checkpoint(checkpoint)
+    except CheckpointError:
+        return False  # the model's loading reports it
+
+
+def _fp32_or_int8_model(cfg, config, checkpoint, out, size, dynamic, imgs,
+                        tolerance, int8, qat):
     loaded = _segmentor(cfg, checkpoint, config)
-    info = _info(cfg, loaded, config, None if settings.dynamic else size)
-    data = to_onnx(exportable(loaded.model), size, settings.dynamic, info)
-    inputs = _check_inputs(size, imgs, settings.dynamic)
+    info = exported_model_info(cfg, loaded, config, None if dynamic else size)
+    data = to_onnx(exportable(loaded.model), size, dynamic, info)
+    inputs = _check_inputs(size, imgs, dynamic)
     check, labels = check_on_engines(data, ImageSegmentor(loaded.model),
                                      inputs, tolerance)
     if int8 is not None:
         from .quantize import int8_model
         data = int8_model(cfg, data, info, size, int8)
-    write_files({out: data}, force)
-    return ExportResult(out, size, settings.dynamic, check, labels.differ,
-                        len(inputs), list(BACKENDS), loaded.conversion, info)
+    return data, ExportResult(out, size, dynamic, check, labels.differ,
+                              len(inputs), list(BACKENDS), loaded.conversion,
+                              info)
+
+
+def _qat_model(cfg, config, checkpoint, out, size, dynamic, imgs, tolerance,
+               int8, qat):
+    if int8 is None:
+        raise UsageError(f'{checkpoint}: is a QAT checkpoint; export it '
+                         'with --int8')
+    if imgs:
+        raise UsageError(f'{checkpoint}: is a QAT checkpoint, checked on '
+                         "the config's validation images, not on --img")
+    exported = qat_onnx(config, checkpoint, size, dynamic, qat)
+    return exported.data, ExportResult(out, size, dynamic, None, 0,
+                                       exported.agreement.images,
+                                       ['onnxruntime'], None, exported.info)

@@ -13,7 +13,7 @@ from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import (BACKENDS, PRECISIONS, EngineSettings,
                                      SegmentationEngine, bf16_available,
                                      onnxruntime_session)
-from mmrepvgg.deploy.export import OPSET, exportable, to_onnx
+from mmrepvgg.deploy.graph import OPSET, exportable, to_onnx
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import dataset_meta
 from mmrepvgg.deploy.model_info import INPUT, ExportedModelInfo
