@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from mmseg.models.decode_heads import PSPHead
 
 from helpers import PSPNET_A0, randomize_batch_norms
 from mmrepvgg import switch_to_deploy
@@ -80,3 +81,16 @@ def test_relative_error_sees_every_element():
     assert relative_error(actual, expected) != relative_error(actual, expected)
     with pytest.raises(ValueError, match='cannot compare'):
         relative_error(torch.ones(2, 3), torch.ones(3))
+
+
+def test_a_psp_head_that_does_not_fold_is_computed_as_it_is():
+    head = PSPHead(
+        in_channels=8,
+        channels=4,
+        num_classes=3,
+        norm_cfg=dict(type='GN', num_groups=2)).eval()
+    inputs = [torch.randn(1, 8, 12, 16)]
+    (exact, ) = exact_outputs(head, [inputs])
+    with torch.no_grad():
+        plain = copy.deepcopy(head).double()([inputs[0].double()])
+    assert relative_error(exact, plain) == 0

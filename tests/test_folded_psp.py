@@ -131,6 +131,9 @@ def test_what_cannot_be_folded_is_refused():
     unpadded.bottleneck.conv.padding = (0, 0)
     with pytest.raises(ValueError, match="changes the features' size"):
         FoldedPSPHead(unpadded)
+    group_norm = psp_head(norm_cfg=dict(type='GN', num_groups=2))
+    with pytest.raises(ValueError, match='no running statistics'):
+        FoldedPSPHead(group_norm)
     biased = psp_head()
     biased.bottleneck.conv.bias = torch.nn.Parameter(torch.zeros(6))
     with pytest.raises(ValueError, match='bias before its norm'):

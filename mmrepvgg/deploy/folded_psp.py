@@ -23,7 +23,7 @@ from mmseg.models.decode_heads import PSPHead
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..models.fusion import fuse_conv_bn
+from ..models.fusion import fuse_conv_bn, is_batch_norm
 from .images import interpolation_matrix
 from .modules import replace_modules
 
@@ -62,6 +62,10 @@ def _check_foldable(head):
            for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)):
         raise ValueError("cannot fold a PSPHead whose bottleneck changes the "
                          "features' size")
+    if bottleneck.with_norm and not (is_batch_norm(bottleneck.norm) and
+                                     bottleneck.norm.running_var is not None):
+        raise ValueError('cannot fold a PSPHead whose bottleneck norm has no '
+                         'running statistics')
     if bottleneck.with_norm and conv.bias is not None:
         raise ValueError('cannot fold a PSPHead whose bottleneck conv has a '
                          'bias before its norm')
