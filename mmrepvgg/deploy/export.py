@@ -254,11 +254,26 @@ def export_onnx(config,
     size = settings.input_size(cfg)
     for img in imgs:
         image_size(img)
-    export = _qat_model if _is_qat(checkpoint) else _fp32_or_int8_model
-    data, result = export(cfg, config, checkpoint, out, size, settings.dynamic,
-                          imgs, tolerance, int8, qat)
+    job = _ExportJob(cfg, config, checkpoint, out, size, settings.dynamic,
+                     tuple(imgs), tolerance, int8, qat)
+    data, result = (_qat_model if _is_qat(checkpoint) else _model)(job)
     write_files({out: data}, force)
     return result
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """What :func:`export_onnx` was asked to do, its arguments checked."""
+    cfg: object
+    config: str
+    checkpoint: str
+    out: str
+    size: Tuple[int, int]
+    dynamic: bool
+    imgs: Tuple[str, ...]
+    tolerance: Fp32Tolerance
+    int8: Optional[object]
+    qat: QATExportSettings
 
 
 def _is_qat(checkpoint):
@@ -268,31 +283,33 @@ def _is_qat(checkpoint):
         return False  # the model's loading reports it
 
 
-def _fp32_or_int8_model(cfg, config, checkpoint, out, size, dynamic, imgs,
-                        tolerance, int8, qat):
-    loaded = _segmentor(cfg, checkpoint, config)
-    info = exported_model_info(cfg, loaded, config, None if dynamic else size)
-    data = to_onnx(exportable(loaded.model), size, dynamic, info)
-    inputs = _check_inputs(size, imgs, dynamic)
+def _model(job):
+    """The fp32 model, checked on the engines; in int8 if asked."""
+    loaded = _segmentor(job.cfg, job.checkpoint, job.config)
+    info = exported_model_info(job.cfg, loaded, job.config,
+                               None if job.dynamic else job.size)
+    data = to_onnx(exportable(loaded.model), job.size, job.dynamic, info)
+    inputs = _check_inputs(job.size, job.imgs, job.dynamic)
     check, labels = check_on_engines(data, ImageSegmentor(loaded.model),
-                                     inputs, tolerance)
-    if int8 is not None:
+                                     inputs, job.tolerance)
+    if job.int8 is not None:
         from .quantize import int8_model
-        data = int8_model(cfg, data, info, size, int8)
-    return data, ExportResult(out, size, dynamic, check, labels.differ,
-                              len(inputs), list(BACKENDS), loaded.conversion,
-                              info)
+        data = int8_model(job.cfg, data, info, job.size, job.int8)
+    return data, ExportResult(job.out, job.size,
+                              job.dynamic, check, labels.differ, len(inputs),
+                              list(BACKENDS), loaded.conversion, info)
 
 
-def _qat_model(cfg, config, checkpoint, out, size, dynamic, imgs, tolerance,
-               int8, qat):
-    if int8 is None:
-        raise UsageError(f'{checkpoint}: is a QAT checkpoint; export it '
+def _qat_model(job):
+    """A QAT checkpoint's int8 model, checked against the QAT model."""
+    if job.int8 is None:
+        raise UsageError(f'{job.checkpoint}: is a QAT checkpoint; export it '
                          'with --int8')
-    if imgs:
-        raise UsageError(f'{checkpoint}: is a QAT checkpoint, checked on '
-                         "the config's validation images, not on --img")
-    exported = qat_onnx(config, checkpoint, size, dynamic, qat)
-    return exported.data, ExportResult(out, size, dynamic, None, 0,
+    if job.imgs:
+        raise UsageError(f'{job.checkpoint}: is a QAT checkpoint, checked '
+                         "on the config's validation images, not on --img")
+    exported = qat_onnx(job.config, job.checkpoint, job.size, job.dynamic,
+                        job.qat)
+    return exported.data, ExportResult(job.out, job.size, job.dynamic, None, 0,
                                        exported.agreement.images,
                                        ['onnxruntime'], None, exported.info)
