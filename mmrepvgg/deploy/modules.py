@@ -64,8 +64,8 @@ class ChunkedFloat64Convs(TorchFunctionMode):
                 groups=1):
         channels = self._chunk_channels(input, weight, stride, padding,
                                         dilation)
-        if not (input.dtype == torch.float64 and input.dim() == 4
-                and groups == 1 and channels < weight.shape[1]):
+        if not (input.dtype == torch.float64 and groups == 1
+                and channels < weight.shape[1]):
             return F.conv2d(input, weight, bias, stride, padding, dilation,
                             groups)
         out = None
@@ -77,7 +77,8 @@ class ChunkedFloat64Convs(TorchFunctionMode):
         return out if bias is None else out.add_(bias.reshape(1, -1, 1, 1))
 
     def _chunk_channels(self, input, weight, stride, padding, dilation):
-        """Input channels whose im2col columns fit ``max_bytes``."""
+        """Input channels whose im2col columns fit ``max_bytes``; all of
+        them for an unbatched input or a padding given by name."""
         if isinstance(padding, str) or input.dim() != 4:
             return weight.shape[1]
         pixels = input.shape[0]
