@@ -44,6 +44,7 @@ from .checkpoint import load_checkpoint, load_weights
 from .config import build_model, config_dicts, is_repvgg_node, read_config
 from .deploy.modules import replace_modules
 from .errors import ConfigError, UsageError
+from .models.equalization import equalize_backbone
 from .models.fusion import fuse_conv_bn, is_batch_norm
 from .models.weight_layouts import is_deploy_form
 
@@ -189,17 +190,20 @@ def check_qat_start(cfg, checkpoint, config='config'):
                          'from a trained (training-form) checkpoint')
 
 
-def use_qat(cfg, checkpoint, config='config'):
+def use_qat(cfg, checkpoint, config='config', equalize=False):
     """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint,
-    after checking that it can (:func:`check_qat_start`).
+    after checking that it can (:func:`check_qat_start`); with
+    ``equalize``, from its backbone equalized first
+    (:mod:`mmrepvgg.models.equalization`).
 
-    Sets ``qat = dict(checkpoint=...)`` and ``runner_type='QATRunner'`` and
+    Sets ``qat = dict(checkpoint=..., equalize=...)`` and
+    ``runner_type='QATRunner'`` and
     imports this module with the config, so that the config written to
     the work dir resumes, tests and trains the same way, with mmseg's
     tools and ``mim`` too.
     """
     check_qat_start(cfg, checkpoint, config)
-    cfg.qat = dict(checkpoint=checkpoint)
+    cfg.qat = dict(checkpoint=checkpoint, equalize=equalize)
     cfg.runner_type = 'QATRunner'
     imports = dict(cfg.get('custom_imports') or {})
     modules = list(imports.get('imports') or [])
@@ -208,16 +212,26 @@ def use_qat(cfg, checkpoint, config='config'):
     cfg.custom_imports = dict(imports, imports=modules)
 
 
-def build_qat_model(cfg, checkpoint, config='config'):
+def build_qat_model(cfg, checkpoint, config='config', equalize=False):
     """The QAT model of a trained checkpoint: converted to deploy form,
-    checked, and made quantization-aware (:func:`prepare_qat`).
+    checked, its backbone equalized if asked (:func:`equalize_backbone`),
+    and made quantization-aware (:func:`prepare_qat`).
 
     Returns:
         nn.Module: The model, in training mode.
+
+    Raises:
+        ConfigError: ``equalize`` for a model without a RepVGG backbone.
     """
     from .deploy.loading import deploy_model
     check_qat_start(cfg, checkpoint, config)
-    return prepare_qat(deploy_model(cfg, checkpoint, config).model).train()
+    model = deploy_model(cfg, checkpoint, config).model
+    if equalize:
+        try:
+            equalize_backbone(model)
+        except ValueError as error:
+            raise ConfigError(f'{config}: qat.equalize: {error}') from None
+    return prepare_qat(model).train()
 
 
 def load_qat_model(cfg, checkpoint, config='config'):
@@ -301,7 +315,8 @@ class QATRunner(Runner):
             raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
                               'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
         cfg = Config(dict(model=model, default_scope=self.cfg.default_scope))
-        return build_qat_model(cfg, qat['checkpoint'], self.cfg.filename)
+        return build_qat_model(cfg, qat['checkpoint'], self.cfg.filename,
+                               qat.get('equalize', False))
 
     def register_hooks(self, default_hooks=None, custom_hooks=None):
         super().register_hooks(default_hooks, custom_hooks)

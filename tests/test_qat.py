@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
                      run_tool_here, snapshot)
@@ -26,7 +27,9 @@ from mmrepvgg.deploy.loading import deploy_model
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import MIN_QAT_AGREEMENT, QAT_META_KEY
+from mmrepvgg.models.equalization import equalize_backbone
+from mmrepvgg.qat import MIN_QAT_AGREEMENT, QAT_META_KEY, use_qat
+from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
 # QAT fine-tunes: at the toy config's training rate (1e-2) the fake-quantized
@@ -259,3 +262,31 @@ def test_qat_refuses_what_it_cannot_start_from(refused_inputs, tmp_path, name,
                            '--work-dir', work_dir)
     assert_refused(result, message, tmp_path, before)
     assert not work_dir.exists()
+
+
+def test_qat_equalize_needs_qat(trained_qarepvgg, tmp_path):
+    result = run_tool_here('train.py', trained_qarepvgg.config,
+                           '--qat-equalize', '--work-dir', tmp_path / 'work')
+    assert_refused(result, '--qat-equalize needs --qat')
+    assert os.listdir(tmp_path) == []
+
+
+def test_qat_equalize_starts_from_the_equalized_deploy_model(
+        trained_qarepvgg, tmp_path):
+    cfg = read_config(trained_qarepvgg.config)
+    use_qat(cfg, trained_qarepvgg.checkpoint, equalize=True)
+    cfg.work_dir = str(tmp_path)
+    # As the config written to the work dir builds it.
+    model = build_runner(cfg).model
+    expected, plain = (
+        deploy_model(
+            read_config(trained_qarepvgg.config),
+            trained_qarepvgg.checkpoint).model for _ in range(2))
+    assert equalize_backbone(expected) > 0
+    # The heads' convs have their norms folded in as well.
+    for name, conv in expected.backbone.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            qat_conv = model.backbone.get_submodule(name)
+            assert torch.equal(qat_conv.weight, conv.weight), name
+    assert not torch.equal(model.backbone.stem.branch_reparam.weight,
+                           plain.backbone.stem.branch_reparam.weight)

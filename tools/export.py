@@ -85,6 +85,9 @@ def report_int8(info, ranking):
               f'of the pixels of {agreement["images"]} '
               f'{agreement["split"]} image(s)')
         return
+    if info.equalized_pairs:
+        print(f'channels equalized between {info.equalized_pairs} pairs of '
+              'backbone convs before calibrating')
     print(f'int8 ({info.int8_scheme} scheme), calibrated on '
           f'{info.calibration["images"]} training image(s): labels agree '
           f'with fp32 on {agreement["labels"]:.2%} of the pixels of '

@@ -6,6 +6,7 @@ falls back to the gloo backend.
 """
 import apps.interrupts  # noqa: F401  (before the heavy imports)
 from mmrepvgg.cli import run_cli, tool_parser
+from mmrepvgg.errors import UsageError
 from mmrepvgg.runner import (add_launch_arguments, build_runner, enable_amp,
                              load_launch_config)
 
@@ -24,13 +25,20 @@ def main():
         metavar='CHECKPOINT',
         help='fine-tune the deploy form of a trained RepVGG checkpoint with '
         'quantization-aware training (int8 fake quantization)')
+    parser.add_argument(
+        '--qat-equalize',
+        action='store_true',
+        help="with --qat: equalize the ranges of the channels between the "
+        "backbone's blocks first (as export's --int8-equalize)")
     args = add_launch_arguments(parser).parse_args()
+    if args.qat_equalize and not args.qat:
+        raise UsageError('--qat-equalize needs --qat')
     cfg = load_launch_config(args)
     if args.amp:
         enable_amp(cfg)
     if args.qat:
         from mmrepvgg.qat import use_qat
-        use_qat(cfg, args.qat, args.config)
+        use_qat(cfg, args.qat, args.config, args.qat_equalize)
     cfg.resume = args.resume
     build_runner(cfg).train()
 

@@ -6,6 +6,7 @@ gives them and returns logits and labels (see
 know (classes, palette, input size) is in its metadata
 (:class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`).
 """
+import copy
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -16,6 +17,7 @@ from ..config import read_config
 from ..errors import (CheckpointError, ConfigError, UsageError,
                       VerificationError)
 from ..fileio import check_output_path, write_files
+from ..models.equalization import equalize_backbone
 from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
                       compare_labels, fp32_and_exact, relative_error)
@@ -288,7 +290,10 @@ def _model(job):
     loaded = _segmentor(job.cfg, job.checkpoint, job.config)
     info = exported_model_info(job.cfg, loaded, job.config,
                                None if job.dynamic else job.size)
-    data = to_onnx(exportable(loaded.model), job.size, job.dynamic, info)
+    model = loaded.model
+    if job.int8 is not None and job.int8.equalize:
+        model, info.equalized_pairs = _equalized(model, job.config)
+    data = to_onnx(exportable(model), job.size, job.dynamic, info)
     inputs = _check_inputs(job.size, job.imgs, job.dynamic)
     check, labels = check_on_engines(data, ImageSegmentor(loaded.model),
                                      inputs, job.tolerance)
@@ -298,6 +303,16 @@ def _model(job):
     return data, ExportResult(job.out, job.size,
                               job.dynamic, check, labels.differ, len(inputs),
                               list(BACKENDS), loaded.conversion, info)
+
+
+def _equalized(model, config):
+    """An equalized copy of a segmentor, checked against the original
+    like any export, and its number of equalized conv pairs."""
+    model = copy.deepcopy(model)
+    try:
+        return model, equalize_backbone(model)
+    except ValueError as error:
+        raise UsageError(f'{config}: --int8-equalize: {error}') from None
 
 
 def _qat_model(job):

@@ -92,6 +92,9 @@ class ExportedModelInfo:
             most sensitive first.
         sensitivity (list[ConvSensitivity]): For int8 models: every conv,
             most sensitive first.
+        equalized_pairs (int): For int8 models: the pairs of backbone
+            convs whose channels were equalized before calibration
+            (:mod:`mmrepvgg.models.equalization`).
     """
     classes: List[str]
     palette: List[List[int]]
@@ -107,6 +110,7 @@ class ExportedModelInfo:
     int8_scheme: str = ''
     float_convs: List[str] = field(default_factory=list)
     sensitivity: List[ConvSensitivity] = field(default_factory=list)
+    equalized_pairs: int = 0
 
     def to_props(self):
         return {key: json.dumps(value) for key, value in asdict(self).items()}
@@ -156,6 +160,8 @@ class ExportedModelInfo:
             ('sensitivity', isinstance(self.sensitivity, list)
              and len(self.sensitivity) <= _MAX_CONVS
              and all(ConvSensitivity.parse(s) for s in self.sensitivity)),
+            ('equalized_pairs', type(self.equalized_pairs) is int
+             and 0 <= self.equalized_pairs <= _MAX_CONVS),
         ) + tuple(
             (name, isinstance(getattr(self, name), str))
             for name in ('source', 'source_sha256', 'config', 'mmrepvgg'))

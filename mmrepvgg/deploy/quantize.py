@@ -77,6 +77,11 @@ class Int8Settings:
         max_float (int): The most convs kept in fp32 to reach
             ``min_agreement``, the most sensitive first.
         scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
+        equalize (bool): Equalize the ranges of the channels between the
+            RepVGG backbone's blocks first
+            (:mod:`mmrepvgg.models.equalization`): the fp32 model then
+            exported, checked and quantized computes the same function
+            with other weights.
     """
     calib_num: int = field(
         default=16, metadata=dict(help='training images to calibrate on'))
@@ -98,6 +103,13 @@ class Int8Settings:
             help='cpu: unsigned activations with zero points (ONNX Runtime, '
             'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
             "(TensorRT's explicit quantization)"))
+    equalize: bool = field(
+        default=False,
+        metadata=dict(
+            flag='--int8-equalize',
+            help="equalize the ranges of the channels between the RepVGG "
+            "backbone's blocks before calibrating (for models whose BN "
+            'statistics made a few channels far wider than the rest)'))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""

@@ -1,0 +1,139 @@
+"""Cross-layer equalization keeps what a deployed RepVGG computes and
+evens out the channels that its BN statistics made wide."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_computes_as, randomize_batch_norms
+from mmrepvgg.config import build_model, read_config
+from mmrepvgg.deploy import export_onnx
+from mmrepvgg.deploy.export import ExportSettings
+from mmrepvgg.deploy.quantize import Int8Settings
+from mmrepvgg.errors import UsageError
+from mmrepvgg.models import RepVGG
+from mmrepvgg.models.equalization import (SETTLED, equalization_pairs,
+                                          equalize_backbone)
+
+# Small, with grouped convs (blocks 2 and 4, counted from the stem) and
+# every stage's output read by the head.
+TINY = dict(
+    num_blocks=(1, 2, 2, 1),
+    width_factor=(0.25, 0.25, 0.5, 0.5),
+    group_layer_map={
+        2: 2,
+        4: 4
+    })
+
+
+class Model(nn.Module):
+    """What equalization takes: a model with a ``backbone``."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def deployed(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    backbone = RepVGG(dict(TINY, **kwargs.pop('arch', {})), **kwargs)
+    randomize_batch_norms(backbone, seed=seed)
+    return Model(backbone.switch_to_deploy()).eval()
+
+
+def make_wide(model, block, channels, factor):
+    """Make the first ``channels`` outputs of a block ``factor`` times wider
+    and let the next block take them back, as
+    :func:`mmrepvgg.testing.make_quantization_hostile` does in a trained
+    checkpoint; returns the pair of convs."""
+    first, second = equalization_pairs(model.backbone)[block]
+    with torch.no_grad():
+        first.weight[:channels] *= factor
+        first.bias[:channels] *= factor
+        columns = second.weight.view(second.groups, -1,
+                                     *second.weight.shape[1:])
+        per_group = second.weight.shape[1]
+        for channel in range(channels):
+            group, column = divmod(channel, per_group)
+            columns[group, :, column] /= factor
+    return first, second
+
+
+def channel_spread(conv):
+    """Largest over smallest range of the conv's output channels."""
+    ranges = conv.weight.detach().abs().flatten(1).amax(1)
+    return float(ranges.max() / ranges.min())
+
+
+@pytest.mark.numerics
+def test_equalization_keeps_what_the_model_computes():
+    model = deployed(out_indices=(3, ))
+    equalized = copy.deepcopy(model)
+    assert equalize_backbone(equalized) == 6
+    assert not torch.equal(equalized.backbone.stem.branch_reparam.weight,
+                           model.backbone.stem.branch_reparam.weight)
+    inputs = [torch.rand(1, 3, 32, 64) for _ in range(2)]
+    assert_computes_as(equalized, model, inputs)
+
+
+@pytest.mark.numerics
+def test_equalization_undoes_channels_made_wide():
+    model = deployed(out_indices=(3, ))
+    wide = copy.deepcopy(model)
+    # Into a conv of two groups, on channels of both.
+    first, second = make_wide(wide, 1, 12, 256.0)
+    assert second.groups == 2
+    assert channel_spread(first) > 100 * channel_spread(
+        equalization_pairs(model.backbone)[1][0])
+    for each in (model, wide):
+        equalize_backbone(each)
+    # Equalization is blind to how the channels were scaled: both reach
+    # the same weights, to the settling threshold's precision.
+    for (conv, *_), (other, *_) in zip(
+            equalization_pairs(wide.backbone),
+            equalization_pairs(model.backbone)):
+        ratio = conv.weight / other.weight
+        assert float(ratio.log().abs().max()) < 10 * SETTLED
+    inputs = [torch.rand(1, 3, 32, 64)]
+    assert_computes_as(wide, deployed(out_indices=(3, )), inputs)
+
+
+def test_pairs_skip_stage_outputs_and_squeeze_excitation():
+    # 7 blocks: 6 consecutive pairs, less the 3 whose first block gives a
+    # stage output that the head reads too.
+    assert len(equalization_pairs(deployed().backbone)) == 3
+    assert len(equalization_pairs(deployed(out_indices=(3, )).backbone)) == 6
+    with_se = deployed(
+        out_indices=(3, ), arch=dict(se_cfg=dict(ratio=4))).backbone
+    assert equalization_pairs(with_se) == []
+
+
+def test_equalization_needs_a_deploy_form_repvgg():
+    with pytest.raises(ValueError, match='deploy-form'):
+        equalization_pairs(RepVGG(TINY))
+    with pytest.raises(ValueError, match='RepVGG backbone, not Conv2d'):
+        equalize_backbone(Model(nn.Conv2d(3, 3, 3)))
+
+
+def test_export_refuses_to_equalize_another_backbone(tmp_path):
+    config = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
+    checkpoint = tmp_path / 'r18.pth'
+    torch.save(
+        dict(state_dict=build_model(read_config(config)).state_dict()),
+        checkpoint)
+    with pytest.raises(
+            UsageError,
+            match='--int8-equalize: equalization needs a RepVGG '
+            'backbone, not ResNetV1c'):
+        export_onnx(
+            config,
+            str(checkpoint),
+            str(tmp_path / 'out.onnx'),
+            ExportSettings((64, 128)),
+            int8=Int8Settings(equalize=True))
+    assert os.listdir(tmp_path) == ['r18.pth']
