@@ -2,20 +2,21 @@
 evens out the channels that its BN statistics made wide."""
 import copy
 import os
+import os.path as osp
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import assert_computes_as, randomize_batch_norms
+from helpers import REPO_ROOT, assert_computes_as, randomize_batch_norms
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import export_onnx
 from mmrepvgg.deploy.export import ExportSettings
 from mmrepvgg.deploy.quantize import Int8Settings
-from mmrepvgg.errors import UsageError
-from mmrepvgg.models import RepVGG
+from mmrepvgg.errors import UsageError, VerificationError
+from mmrepvgg.models import RepVGG, equalization
 from mmrepvgg.models.equalization import (SETTLED, equalization_pairs,
-                                          equalize_backbone)
+                                          equalize_backbone, equalize_pair)
 
 # Small, with grouped convs (blocks 2 and 4, counted from the stem) and
 # every stage's output read by the head.
@@ -137,3 +138,31 @@ def test_export_refuses_to_equalize_another_backbone(tmp_path):
             ExportSettings((64, 128)),
             int8=Int8Settings(equalize=True))
     assert os.listdir(tmp_path) == ['r18.pth']
+
+
+@pytest.mark.numerics
+def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
+    config = osp.join(REPO_ROOT, 'configs', 'pspnet',
+                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+    checkpoint = tmp_path / 'a0.pth'
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build_model(read_config(config)))
+    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+
+    def forgets_a_bias(first, second):
+        change = equalize_pair(first, second)
+        with torch.no_grad():
+            first.bias.mul_(1.001)
+        return change
+
+    monkeypatch.setattr(equalization, 'equalize_pair', forgets_a_bias)
+    with pytest.raises(
+            VerificationError,
+            match='the equalized model differs from the model'):
+        export_onnx(
+            config,
+            str(checkpoint),
+            str(tmp_path / 'out.onnx'),
+            ExportSettings((64, 128)),
+            int8=Int8Settings(equalize=True))
+    assert os.listdir(tmp_path) == ['a0.pth']

@@ -21,12 +21,12 @@ from ..models.equalization import equalize_backbone
 from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
                       compare_labels, fp32_and_exact, relative_error)
-from .convert import ConversionComparison
+from .convert import ConversionCheck, ConversionComparison, random_input
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
 from .graph import MAX_DYNAMIC, exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
                      image_size, read_image)
-from .loading import deploy_model
+from .loading import DEFAULT_CHECK_SIZE, deploy_model
 from .logits import ImageSegmentor
 from .model_info import ExportedModelInfo, read_model
 
@@ -295,8 +295,8 @@ def _model(job):
         model, info.equalized_pairs = _equalized(model, job.config)
     data = to_onnx(exportable(model), job.size, job.dynamic, info)
     inputs = _check_inputs(job.size, job.imgs, job.dynamic)
-    check, labels = check_on_engines(data, ImageSegmentor(loaded.model),
-                                     inputs, job.tolerance)
+    check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
+                                     job.tolerance)
     if job.int8 is not None:
         from .quantize import int8_model
         data = int8_model(job.cfg, data, info, job.size, job.int8)
@@ -306,13 +306,21 @@ def _model(job):
 
 
 def _equalized(model, config):
-    """An equalized copy of a segmentor, checked against the original
-    like any export, and its number of equalized conv pairs."""
-    model = copy.deepcopy(model)
+    """An equalized copy of a deploy-form segmentor, checked as a
+    conversion is (its weights as stored, in float64, against the model's
+    exact outputs), and its number of equalized conv pairs."""
+    equalized = copy.deepcopy(model)
     try:
-        return model, equalize_backbone(model)
+        pairs = equalize_backbone(equalized)
     except ValueError as error:
         raise UsageError(f'{config}: --int8-equalize: {error}') from None
+    check = ConversionCheck(model, [random_input(model, DEFAULT_CHECK_SIZE)])
+    comparison = check.compare(equalized)
+    if not comparison.passed:
+        raise VerificationError(
+            f'{config}: the equalized model differs from the model '
+            f'({comparison.describe()}); nothing written')
+    return equalized, pairs
 
 
 def _qat_model(job):
