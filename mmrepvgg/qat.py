@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule
 from mmengine.config import Config
+from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, RUNNERS
@@ -52,8 +53,8 @@ __all__ = [
     'QAT_META_KEY', 'qat_qconfig', 'QATConv2d', 'fold_conv_norms',
     'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
-    'load_qat_model', 'QATHook', 'QATRunner', 'QATExportSettings', 'QATExport',
-    'qat_onnx', 'MIN_QAT_AGREEMENT'
+    'load_qat_model', 'average_input_ranges', 'QATHook', 'QATRunner',
+    'QATExportSettings', 'QATExport', 'qat_onnx', 'MIN_QAT_AGREEMENT'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -148,6 +149,25 @@ def fake_quantizers(model):
 def _observe(model, enabled):
     for _, quantizer in fake_quantizers(model):
         quantizer.enable_observer(enabled)
+
+
+@torch.no_grad()
+def average_input_ranges(model):
+    """Average the ranges that the input quantizers of ``model`` observed
+    over the processes of a distributed run, and set their scales and zero
+    points from them, so that every process quantizes as the others do
+    (DDP keeps the weights, and so their quantizers, the same, but not
+    buffers: each process observes its own batches)."""
+    for name, quantizer in fake_quantizers(model):
+        if not (name.endswith('input_fake_quant')
+                and quantizer.observer_enabled[0]):
+            continue
+        observer = quantizer.activation_post_process
+        for value in (observer.min_val, observer.max_val):
+            all_reduce(value, op='mean')
+        scale, zero_point = quantizer.calculate_qparams()
+        quantizer.scale.resize_(scale.shape).copy_(scale)
+        quantizer.zero_point.resize_(zero_point.shape).copy_(zero_point)
 
 
 def is_qat_checkpoint(checkpoint):
@@ -265,7 +285,9 @@ class QATHook(Hook):
     Checkpoints get :data:`QAT_META_KEY` in their meta (the scheme and the
     trained checkpoint QAT started from) and PyTorch's random state (for
     dropout): mmengine re-seeds a resumed run and replays the data loader,
-    but not the random numbers that the skipped iterations drew.
+    but not the random numbers that the skipped iterations drew. In a
+    distributed run the observed input ranges are averaged over the
+    processes after each iteration (:func:`average_input_ranges`).
     """
     priority = 'VERY_HIGH'
 
@@ -281,6 +303,14 @@ class QATHook(Hook):
         state = checkpoint.get('torch_rng_state')
         if isinstance(state, torch.Tensor):
             torch.set_rng_state(state)
+
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
+                         outputs=None):
+        if get_world_size() > 1:
+            average_input_ranges(_unwrapped(runner.model))
 
     def before_val_epoch(self, runner):
         _observe(_unwrapped(runner.model), False)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool_here
+from mmrepvgg.qat import is_qat_checkpoint
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -122,6 +123,20 @@ def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'converted 22 blocks' in result.stdout
     assert out.exists() and out.with_suffix('.py').exists()
+
+
+def test_dist_qat_quantizes_alike_on_both_ranks(two_process_run, tmp_path):
+    config, work_dir, _ = two_process_run
+    qat_dir = str(tmp_path / 'qat')
+    launch('bash', 'tools/dist_train.sh', config, '2', '--qat',
+           osp.join(work_dir, 'iter_2.pth'), '--work-dir', qat_dir,
+           '--cfg-options', 'optim_wrapper.optimizer.lr=1e-4')
+    probes = list(read_probes(qat_dir).values())
+    assert len(probes) == 2
+    # The ranks observe different images: their input ranges are averaged.
+    assert probes[0]['quantizers'] == probes[1]['quantizers']
+    assert probes[0]['parameters'] == probes[1]['parameters']
+    assert is_qat_checkpoint(osp.join(qat_dir, 'iter_2.pth'))
 
 
 def wait_for(path, process, timeout=600):

@@ -15,8 +15,9 @@ from mmengine.registry import HOOKS
 
 @HOOKS.register_module()
 class TrainingProbeHook(Hook):
-    """Records the iterations run, the samples seen, and a digest of the
-    final parameters."""
+    """Records the iterations run, the samples seen, and digests of the
+    final parameters and of the fake quantizers' ranges, scales and zero
+    points (none outside QAT)."""
 
     def __init__(self):
         self.iterations = []
@@ -31,10 +32,8 @@ class TrainingProbeHook(Hook):
     def after_train(self, runner):
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
-        digest = hashlib.sha256()
-        for name, param in sorted(model.named_parameters()):
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().numpy().tobytes())
+        quantizers = [(name, buffer) for name, buffer in model.named_buffers()
+                      if 'fake_quant' in name]
         rank, world_size = get_dist_info()
         with open(osp.join(runner.work_dir, f'probe_rank{rank}.json'),
                   'w') as f:
@@ -43,4 +42,13 @@ class TrainingProbeHook(Hook):
                     world_size=world_size,
                     iterations=self.iterations,
                     samples=self.samples,
-                    parameters=digest.hexdigest()), f)
+                    parameters=_digest(model.named_parameters()),
+                    quantizers=_digest(quantizers)), f)
+
+
+def _digest(named_tensors):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
