@@ -44,8 +44,7 @@ from torch.ao.quantization.fx import _decomposed  # noqa: F401
 from .checkpoint import load_checkpoint, load_weights
 from .config import build_model, config_dicts, is_repvgg_node, read_config
 from .deploy.modules import replace_modules
-from .errors import ConfigError, UsageError
-from .models.equalization import equalize_backbone
+from .errors import ConfigError, MMRepVGGError, UsageError
 from .models.fusion import fuse_conv_bn, is_batch_norm
 from .models.weight_layouts import is_deploy_form
 
@@ -217,10 +216,9 @@ def use_qat(cfg, checkpoint, config='config', equalize=False):
     (:mod:`mmrepvgg.models.equalization`).
 
     Sets ``qat = dict(checkpoint=..., equalize=...)`` and
-    ``runner_type='QATRunner'`` and
-    imports this module with the config, so that the config written to
-    the work dir resumes, tests and trains the same way, with mmseg's
-    tools and ``mim`` too.
+    ``runner_type='QATRunner'`` and imports this module with the config,
+    so that the config written to the work dir resumes, tests and trains
+    the same way, with mmseg's tools and ``mim`` too.
     """
     check_qat_start(cfg, checkpoint, config)
     cfg.qat = dict(checkpoint=checkpoint, equalize=equalize)
@@ -234,23 +232,26 @@ def use_qat(cfg, checkpoint, config='config', equalize=False):
 
 def build_qat_model(cfg, checkpoint, config='config', equalize=False):
     """The QAT model of a trained checkpoint: converted to deploy form,
-    checked, its backbone equalized if asked (:func:`equalize_backbone`),
+    checked, its backbone equalized if asked (and checked,
+    :func:`~mmrepvgg.deploy.convert.equalize_checked`),
     and made quantization-aware (:func:`prepare_qat`).
 
     Returns:
         nn.Module: The model, in training mode.
 
     Raises:
-        ConfigError: ``equalize`` for a model without a RepVGG backbone.
+        MMRepVGGError: ``equalize`` for a model without a RepVGG backbone,
+            or an equalized model that computes otherwise.
     """
-    from .deploy.loading import deploy_model
+    from .deploy.convert import equalize_checked
+    from .deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
     check_qat_start(cfg, checkpoint, config)
     model = deploy_model(cfg, checkpoint, config).model
     if equalize:
         try:
-            equalize_backbone(model)
-        except ValueError as error:
-            raise ConfigError(f'{config}: qat.equalize: {error}') from None
+            equalize_checked(model, DEFAULT_CHECK_SIZE)
+        except MMRepVGGError as error:
+            raise type(error)(f'{config}: qat.equalize: {error}') from None
     return prepare_qat(model).train()
 
 

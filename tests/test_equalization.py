@@ -117,8 +117,15 @@ def test_pairs_skip_stage_outputs_and_squeeze_excitation():
 def test_equalization_needs_a_deploy_form_repvgg():
     with pytest.raises(ValueError, match='deploy-form'):
         equalization_pairs(RepVGG(TINY))
-    with pytest.raises(ValueError, match='RepVGG backbone, not Conv2d'):
+    with pytest.raises(TypeError, match='RepVGG backbone, not Conv2d'):
         equalize_backbone(Model(nn.Conv2d(3, 3, 3)))
+
+
+def test_pairs_leave_a_users_blocks_alone():
+    import user_block  # noqa: F401  (registers UserRepBlock)
+    backbone = RepVGG(
+        TINY, out_indices=(3, ), block_cfg=dict(type='UserRepBlock'))
+    assert equalization_pairs(backbone.switch_to_deploy()) == []
 
 
 def test_export_refuses_to_equalize_another_backbone(tmp_path):
@@ -130,7 +137,7 @@ def test_export_refuses_to_equalize_another_backbone(tmp_path):
     with pytest.raises(
             UsageError,
             match='--int8-equalize: equalization needs a RepVGG '
-            'backbone, not ResNetV1c'):
+            'backbone, not ResNetV1c; nothing written'):
         export_onnx(
             config,
             str(checkpoint),

@@ -1,5 +1,6 @@
-"""Whole-model conversion from training form to deploy form, and the check
-that the converted model computes what the trained one did.
+"""Whole-model conversion from training form to deploy form (and of the
+deploy form to its equalized one, before int8), and the check that the
+converted model computes what the model before it did.
 
 The block contract: a module converts if it has ``switch_to_deploy()``
 (RepVGG's and QARepVGG's blocks, the RepVGG backbone, or any block of a
@@ -13,7 +14,8 @@ from mmengine.dataset import pseudo_collate
 from mmengine.structures import BaseDataElement
 from torch import nn
 
-from ..errors import UsageError, first_line
+from ..errors import UsageError, VerificationError, first_line
+from ..models.equalization import equalization_pairs, equalize_backbone
 from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
                       exact_outputs, fp32_and_exact, relative_error,
                       tensors_of)
@@ -22,7 +24,7 @@ from .images import MAX_INPUT_PIXELS, read_image
 __all__ = [
     'switch_to_deploy', 'convertible_blocks', 'deploy_roots',
     'converted_outputs', 'random_input', 'image_input', 'ConversionComparison',
-    'ConversionCheck'
+    'ConversionCheck', 'equalize_checked'
 ]
 
 
@@ -239,3 +241,30 @@ class ConversionCheck:
         return ConversionComparison(
             compare_fp32(stored, self.own, self.exact, tolerance),
             max(map(relative_error, fp32, self.exact)))
+
+
+def equalize_checked(model, check_size, tolerance=Fp32Tolerance()):
+    """Equalize the deploy-form RepVGG backbone of a model in place
+    (:func:`~mmrepvgg.models.equalization.equalize_backbone`), checked as a
+    conversion is: its weights as stored, in float64, against the model's
+    exact outputs before, on a random input of ``check_size``.
+
+    Returns:
+        int: The conv pairs equalized.
+
+    Raises:
+        UsageError: The model has no deploy-form RepVGG backbone.
+        VerificationError: The equalized model computes something else.
+    """
+    backbone = getattr(model, 'backbone', None)
+    try:
+        equalization_pairs(backbone)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    check = ConversionCheck(model, [random_input(model, check_size)])
+    pairs = equalize_backbone(model)
+    comparison = check.compare(model, tolerance)
+    if not comparison.passed:
+        raise VerificationError('the equalized model differs from the model '
+                                f'({comparison.describe()})')
+    return pairs

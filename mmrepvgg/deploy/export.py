@@ -14,14 +14,13 @@ import torch
 from mmseg.models.segmentors import EncoderDecoder
 
 from ..config import read_config
-from ..errors import (CheckpointError, ConfigError, UsageError,
+from ..errors import (CheckpointError, ConfigError, MMRepVGGError, UsageError,
                       VerificationError)
 from ..fileio import check_output_path, write_files
-from ..models.equalization import equalize_backbone
 from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
                       compare_labels, fp32_and_exact, relative_error)
-from .convert import ConversionCheck, ConversionComparison, random_input
+from .convert import ConversionComparison, equalize_checked
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
 from .graph import MAX_DYNAMIC, exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
@@ -306,20 +305,14 @@ def _model(job):
 
 
 def _equalized(model, config):
-    """An equalized copy of a deploy-form segmentor, checked as a
-    conversion is (its weights as stored, in float64, against the model's
-    exact outputs), and its number of equalized conv pairs."""
+    """An equalized copy of a deploy-form segmentor, checked, and its
+    number of equalized conv pairs."""
     equalized = copy.deepcopy(model)
     try:
-        pairs = equalize_backbone(equalized)
-    except ValueError as error:
-        raise UsageError(f'{config}: --int8-equalize: {error}') from None
-    check = ConversionCheck(model, [random_input(model, DEFAULT_CHECK_SIZE)])
-    comparison = check.compare(equalized)
-    if not comparison.passed:
-        raise VerificationError(
-            f'{config}: the equalized model differs from the model '
-            f'({comparison.describe()}); nothing written')
+        pairs = equalize_checked(equalized, DEFAULT_CHECK_SIZE)
+    except MMRepVGGError as error:
+        raise type(error)(f'{config}: --int8-equalize: {error}; nothing '
+                          'written') from None
     return equalized, pairs
 
 

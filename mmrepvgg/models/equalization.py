@@ -17,6 +17,7 @@ Equalization and Bias Correction" (ICCV 2019).
 import torch
 from torch import nn
 
+from .blocks import RepVGGBlock
 from .repvgg import RepVGG
 
 __all__ = ['equalization_pairs', 'equalize_pair', 'equalize_backbone']
@@ -28,14 +29,18 @@ SETTLED = 1e-3
 
 
 def equalization_pairs(backbone):
-    """``(conv, next_conv)`` of each two consecutive blocks of a deploy-form
-    RepVGG in which the first block's output reaches only the second's conv,
-    through a ReLU (no squeeze-excitation between, and not a stage output
-    that the neck or head reads too).
+    """``(conv, next_conv)`` of each two consecutive RepVGG (or QARepVGG)
+    blocks of a deploy-form RepVGG in which the first block's output
+    reaches only the second's conv, through a ReLU (no squeeze-excitation
+    between, and not a stage output that the neck or head reads too).
 
     Raises:
-        ValueError: The backbone is not in deploy form.
+        TypeError: ``backbone`` is not a RepVGG.
+        ValueError: It is not in deploy form.
     """
+    if not isinstance(backbone, RepVGG):
+        raise TypeError('equalization needs a RepVGG backbone, not '
+                        f'{type(backbone).__name__}')
     if not backbone.deploy:
         raise ValueError('equalization needs a deploy-form RepVGG')
     outputs = {
@@ -45,8 +50,9 @@ def equalization_pairs(backbone):
     blocks = list(backbone.blocks())
     return [(first.branch_reparam, second.branch_reparam)
             for first, second in zip(blocks, blocks[1:])
-            if first.se_layer is None and type(first.act) is nn.ReLU
-            and id(first) not in outputs]
+            if isinstance(first, RepVGGBlock)
+            and isinstance(second, RepVGGBlock) and first.se_layer is None
+            and type(first.act) is nn.ReLU and id(first) not in outputs]
 
 
 def _input_columns(conv):
@@ -86,13 +92,10 @@ def equalize_backbone(model):
         int: The conv pairs equalized.
 
     Raises:
-        ValueError: ``model`` has no deploy-form RepVGG backbone.
+        TypeError: ``model`` has no RepVGG backbone.
+        ValueError: It is not in deploy form.
     """
-    backbone = getattr(model, 'backbone', None)
-    if not isinstance(backbone, RepVGG):
-        raise ValueError('equalization needs a RepVGG backbone, not '
-                         f'{type(backbone).__name__}')
-    pairs = equalization_pairs(backbone)
+    pairs = equalization_pairs(getattr(model, 'backbone', None))
     for _ in range(MAX_ROUNDS):
         if max((equalize_pair(*pair) for pair in pairs), default=0) < SETTLED:
             break
