@@ -6,6 +6,7 @@ import os.path as osp
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 from torch import nn
 
 from helpers import REPO_ROOT, assert_computes_as, randomize_batch_norms
@@ -122,9 +123,12 @@ def test_equalization_needs_a_deploy_form_repvgg():
 
 
 def test_pairs_leave_a_users_blocks_alone():
-    import user_block  # noqa: F401  (registers UserRepBlock)
-    backbone = RepVGG(
-        TINY, out_indices=(3, ), block_cfg=dict(type='UserRepBlock'))
+    import user_block  # noqa: F401  (registers UserRepBlock in mmseg's)
+
+    # Whatever scope an earlier test in this process left.
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        backbone = RepVGG(
+            TINY, out_indices=(3, ), block_cfg=dict(type='UserRepBlock'))
     assert equalization_pairs(backbone.switch_to_deploy()) == []
 
 
