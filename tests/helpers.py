@@ -14,6 +14,8 @@ from contextlib import redirect_stderr, redirect_stdout
 import torch
 from torch import nn
 
+from mmrepvgg.config import build_model, read_config
+from mmrepvgg.deploy import switch_to_deploy
 from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_fp32,
                                      compare_labels, exact_outputs,
                                      fp32_and_exact, tensors_of)
@@ -196,6 +198,17 @@ def randomize_batch_norms(model, seed=0, gain=(0.2, 0.6)):
                 module.weight.copy_(uniform(module.weight, *gain))
                 module.bias.copy_(uniform(module.bias, -0.2, 0.2))
     return model
+
+
+def random_checkpoint(config, path, deploy=False):
+    """A checkpoint of ``config``'s model with random weights and
+    batch-norm statistics, in training or (folded) deploy form."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(build_model(read_config(config)), seed=1)
+    if deploy:
+        switch_to_deploy(model)
+    torch.save(dict(state_dict=model.state_dict()), path)
+    return str(path)
 
 
 def logged_metrics(work_dir):

@@ -9,8 +9,8 @@ import torch
 from mmengine.registry import DefaultScope
 from torch import nn
 
-from helpers import REPO_ROOT, assert_computes_as, randomize_batch_norms
-from mmrepvgg.config import build_model, read_config
+from helpers import (REPO_ROOT, assert_computes_as, random_checkpoint,
+                     randomize_batch_norms)
 from mmrepvgg.deploy import export_onnx
 from mmrepvgg.deploy.export import ExportSettings
 from mmrepvgg.deploy.quantize import Int8Settings
@@ -132,22 +132,24 @@ def test_pairs_leave_a_users_blocks_alone():
     assert equalization_pairs(backbone.switch_to_deploy()) == []
 
 
+def export_equalized(config, checkpoint, folder):
+    """``export_onnx`` of a checkpoint in int8, equalized first."""
+    export_onnx(
+        config,
+        checkpoint,
+        str(folder / 'out.onnx'),
+        ExportSettings((64, 128)),
+        int8=Int8Settings(equalize=True))
+
+
 def test_export_refuses_to_equalize_another_backbone(tmp_path):
     config = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
-    checkpoint = tmp_path / 'r18.pth'
-    torch.save(
-        dict(state_dict=build_model(read_config(config)).state_dict()),
-        checkpoint)
+    checkpoint = random_checkpoint(config, tmp_path / 'r18.pth')
     with pytest.raises(
             UsageError,
             match='--int8-equalize: equalization needs a RepVGG '
             'backbone, not ResNetV1c; nothing written'):
-        export_onnx(
-            config,
-            str(checkpoint),
-            str(tmp_path / 'out.onnx'),
-            ExportSettings((64, 128)),
-            int8=Int8Settings(equalize=True))
+        export_equalized(config, checkpoint, tmp_path)
     assert os.listdir(tmp_path) == ['r18.pth']
 
 
@@ -155,10 +157,7 @@ def test_export_refuses_to_equalize_another_backbone(tmp_path):
 def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
     config = osp.join(REPO_ROOT, 'configs', 'pspnet',
                       'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-    checkpoint = tmp_path / 'a0.pth'
-    torch.manual_seed(0)
-    model = randomize_batch_norms(build_model(read_config(config)))
-    torch.save(dict(state_dict=model.state_dict()), checkpoint)
+    checkpoint = random_checkpoint(config, tmp_path / 'a0.pth')
 
     def forgets_a_bias(first, second):
         change = equalize_pair(first, second)
@@ -170,10 +169,5 @@ def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
     with pytest.raises(
             VerificationError,
             match='the equalized model differs from the model'):
-        export_onnx(
-            config,
-            str(checkpoint),
-            str(tmp_path / 'out.onnx'),
-            ExportSettings((64, 128)),
-            int8=Int8Settings(equalize=True))
+        export_equalized(config, checkpoint, tmp_path)
     assert os.listdir(tmp_path) == ['a0.pth']

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from helpers import (REPO_ROOT, assert_fp32_close, logged_metrics, output,
-                     randomize_batch_norms, run_tool_here)
-from mmrepvgg.config import build_model, read_config
-from mmrepvgg.deploy import (deploy_model, engines, export_onnx,
-                             switch_to_deploy)
+                     random_checkpoint, run_tool_here)
+from mmrepvgg.config import read_config
+from mmrepvgg.deploy import deploy_model, engines, export_onnx
 from mmrepvgg.deploy.compare import compare_labels, fp32_and_exact
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.export import ExportSettings
@@ -34,17 +33,6 @@ SEGMENTORS = sorted(
 DYNAMIC = [path for path in SEGMENTORS if '_repvgg-a0' in path]
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SIZE = (64, 128)
-
-
-def random_checkpoint(config, path, deploy=False):
-    """A checkpoint of ``config``'s model with random weights and
-    batch-norm statistics, in training or (folded) deploy form."""
-    torch.manual_seed(0)
-    model = randomize_batch_norms(build_model(read_config(config)), seed=1)
-    if deploy:
-        switch_to_deploy(model)
-    torch.save(dict(state_dict=model.state_dict()), path)
-    return str(path)
 
 
 def reference(config, checkpoint):
