@@ -6,6 +6,7 @@ do, and closes the gaps that keep a CPU-only machine from launching them:
 mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
 ids for CPU modules, and SyncBN has no CPU implementation.
 """
+import atexit
 import os
 import os.path as osp
 
@@ -72,6 +73,7 @@ def adapt_to_cpu_distributed(cfg, launcher):
                          'without it use tools/dist_train.sh (torchrun)')
     if not dist.is_initialized():
         dist.init_process_group(backend='gloo')
+        atexit.register(leave_process_group)
     cfg.env_cfg = dict(cfg.get('env_cfg', {}), dist_cfg=dict(backend='gloo'))
     cfg.model_wrapper_cfg = dict(
         type='MMDistributedDataParallel',
@@ -87,6 +89,14 @@ def adapt_to_cpu_distributed(cfg, launcher):
     print_log(
         f'distributed on CPU: backend gloo, rank {dist.get_rank()}, '
         f'world size {dist.get_world_size()}', 'current')
+
+
+def leave_process_group():
+    """Destroy the process group while the interpreter is whole: gloo's
+    threads still hold tensors, and freeing them during finalization aborts
+    the process (SIGABRT) after a finished run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def replace_sync_bn(node):
