@@ -22,6 +22,7 @@ Runtime labels are checked against the QAT model's own fake-quantized ones.
 """
 import os.path as osp
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,9 @@ QAT_META_KEY = 'mmrepvgg_qat'
 QAT_SCHEME = 'cpu'
 # The share of pixels whose exported labels must equal the QAT model's own.
 MIN_QAT_AGREEMENT = 0.999
+# Training images ``qat.equalize`` measures the activation ranges on, as
+# many as ``tools/export.py --int8`` calibrates on by default.
+EQUALIZATION_IMAGES = 16
 
 
 def qat_qconfig():
@@ -232,7 +236,9 @@ def use_qat(cfg, checkpoint, config='config', equalize=False):
 
 def build_qat_model(cfg, checkpoint, config='config', equalize=False):
     """The QAT model of a trained checkpoint: converted to deploy form,
-    checked, its backbone equalized if asked (and checked,
+    checked, its backbone equalized if asked (on
+    :data:`EQUALIZATION_IMAGES` training images through the test pipeline,
+    and checked,
     :func:`~mmrepvgg.deploy.convert.equalize_checked`),
     and made quantization-aware (:func:`prepare_qat`).
 
@@ -244,12 +250,15 @@ def build_qat_model(cfg, checkpoint, config='config', equalize=False):
             or an equalized model that computes otherwise.
     """
     from .deploy.convert import equalize_checked
+    from .deploy.images import split_images
     from .deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
     check_qat_start(cfg, checkpoint, config)
     model = deploy_model(cfg, checkpoint, config).model
     if equalize:
         try:
-            equalize_checked(model, DEFAULT_CHECK_SIZE)
+            calibration = partial(split_images, cfg, 'train',
+                                  EQUALIZATION_IMAGES, None)
+            equalize_checked(model, calibration, DEFAULT_CHECK_SIZE)
         except MMRepVGGError as error:
             raise type(error)(f'{config}: qat.equalize: {error}') from None
     return prepare_qat(model).train()
@@ -345,7 +354,8 @@ class QATRunner(Runner):
         if not qat.get('checkpoint'):
             raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
                               'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
-        cfg = Config(dict(model=model, default_scope=self.cfg.default_scope))
+        # The whole config: equalization reads its training images.
+        cfg = Config(dict(self.cfg.to_dict(), model=model))
         return build_qat_model(cfg, qat['checkpoint'], self.cfg.filename,
                                qat.get('equalize', False))
 

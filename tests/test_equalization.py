@@ -2,22 +2,23 @@
 evens out the channels that its BN statistics made wide."""
 import copy
 import os
-import os.path as osp
 
 import pytest
 import torch
 from mmengine.registry import DefaultScope
 from torch import nn
 
-from helpers import (REPO_ROOT, assert_computes_as, random_checkpoint,
+from helpers import (PSPNET_A0, assert_computes_as, random_checkpoint,
                      randomize_batch_norms)
 from mmrepvgg.deploy import export_onnx
 from mmrepvgg.deploy.export import ExportSettings
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.models import RepVGG, equalization
-from mmrepvgg.models.equalization import (SETTLED, equalization_pairs,
+from mmrepvgg.models.equalization import (SETTLED, activation_ranges,
+                                          equalization_pairs,
                                           equalize_backbone, equalize_pair)
+from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 # Small, with grouped convs (blocks 2 and 4, counted from the stem) and
 # every stage's output read by the head.
@@ -66,6 +67,21 @@ def make_wide(model, block, channels, factor):
     return first, second
 
 
+def calibration(model, count=2, seed=0):
+    """Runs ``model`` over a few random images."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [
+        torch.rand(1, 3, 32, 64, generator=generator) for _ in range(count)
+    ]
+
+    @torch.no_grad()
+    def run():
+        for image in images:
+            model(image)
+
+    return run
+
+
 def channel_spread(conv):
     """Largest over smallest range of the conv's output channels."""
     ranges = conv.weight.detach().abs().flatten(1).amax(1)
@@ -76,7 +92,7 @@ def channel_spread(conv):
 def test_equalization_keeps_what_the_model_computes():
     model = deployed(out_indices=(3, ))
     equalized = copy.deepcopy(model)
-    assert equalize_backbone(equalized) == 6
+    assert equalize_backbone(equalized, calibration(equalized)) == 6
     assert not torch.equal(equalized.backbone.stem.branch_reparam.weight,
                            model.backbone.stem.branch_reparam.weight)
     inputs = [torch.rand(1, 3, 32, 64) for _ in range(2)]
@@ -93,7 +109,7 @@ def test_equalization_undoes_channels_made_wide():
     assert channel_spread(first) > 100 * channel_spread(
         equalization_pairs(model.backbone)[1][0])
     for each in (model, wide):
-        equalize_backbone(each)
+        equalize_backbone(each, calibration(each))
     # Equalization is blind to how the channels were scaled: both reach
     # the same weights, to the settling threshold's precision.
     for (conv, *_), (other, *_) in zip(
@@ -103,6 +119,28 @@ def test_equalization_undoes_channels_made_wide():
         assert float(ratio.log().abs().max()) < 10 * SETTLED
     inputs = [torch.rand(1, 3, 32, 64)]
     assert_computes_as(wide, deployed(out_indices=(3, )), inputs)
+
+
+@pytest.mark.numerics
+def test_each_channel_shares_its_range_between_activation_and_weights():
+    model = deployed(out_indices=(3, ))
+    make_wide(model, 1, 12, 256.0)
+    pairs = equalization_pairs(model.backbone)
+
+    def imbalance():
+        """The largest ratio, over the channels between each pair, of the
+        activation's range to the second conv's weights' range."""
+        ranges = activation_ranges(pairs, calibration(model))
+        ratios = [
+            r[r > 0] / equalization._input_columns(second).abs().amax(
+                dim=(1, 3)).flatten().double()[r > 0]
+            for r, (_, second) in zip(ranges, pairs)
+        ]
+        return max(float(r.log().abs().max()) for r in ratios)
+
+    assert imbalance() > 5  # e**5: 148x
+    equalize_backbone(model, calibration(model))
+    assert imbalance() < 10 * SETTLED
 
 
 def test_pairs_skip_stage_outputs_and_squeeze_excitation():
@@ -119,7 +157,7 @@ def test_equalization_needs_a_deploy_form_repvgg():
     with pytest.raises(ValueError, match='deploy-form'):
         equalization_pairs(RepVGG(TINY))
     with pytest.raises(TypeError, match='RepVGG backbone, not Conv2d'):
-        equalize_backbone(Model(nn.Conv2d(3, 3, 3)))
+        equalize_backbone(Model(nn.Conv2d(3, 3, 3)), lambda: None)
 
 
 def test_pairs_leave_a_users_blocks_alone():
@@ -155,12 +193,12 @@ def test_export_refuses_to_equalize_another_backbone(tmp_path):
 
 @pytest.mark.numerics
 def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
-    config = osp.join(REPO_ROOT, 'configs', 'pspnet',
-                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+    data = make_toy_cityscapes(str(tmp_path / 'data'), num_train=2)
+    config = write_toy_config(PSPNET_A0, data, str(tmp_path / 'toy.py'))
     checkpoint = random_checkpoint(config, tmp_path / 'a0.pth')
 
-    def forgets_a_bias(first, second):
-        change = equalize_pair(first, second)
+    def forgets_a_bias(first, second, activation_range):
+        change = equalize_pair(first, second, activation_range)
         with torch.no_grad():
             first.bias.mul_(1.001)
         return change
@@ -170,4 +208,4 @@ def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
             VerificationError,
             match='the equalized model differs from the model'):
         export_equalized(config, checkpoint, tmp_path)
-    assert os.listdir(tmp_path) == ['a0.pth']
+    assert sorted(os.listdir(tmp_path)) == ['a0.pth', 'data', 'toy.py']

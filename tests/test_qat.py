@@ -10,6 +10,7 @@ so their agreement) to mean something."""
 import os
 import os.path as osp
 from collections import Counter
+from functools import partial
 
 import cv2
 import numpy as np
@@ -22,13 +23,15 @@ from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
                      run_tool_here, snapshot)
 from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.config import read_config
+from mmrepvgg.deploy.convert import equalize_checked
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
-from mmrepvgg.deploy.loading import deploy_model
+from mmrepvgg.deploy.images import split_images
+from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.models.equalization import equalize_backbone
-from mmrepvgg.qat import MIN_QAT_AGREEMENT, QAT_META_KEY, use_qat
+from mmrepvgg.qat import (EQUALIZATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
+                          use_qat)
 from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
@@ -282,7 +285,9 @@ def test_qat_equalize_starts_from_the_equalized_deploy_model(
         deploy_model(
             read_config(trained_qarepvgg.config),
             trained_qarepvgg.checkpoint).model for _ in range(2))
-    assert equalize_backbone(expected) > 0
+    calibration = partial(split_images, cfg, 'train', EQUALIZATION_IMAGES,
+                          None)
+    assert equalize_checked(expected, calibration, DEFAULT_CHECK_SIZE) > 0
     # The heads' convs have their norms folded in as well.
     for name, conv in expected.backbone.named_modules():
         if isinstance(conv, nn.Conv2d):

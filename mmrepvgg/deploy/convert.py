@@ -20,6 +20,7 @@ from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
                       exact_outputs, fp32_and_exact, relative_error,
                       tensors_of)
 from .images import MAX_INPUT_PIXELS, read_image
+from .logits import ImageSegmentor
 
 __all__ = [
     'switch_to_deploy', 'convertible_blocks', 'deploy_roots',
@@ -243,11 +244,20 @@ class ConversionCheck:
             max(map(relative_error, fp32, self.exact)))
 
 
-def equalize_checked(model, check_size, tolerance=Fp32Tolerance()):
+def equalize_checked(model, read_images, check_size,
+                     tolerance=Fp32Tolerance()):
     """Equalize the deploy-form RepVGG backbone of a model in place
     (:func:`~mmrepvgg.models.equalization.equalize_backbone`), checked as a
     conversion is: its weights as stored, in float64, against the model's
     exact outputs before, on a random input of ``check_size``.
+
+    Args:
+        model (nn.Module): A segmentor with a deploy-form RepVGG backbone.
+        read_images (callable): Returns the calibration image batches, as
+            the exported model takes them, on which the activation ranges
+            are measured; called once the backbone is known to fit.
+        check_size (tuple[int]): ``(height, width)`` of the check's input.
+        tolerance (Fp32Tolerance): How close to exact the check asks.
 
     Returns:
         int: The conv pairs equalized.
@@ -261,8 +271,16 @@ def equalize_checked(model, check_size, tolerance=Fp32Tolerance()):
         equalization_pairs(backbone)
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
+    images = read_images()
     check = ConversionCheck(model, [random_input(model, check_size)])
-    pairs = equalize_backbone(model)
+    segmentor = ImageSegmentor(model)
+
+    def calibrate():
+        with torch.no_grad():
+            for batch in images:
+                segmentor(batch)
+
+    pairs = equalize_backbone(model, calibrate)
     comparison = check.compare(model, tolerance)
     if not comparison.passed:
         raise VerificationError('the equalized model differs from the model '

@@ -8,6 +8,7 @@ know (classes, palette, input size) is in its metadata
 """
 import copy
 from dataclasses import dataclass, field
+from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from .convert import ConversionComparison, equalize_checked
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
 from .graph import MAX_DYNAMIC, exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
-                     image_size, read_image)
+                     image_size, read_image, split_images)
 from .loading import DEFAULT_CHECK_SIZE, deploy_model
 from .logits import ImageSegmentor
 from .model_info import ExportedModelInfo, read_model
@@ -291,7 +292,7 @@ def _model(job):
                                None if job.dynamic else job.size)
     model = loaded.model
     if job.int8 is not None and job.int8.equalize:
-        model, info.equalized_pairs = _equalized(model, job.config)
+        model, info.equalized_pairs = _equalized(model, job)
     data = to_onnx(exportable(model), job.size, job.dynamic, info)
     inputs = _check_inputs(job.size, job.imgs, job.dynamic)
     check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
@@ -304,14 +305,17 @@ def _model(job):
                               list(BACKENDS), loaded.conversion, info)
 
 
-def _equalized(model, config):
-    """An equalized copy of a deploy-form segmentor, checked, and its
-    number of equalized conv pairs."""
+def _equalized(model, job):
+    """An equalized copy of a deploy-form segmentor, its activation ranges
+    measured on the int8 calibration images, checked, and its number of
+    equalized conv pairs."""
     equalized = copy.deepcopy(model)
     try:
-        pairs = equalize_checked(equalized, DEFAULT_CHECK_SIZE)
+        calibration = partial(split_images, job.cfg, 'train',
+                              job.int8.calib_num, job.size)
+        pairs = equalize_checked(equalized, calibration, DEFAULT_CHECK_SIZE)
     except MMRepVGGError as error:
-        raise type(error)(f'{config}: --int8-equalize: {error}; nothing '
+        raise type(error)(f'{job.config}: --int8-equalize: {error}; nothing '
                           'written') from None
     return equalized, pairs
 

@@ -232,7 +232,8 @@ def dataset_image_paths(cfg, split, count):
 def split_images(cfg, split, count, size):
     """``count`` images of a dataset split of the config
     (:func:`dataset_image_paths`) through its test pipeline, as the
-    exported model takes them at ``size``."""
+    exported model takes them at ``size`` (None: as the pipeline makes
+    them)."""
     pipeline = TestPipeline(cfg)
     return [
         pipeline.batch(path, size)

@@ -7,12 +7,19 @@ the other channels a few levels (see
 block's fused conv feeds the next block's through a ReLU, and
 ``relu(x / s) = relu(x) / s`` for ``s > 0``: dividing output channel ``i``
 of the first conv (its kernel and bias) by ``s_i`` and multiplying input
-channel ``i`` of the second by ``s_i`` computes the same function. With
-``s_i = sqrt(r1_i / r2_i)``, where ``r1_i`` and ``r2_i`` are the largest
-magnitudes of channel ``i``'s weights in the two convs, both get the range
-``sqrt(r1_i * r2_i)``; repeated along the chain of blocks until the scales
-settle, as in Nagel et al., "Data-Free Quantization Through Weight
-Equalization and Bias Correction" (ICCV 2019).
+channel ``i`` of the second by ``s_i`` computes the same function.
+
+Int8 weights are scaled per output channel, so the first conv's kernel
+takes any ``s_i``; what one scale must serve is the activation between the
+convs (per tensor) and the second conv's input channels. With
+``s_i = sqrt(a_i / w_i)``, where ``a_i`` is channel ``i``'s largest
+activation on calibration images and ``w_i`` the largest magnitude of its
+weights in the second conv, both become ``sqrt(a_i * w_i)``: the range is
+shared between activation and weights as SmoothQuant does with migration
+strength 0.5 (Xiao et al., ICML 2023), repeated along the chain of blocks
+until the scales settle, as in Nagel et al.'s data-free equalization (ICCV
+2019), which balances the two kernels' ranges instead (int8 kept fewer
+labels that way: the README has both).
 """
 import torch
 from torch import nn
@@ -20,7 +27,10 @@ from torch import nn
 from .blocks import RepVGGBlock
 from .repvgg import RepVGG
 
-__all__ = ['equalization_pairs', 'equalize_pair', 'equalize_backbone']
+__all__ = [
+    'equalization_pairs', 'activation_ranges', 'equalize_pair',
+    'equalize_backbone'
+]
 
 # Rounds over the chain at most, and the largest change of a scale (in
 # log) at which the scales count as settled.
@@ -64,29 +74,81 @@ def _input_columns(conv):
 
 
 @torch.no_grad()
-def equalize_pair(first, second):
+def activation_ranges(pairs, run):
+    """The largest activation of each channel between the convs of each
+    pair, after the ReLU, while ``run()`` runs the model.
+
+    Args:
+        pairs (list[tuple[nn.Conv2d]]): :func:`equalization_pairs`.
+        run (callable): Runs the model over calibration images.
+
+    Returns:
+        list[Tensor]: A float64 range per channel, for each pair.
+    """
+    ranges = [None] * len(pairs)
+
+    def observer(index):
+
+        def observe(conv, inputs, output):
+            seen = output.detach().clamp(min=0).amax(dim=(0, 2, 3)).double()
+            ranges[index] = seen if ranges[index] is None else torch.maximum(
+                ranges[index], seen)
+
+        return observe
+
+    hooks = [
+        first.register_forward_hook(observer(index))
+        for index, (first, _) in enumerate(pairs)
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ranges
+
+
+@torch.no_grad()
+def equalize_pair(first, second, activation_range):
     """Equalize the ranges of the channels between two convs, in place.
+
+    Args:
+        first (nn.Conv2d): The conv whose output channels are divided.
+        second (nn.Conv2d): The conv whose input channels are multiplied.
+        activation_range (Tensor): The largest activation of each channel
+            between them (float64); divided by the scales. A channel that
+            never activated is balanced by the first conv's kernel range
+            instead, as in Nagel et al.
 
     Returns:
         float: The largest change of a scale, in log.
     """
-    first_range = first.weight.abs().flatten(1).amax(1).double()
     columns = _input_columns(second)
-    second_range = columns.abs().amax(dim=(1, 3)).flatten().double()
-    usable = (first_range > 0) & (second_range > 0)
-    scale = torch.where(usable, (first_range / second_range).sqrt(),
+    weight_range = columns.abs().amax(dim=(1, 3)).flatten().double()
+    # A channel that never activated is balanced by its kernel's range.
+    first_range = torch.where(
+        activation_range > 0, activation_range,
+        first.weight.detach().abs().flatten(1).amax(1).double())
+    usable = (first_range > 0) & (weight_range > 0)
+    scale = torch.where(usable, (first_range / weight_range).sqrt(),
                         torch.ones_like(first_range))
     first.weight.copy_(first.weight.double() / scale.view(-1, 1, 1, 1))
     if first.bias is not None:
         first.bias.copy_(first.bias.double() / scale)
     columns.copy_(columns.double() *
                   scale.view(second.groups, 1, columns.shape[2], 1))
+    activation_range /= scale
     return float(scale.log().abs().max())
 
 
-def equalize_backbone(model):
+def equalize_backbone(model, run):
     """Equalize the deploy-form RepVGG backbone of ``model`` in place
     (see the module).
+
+    Args:
+        model (nn.Module): A model with a deploy-form RepVGG ``backbone``.
+        run (callable): Runs the model over calibration images (the
+            activation ranges are measured as it does).
 
     Returns:
         int: The conv pairs equalized.
@@ -96,7 +158,9 @@ def equalize_backbone(model):
         ValueError: It is not in deploy form.
     """
     pairs = equalization_pairs(getattr(model, 'backbone', None))
+    ranges = activation_ranges(pairs, run)
     for _ in range(MAX_ROUNDS):
-        if max((equalize_pair(*pair) for pair in pairs), default=0) < SETTLED:
+        changes = [equalize_pair(*pair, r) for pair, r in zip(pairs, ranges)]
+        if max(changes, default=0) < SETTLED:
             break
     return len(pairs)
