@@ -146,11 +146,15 @@ def test_int8_model_evaluates_close_to_fp32(trained_qarepvgg, int8_export,
 
 
 def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
-                                                       int8_export, tmp_path):
+                                                       int8_export, tmp_path,
+                                                       monkeypatch):
     _, result, _ = int8_export
     measured = result.info.agreement['labels']
     # int8 moves some labels of this model (98.75% stayed when measured).
     assert measured < 1
+    ranked = []
+    monkeypatch.setattr(quantize, 'sensitivities',
+                        lambda *args: ranked.append(args) or [])
     with pytest.raises(VerificationError, match='below the'):
         export_onnx(
             trained_qarepvgg.config,
@@ -159,6 +163,7 @@ def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
             ExportSettings(SIZE),
             int8=Int8Settings(8, 4, measured + 1e-9, max_float=0))
     assert os.listdir(tmp_path) == []
+    assert ranked == []  # with no conv to keep in fp32, none is ranked
 
 
 @pytest.mark.parametrize('arguments, message', [

@@ -23,6 +23,7 @@ import os.path as osp
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache, partial
 from typing import Optional
 
 import torch
@@ -265,19 +266,20 @@ def check_agreement(agreement, min_agreement, float_convs=0, reference='fp32'):
 def _mixed_precision(int8, fp32, ranking, held_out, settings):
     """The int8 model with the fewest of the most sensitive convs in fp32
     (at most ``settings.max_float``) whose labels agree as asked, its
-    :class:`Agreement` and the names of those convs."""
+    :class:`Agreement` and the names of those convs. ``ranking()`` gives
+    the convs' sensitivity; it is asked only for a conv to keep."""
     nodes = {c.name: c.node for c in convs_of(fp32)}
     reference = _run(fp32.SerializeToString(), held_out)
     count, all_int8 = 0, None
     while True:
-        kept = [s.conv for s in ranking[:count]]
+        kept = [s.conv for s in ranking()[:count]] if count else []
         model = keep_float(int8, fp32, {nodes[k] for k in kept})
         agreement = measure_agreement(model.SerializeToString(), reference,
                                       held_out, 'val')
         if all_int8 is None:
             all_int8 = agreement.labels
         if (agreement.labels >= settings.min_agreement
-                or count >= min(settings.max_float, len(ranking))):
+                or count >= settings.max_float or count >= len(ranking())):
             if count:
                 agreement = replace(agreement, all_int8_labels=all_int8)
             return model, agreement, kept
@@ -309,7 +311,8 @@ def int8_model(cfg, fp32, info, size, settings):
     held_out = split_images(cfg, 'val', settings.eval_num, size)
     int8 = quantize_int8(fp32, calibration, settings.scheme)
     fp32 = onnx.load_from_string(fp32)
-    ranking = sensitivities(int8, fp32, calibration)
+    # Not measured for a refusal that keeps no conv in fp32.
+    ranking = cache(partial(sensitivities, int8, fp32, calibration))
     proto, agreement, kept = _mixed_precision(int8, fp32, ranking, held_out,
                                               settings)
     check_agreement(agreement, settings.min_agreement, len(kept))
@@ -318,6 +321,6 @@ def int8_model(cfg, fp32, info, size, settings):
     info.calibration = dict(split='train', images=len(calibration))
     info.agreement = agreement.to_dict()
     info.float_convs = kept
-    info.sensitivity = ranking
+    info.sensitivity = ranking()
     set_info(proto, info)
     return proto.SerializeToString()
