@@ -79,10 +79,10 @@ class Int8Settings:
             ``min_agreement``, the most sensitive first.
         scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
         equalize (bool): Equalize the ranges of the channels between the
-            RepVGG backbone's blocks first
-            (:mod:`mmrepvgg.models.equalization`): the fp32 model then
-            exported, checked and quantized computes the same function
-            with other weights.
+            RepVGG backbone's blocks first, as the calibration images
+            activate them (:mod:`mmrepvgg.models.equalization`): the fp32
+            model then exported, checked and quantized computes the same
+            function with other weights.
     """
     calib_num: int = field(
         default=16, metadata=dict(help='training images to calibrate on'))
@@ -109,8 +109,9 @@ class Int8Settings:
         metadata=dict(
             flag='--int8-equalize',
             help="equalize the ranges of the channels between the RepVGG "
-            "backbone's blocks before calibrating (for models whose BN "
-            'statistics made a few channels far wider than the rest)'))
+            "backbone's blocks, as the calibration images activate them, "
+            'before calibrating (for models whose BN statistics made a few '
+            'channels far wider than the rest)'))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
