@@ -20,6 +20,7 @@ checkpoints it saves (:data:`QAT_META_KEY`).
 :func:`qat_onnx` exports a QAT checkpoint as a QDQ ONNX model whose ONNX
 Runtime labels are checked against the QAT model's own fake-quantized ones.
 """
+import copy
 import os.path as osp
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -54,7 +55,8 @@ __all__ = [
     'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
     'load_qat_model', 'average_input_ranges', 'QATHook', 'QATRunner',
-    'QATExportSettings', 'QATExport', 'qat_onnx', 'MIN_QAT_AGREEMENT'
+    'QATExportSettings', 'QATExport', 'qat_onnx', 'MIN_QAT_AGREEMENT',
+    'Distillation'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -213,19 +215,20 @@ def check_qat_start(cfg, checkpoint, config='config'):
                          'from a trained (training-form) checkpoint')
 
 
-def use_qat(cfg, checkpoint, config='config', equalize=False):
+def use_qat(cfg, checkpoint, config='config', equalize=False, distill=False):
     """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint,
     after checking that it can (:func:`check_qat_start`); with
     ``equalize``, from its backbone equalized first
-    (:mod:`mmrepvgg.models.equalization`).
+    (:mod:`mmrepvgg.models.equalization`); with ``distill``, learning the
+    trained model's predictions instead of the labels (:class:`Distillation`).
 
-    Sets ``qat = dict(checkpoint=..., equalize=...)`` and
+    Sets ``qat = dict(checkpoint=..., equalize=..., distill=...)`` and
     ``runner_type='QATRunner'`` and imports this module with the config,
     so that the config written to the work dir resumes, tests and trains
     the same way, with mmseg's tools and ``mim`` too.
     """
     check_qat_start(cfg, checkpoint, config)
-    cfg.qat = dict(checkpoint=checkpoint, equalize=equalize)
+    cfg.qat = dict(checkpoint=checkpoint, equalize=equalize, distill=distill)
     cfg.runner_type = 'QATRunner'
     imports = dict(cfg.get('custom_imports') or {})
     modules = list(imports.get('imports') or [])
@@ -234,13 +237,18 @@ def use_qat(cfg, checkpoint, config='config', equalize=False):
     cfg.custom_imports = dict(imports, imports=modules)
 
 
-def build_qat_model(cfg, checkpoint, config='config', equalize=False):
+def build_qat_model(cfg,
+                    checkpoint,
+                    config='config',
+                    equalize=False,
+                    distill=False):
     """The QAT model of a trained checkpoint: converted to deploy form,
     checked, its backbone equalized if asked (on
     :data:`EQUALIZATION_IMAGES` training images through the test pipeline,
     and checked,
     :func:`~mmrepvgg.deploy.convert.equalize_checked`),
-    and made quantization-aware (:func:`prepare_qat`).
+    and made quantization-aware (:func:`prepare_qat`); with ``distill``,
+    its loss is :class:`Distillation` from the model before.
 
     Returns:
         nn.Module: The model, in training mode.
@@ -261,7 +269,59 @@ def build_qat_model(cfg, checkpoint, config='config', equalize=False):
             equalize_checked(model, calibration, DEFAULT_CHECK_SIZE)
         except MMRepVGGError as error:
             raise type(error)(f'{config}: qat.equalize: {error}') from None
-    return prepare_qat(model).train()
+    teacher = copy.deepcopy(model) if distill else None
+    model = prepare_qat(model).train()
+    if distill:
+        # Not a submodule: checkpoints, DDP and the optimizer see only the
+        # QAT model.
+        model.loss = Distillation(model, teacher)
+    return model
+
+
+def _heads(segmentor):
+    """A segmentor's decode head and auxiliary heads, by the prefix of
+    their losses."""
+    heads = dict(decode=segmentor.decode_head)
+    auxiliary = getattr(segmentor, 'auxiliary_head', None)
+    if isinstance(auxiliary, nn.ModuleList):
+        heads.update((f'aux_{i}', head) for i, head in enumerate(auxiliary))
+    elif auxiliary is not None:
+        heads['aux'] = auxiliary
+    return heads
+
+
+class Distillation:
+    """The loss of a QAT segmentor that learns the fp32 model it started
+    from rather than the labels: for each head, the KL divergence of its
+    class probabilities from the fp32 model's, averaged over the pixels
+    (``{head}.loss_distill``).
+
+    Args:
+        student (nn.Module): The QAT segmentor.
+        teacher (nn.Module): The fp32 segmentor; frozen, and moved to the
+            inputs' device when used.
+    """
+
+    def __init__(self, student, teacher):
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def __call__(self, inputs, data_samples=None):
+        self.teacher.to(inputs.device)
+        features = self.student.extract_feat(inputs)
+        with torch.no_grad():
+            teacher_features = self.teacher.extract_feat(inputs)
+        teacher_heads = _heads(self.teacher)
+        losses = {}
+        for name, head in _heads(self.student).items():
+            with torch.no_grad():
+                target = teacher_heads[name].forward(teacher_features)
+            losses[f'{name}.loss_distill'] = F.kl_div(
+                F.log_softmax(head.forward(features), 1),
+                F.log_softmax(target, 1),
+                reduction='none',
+                log_target=True).sum(1).mean()
+        return losses
 
 
 def load_qat_model(cfg, checkpoint, config='config'):
@@ -357,7 +417,8 @@ class QATRunner(Runner):
         # The whole config: equalization reads its training images.
         cfg = Config(dict(self.cfg.to_dict(), model=model))
         return build_qat_model(cfg, qat['checkpoint'], self.cfg.filename,
-                               qat.get('equalize', False))
+                               qat.get('equalize', False),
+                               qat.get('distill', False))
 
     def register_hooks(self, default_hooks=None, custom_hooks=None):
         super().register_hooks(default_hooks, custom_hooks)

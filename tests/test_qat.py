@@ -7,8 +7,11 @@ ONNX Runtime labels are the QAT model's own and that OpenVINO runs in int8.
 The deploy form QAT works on is a plain conv stack for RepVGG and QARepVGG
 alike; the QARepVGG toy is the one trained long enough for its labels (and
 so their agreement) to mean something."""
+import copy
+import glob
 import os
 import os.path as osp
+import re
 from collections import Counter
 from functools import partial
 
@@ -31,7 +34,7 @@ from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
 from mmrepvgg.qat import (EQUALIZATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
-                          use_qat)
+                          Distillation, use_qat)
 from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
@@ -267,11 +270,56 @@ def test_qat_refuses_what_it_cannot_start_from(refused_inputs, tmp_path, name,
     assert not work_dir.exists()
 
 
-def test_qat_equalize_needs_qat(trained_qarepvgg, tmp_path):
-    result = run_tool_here('train.py', trained_qarepvgg.config,
-                           '--qat-equalize', '--work-dir', tmp_path / 'work')
-    assert_refused(result, '--qat-equalize needs --qat')
+@pytest.mark.parametrize('flag', ['--qat-equalize', '--qat-distill'])
+def test_qat_options_need_qat(trained_qarepvgg, tmp_path, flag):
+    result = run_tool_here('train.py', trained_qarepvgg.config, flag,
+                           '--work-dir', tmp_path / 'work')
+    assert_refused(result, f'{flag} needs --qat')
     assert os.listdir(tmp_path) == []
+
+
+def logged_losses(work_dir):
+    """The names of the losses in a training run's log lines."""
+    log, = glob.glob(str(work_dir / '*' / '*.log'))
+    with open(log) as f:
+        return {
+            name
+            for line in f if 'Iter(train)' in line
+            for name in re.findall(r'(\S*loss\S*):', line)
+        }
+
+
+def test_distilled_qat_learns_the_trained_models_predictions(
+        trained_qarepvgg, qat_run, tmp_path):
+    result = qat_train(trained_qarepvgg, tmp_path, 2, '--qat-distill',
+                       '--cfg-options', 'default_hooks.logger.interval=1')
+    assert result.returncode == 0, output(result)
+    # Not the labels' cross-entropy.
+    assert logged_losses(tmp_path) == {
+        'loss', 'decode.loss_distill', 'aux.loss_distill'
+    }
+    # The fp32 model it learns from is no part of the checkpoint.
+    distilled = load_checkpoint(str(tmp_path / 'iter_2.pth')).weights
+    assert distilled.keys() == load_checkpoint(
+        final_checkpoint(qat_run)).weights.keys()
+
+
+@pytest.mark.numerics
+def test_distillation_from_the_model_itself_is_zero(trained_qarepvgg):
+    model = deploy_model(
+        read_config(trained_qarepvgg.config),
+        trained_qarepvgg.checkpoint).model.eval()
+    inputs = torch.rand(2, 3, *TOY_SIZE)
+    losses = Distillation(model, copy.deepcopy(model))(inputs)
+    assert set(losses) == {'decode.loss_distill', 'aux.loss_distill'}
+    assert all(float(v) == 0 for v in losses.values())
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.decode_head.conv_seg.bias.add_(
+            1e-3 * torch.arange(other.decode_head.conv_seg.bias.numel()))
+    losses = Distillation(other, model)(inputs)
+    assert float(losses['decode.loss_distill']) > 0
+    assert float(losses['aux.loss_distill']) == 0
 
 
 def test_qat_equalize_starts_from_the_equalized_deploy_model(

@@ -30,15 +30,22 @@ def main():
         action='store_true',
         help="with --qat: equalize the ranges of the channels between the "
         "backbone's blocks first (as export's --int8-equalize)")
+    parser.add_argument(
+        '--qat-distill',
+        action='store_true',
+        help="with --qat: learn the trained model's predictions (each "
+        "head's class probabilities) instead of the labels")
     args = add_launch_arguments(parser).parse_args()
-    if args.qat_equalize and not args.qat:
-        raise UsageError('--qat-equalize needs --qat')
+    for flag in ('qat_equalize', 'qat_distill'):
+        if getattr(args, flag) and not args.qat:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --qat")
     cfg = load_launch_config(args)
     if args.amp:
         enable_amp(cfg)
     if args.qat:
         from mmrepvgg.qat import use_qat
-        use_qat(cfg, args.qat, args.config, args.qat_equalize)
+        use_qat(cfg, args.qat, args.config, args.qat_equalize,
+                args.qat_distill)
     cfg.resume = args.resume
     build_runner(cfg).train()
 
