@@ -33,7 +33,7 @@ from mmengine.dist import all_reduce, get_world_size
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, RUNNERS
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 from torch import nn
 from torch.ao.nn import qat as nnqat
 from torch.ao.quantization import (FakeQuantize, FakeQuantizeBase,
@@ -404,7 +404,8 @@ class QATRunner(Runner):
 
     The model starts from that checkpoint's weights (converted when it is
     built), not from its initializers; ``load_from`` and ``resume`` then
-    load QAT checkpoints over it.
+    load QAT checkpoints over it (with nothing equalized first: the
+    checkpoint holds the weights that equalization gave).
     """
 
     def build_model(self, model):
@@ -414,11 +415,19 @@ class QATRunner(Runner):
         if not qat.get('checkpoint'):
             raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
                               'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
-        # The whole config: equalization reads its training images.
+        # The whole config: equalization reads its training images. A QAT
+        # checkpoint loaded over the model next replaces every weight that
+        # equalization would compute.
         cfg = Config(dict(self.cfg.to_dict(), model=model))
-        return build_qat_model(cfg, qat['checkpoint'], self.cfg.filename,
-                               qat.get('equalize', False),
-                               qat.get('distill', False))
+        return build_qat_model(
+            cfg, qat['checkpoint'], self.cfg.filename,
+            qat.get('equalize', False) and not self._loads_checkpoint(),
+            qat.get('distill', False))
+
+    def _loads_checkpoint(self):
+        """Whether :meth:`load_or_resume` will load a checkpoint."""
+        return self._load_from is not None or bool(
+            self._resume and find_latest_checkpoint(self.work_dir))
 
     def register_hooks(self, default_hooks=None, custom_hooks=None):
         super().register_hooks(default_hooks, custom_hooks)

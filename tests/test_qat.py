@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+import mmrepvgg.deploy.convert as convert
 from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
                      run_tool_here, snapshot)
 from mmrepvgg.checkpoint import load_checkpoint
@@ -268,6 +269,24 @@ def test_qat_refuses_what_it_cannot_start_from(refused_inputs, tmp_path, name,
                            '--work-dir', work_dir)
     assert_refused(result, message, tmp_path, before)
     assert not work_dir.exists()
+
+
+def test_a_loaded_qat_checkpoint_is_not_equalized_again(
+        trained_qarepvgg, qat_run, tmp_path, monkeypatch):
+    cfg = read_config(trained_qarepvgg.config)
+    use_qat(cfg, trained_qarepvgg.checkpoint, equalize=True)
+    cfg.work_dir = str(tmp_path)
+    cfg.load_from = final_checkpoint(qat_run)
+
+    def refuse(*args):
+        raise AssertionError('equalized, then overwritten by the checkpoint')
+
+    monkeypatch.setattr(convert, 'equalize_checked', refuse)
+    runner = build_runner(cfg)
+    runner.load_or_resume()
+    expected = load_checkpoint(cfg.load_from).weights
+    state = runner.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
 
 
 @pytest.mark.parametrize('flag', ['--qat-equalize', '--qat-distill'])
