@@ -22,6 +22,7 @@ from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 # Small, with grouped convs (blocks 2 and 4, counted from the stem) and
 # every stage's output read by the head.
+PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 TINY = dict(
     num_blocks=(1, 2, 2, 1),
     width_factor=(0.25, 0.25, 0.5, 0.5),
@@ -170,25 +171,50 @@ def test_pairs_leave_a_users_blocks_alone():
     assert equalization_pairs(backbone.switch_to_deploy()) == []
 
 
-def export_equalized(config, checkpoint, folder):
-    """``export_onnx`` of a checkpoint in int8, equalized first."""
-    export_onnx(
+def export_equalized(config, checkpoint, folder, **int8):
+    """``export_onnx`` of a checkpoint in int8, equalized first unless
+    ``int8`` says otherwise."""
+    return export_onnx(
         config,
         checkpoint,
         str(folder / 'out.onnx'),
         ExportSettings((64, 128)),
-        int8=Int8Settings(equalize=True))
+        int8=Int8Settings(**dict(dict(equalize='always'), **int8)))
 
 
 def test_export_refuses_to_equalize_another_backbone(tmp_path):
-    config = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
-    checkpoint = random_checkpoint(config, tmp_path / 'r18.pth')
+    checkpoint = random_checkpoint(PSPNET_R18, tmp_path / 'r18.pth')
     with pytest.raises(
             UsageError,
             match='--int8-equalize: equalization needs a RepVGG '
             'backbone, not ResNetV1c; nothing written'):
-        export_equalized(config, checkpoint, tmp_path)
+        export_equalized(PSPNET_R18, checkpoint, tmp_path)
     assert os.listdir(tmp_path) == ['r18.pth']
+
+
+@pytest.mark.integration
+def test_auto_equalization_passes_over_another_backbone(tmp_path):
+    base = tmp_path / 'r18.py'
+    base.write_text(f'_base_ = {PSPNET_R18!r}\n')
+    data = make_toy_cityscapes(str(tmp_path / 'data'), num_train=1)
+    config = write_toy_config(str(base), data, str(tmp_path / 'toy.py'))
+    checkpoint = random_checkpoint(config, tmp_path / 'r18.pth')
+    # Asking for every label makes full int8 (almost surely) miss, which
+    # would equalize a RepVGG; a ResNet goes on to the fp32 convs.
+    try:
+        result = export_equalized(
+            config,
+            checkpoint,
+            tmp_path,
+            equalize='auto',
+            calib_num=1,
+            eval_num=1,
+            min_agreement=1,
+            max_float=0)
+    except VerificationError as error:
+        assert 'below the 100.00% asked; nothing written' in str(error)
+    else:
+        assert result.info.equalized_pairs == 0
 
 
 @pytest.mark.numerics

@@ -63,7 +63,8 @@ def mixed_int8(trained_pspnet, hostile, tmp_path_factory):
     out = tmp_path_factory.mktemp('mixed') / 'mixed.onnx'
     info, stdout = _export(trained_pspnet.config, hostile, out,
                            '--min-agreement', MIN_AGREEMENT, '--max-float',
-                           MAX_FLOAT, '--int8-report')
+                           MAX_FLOAT, '--int8-report', '--int8-equalize',
+                           'never')
     return out, info, stdout
 
 
@@ -109,19 +110,23 @@ def test_the_most_sensitive_convs_are_kept_in_fp32(mixed_int8):
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_equalization_gives_the_hostile_model_its_int8_back(
+def test_int8_equalizes_a_hostile_model_before_keeping_convs_in_fp32(
         trained_pspnet, hostile, tmp_path):
+    # --int8-equalize auto, the default: full int8 misses, so the equalized
+    # model is quantized too, and it needs no conv in fp32.
     info, stdout = _export(trained_pspnet.config, hostile,
-                           tmp_path / 'equalized.onnx', '--int8-equalize',
-                           '--min-agreement', 0, '--max-float', 0)
+                           tmp_path / 'equalized.onnx', '--min-agreement',
+                           EQUALIZED_AGREEMENT)
     # 22 blocks: 21 pairs, less the 3 stage outputs the heads may read.
     assert info.equalized_pairs == 18
-    assert 'channels equalized between 18 pairs' in stdout
+    assert info.float_convs == []
     # Every conv in int8 keeps about what the toy model (not made hostile)
     # keeps: 99.42% here (99.50% under AVX2), against plain int8's < 97%
     # and the 99.25% of equalizing by weight ranges alone.
-    assert info.float_convs == []
     assert info.agreement['labels'] >= EQUALIZED_AGREEMENT
+    assert info.agreement['unequalized_labels'] < HOSTILE_CEILING
+    assert ('channels equalized between 18 pairs of backbone convs before '
+            'calibrating (without, every conv in int8: 9') in stdout
 
 
 def _next_block(block):
@@ -213,7 +218,8 @@ def test_mixed_precision_beyond_max_float_writes_nothing(
     before = snapshot(tmp_path)
     result = run_tool_here('export.py', trained_pspnet.config, hostile,
                            tmp_path / 'out.onnx', *INT8_ARGS, '--calib-num', 2,
-                           '--min-agreement', 1, '--max-float', 1)
+                           '--min-agreement', 1, '--max-float', 1,
+                           '--int8-equalize', 'never')
     assert_refused(result, 'with 1 conv(s) in fp32, below the 100.00% asked',
                    tmp_path, before)
 

@@ -100,6 +100,9 @@ def test_int8_model_keeps_the_fp32_labels_on_both_engines(
     assert result.info.precision == 'int8'
     assert agreement['split'] == 'val' and agreement['images'] == 4
     assert agreement['labels'] >= AGREEMENT_FLOOR
+    # Full int8 agreed as asked: nothing was equalized for it.
+    assert result.info.equalized_pairs == 0
+    assert agreement['unequalized_labels'] is None
     model = onnx.load(str(out))
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops['QuantizeLinear'] > 20 and ops['DequantizeLinear'] > 20
@@ -161,7 +164,8 @@ def test_int8_below_the_asked_agreement_writes_nothing(trained_qarepvgg,
             trained_qarepvgg.checkpoint,
             str(tmp_path / 'int8.onnx'),
             ExportSettings(SIZE),
-            int8=Int8Settings(8, 4, measured + 1e-9, max_float=0))
+            int8=Int8Settings(
+                8, 4, measured + 1e-9, max_float=0, equalize='never'))
     assert os.listdir(tmp_path) == []
     assert ranked == []  # with no conv to keep in fp32, none is ranked
 

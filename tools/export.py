@@ -31,8 +31,9 @@ def parse_args():
         action='store_true',
         help='write an int8 model (QDQ, per-channel weights), calibrated on '
         "images of the config's training set, if its labels agree with the "
-        "fp32 model's on the validation set, keeping the convs that move "
-        'its logits most in fp32 if it must (see --max-float)')
+        "fp32 model's on the validation set; if they do not, equalizing "
+        "the backbone's channels (see --int8-equalize), then keeping the "
+        'convs that move its logits most in fp32 (see --max-float)')
     int8.add_argument(
         '--int8-report',
         action='store_true',
@@ -86,8 +87,11 @@ def report_int8(info, ranking):
               f'{agreement["split"]} image(s)')
         return
     if info.equalized_pairs:
+        unequalized = agreement.get('unequalized_labels')
         print(f'channels equalized between {info.equalized_pairs} pairs of '
-              'backbone convs before calibrating')
+              'backbone convs before calibrating' +
+              (f' (without, every conv in int8: {unequalized:.2%} agreed)'
+               if unequalized is not None else ''))
     print(f'int8 ({info.int8_scheme} scheme), calibrated on '
           f'{info.calibration["images"]} training image(s): labels agree '
           f'with fp32 on {agreement["labels"]:.2%} of the pixels of '

@@ -7,7 +7,7 @@ know (classes, palette, input size) is in its metadata
 (:class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`).
 """
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import List, Optional, Tuple
 
@@ -18,6 +18,7 @@ from ..config import read_config
 from ..errors import (CheckpointError, ConfigError, MMRepVGGError, UsageError,
                       VerificationError)
 from ..fileio import check_output_path, write_files
+from ..models.equalization import equalizable
 from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
                       compare_labels, fp32_and_exact, relative_error)
@@ -291,33 +292,54 @@ def _model(job):
     info = exported_model_info(job.cfg, loaded, job.config,
                                None if job.dynamic else job.size)
     model = loaded.model
-    if job.int8 is not None and job.int8.equalize:
-        model, info.equalized_pairs = _equalized(model, job)
-    data = to_onnx(exportable(model), job.size, job.dynamic, info)
+    equalize = job.int8.equalize if job.int8 is not None else 'never'
+    if equalize == 'always':
+        model, info.equalized_pairs = _equalized(
+            model, job,
+            partial(split_images, job.cfg, 'train', job.int8.calib_num,
+                    job.size))
     inputs = _check_inputs(job.size, job.imgs, job.dynamic)
-    check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
-                                     job.tolerance)
+    data, check, labels = _checked_onnx(model, info, inputs, job)
     if job.int8 is not None:
         from .quantize import int8_model
-        data = int8_model(job.cfg, data, info, job.size, job.int8)
+        auto = (
+            partial(_auto_equalized, model, info, inputs, job)
+            if equalize == 'auto' and equalizable(model) else None)
+        data = int8_model(job.cfg, data, info, job.size, job.int8, auto)
     return data, ExportResult(job.out, job.size,
                               job.dynamic, check, labels.differ, len(inputs),
                               list(BACKENDS), loaded.conversion, info)
 
 
-def _equalized(model, job):
+def _checked_onnx(model, info, inputs, job):
+    """The fp32 ONNX model of a segmentor, checked on the engines, and the
+    check's :class:`Fp32Comparison` and :class:`LabelComparison`."""
+    data = to_onnx(exportable(model), job.size, job.dynamic, info)
+    check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
+                                     job.tolerance)
+    return data, check, labels
+
+
+def _equalized(model, job, read_images):
     """An equalized copy of a deploy-form segmentor, its activation ranges
-    measured on the int8 calibration images, checked, and its number of
-    equalized conv pairs."""
+    measured on the images ``read_images()`` gives, checked, and its number
+    of equalized conv pairs."""
     equalized = copy.deepcopy(model)
     try:
-        calibration = partial(split_images, job.cfg, 'train',
-                              job.int8.calib_num, job.size)
-        pairs = equalize_checked(equalized, calibration, DEFAULT_CHECK_SIZE)
+        pairs = equalize_checked(equalized, read_images, DEFAULT_CHECK_SIZE)
     except MMRepVGGError as error:
         raise type(error)(f'{job.config}: --int8-equalize: {error}; nothing '
                           'written') from None
     return equalized, pairs
+
+
+def _auto_equalized(model, info, inputs, job, calibration):
+    """The fp32 ONNX model of the equalized segmentor, checked on the
+    engines as the model was, and its number of equalized conv pairs."""
+    equalized, pairs = _equalized(model, job, lambda: calibration)
+    data, _, _ = _checked_onnx(equalized, replace(info, equalized_pairs=pairs),
+                               inputs, job)
+    return data, pairs
 
 
 def _qat_model(job):

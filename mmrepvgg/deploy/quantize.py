@@ -8,8 +8,10 @@ zero point 0, as TensorRT's explicit quantization takes them). Its
 activation ranges are calibrated on images of the config's training set,
 read through its test pipeline; its agreement with the fp32 model is
 measured on images of the validation set. When too few labels agree, the
+channels between a RepVGG backbone's blocks are equalized
+(:mod:`mmrepvgg.models.equalization`), and if that is not enough either, the
 convs that move the logits most (:mod:`.mixed_precision`) are kept in fp32,
-fewest first, up to a limit.
+fewest first, up to a limit: each step costs less speed than the next.
 
 The choices were measured (a PSPNet-RepVGG-A0, 512x1024): MinMax ranges
 agree with fp32 as well as entropy or percentile ones and take a third of
@@ -36,9 +38,14 @@ from .mixed_precision import convs_of, keep_float, sensitivities
 from .model_info import INPUT, INT8_SCHEMES, set_info
 
 __all__ = [
-    'Agreement', 'Int8Settings', 'quantize_int8', 'measure_agreement',
-    'check_agreement', 'int8_model'
+    'EQUALIZE_MODES', 'Agreement', 'Int8Settings', 'quantize_int8',
+    'measure_agreement', 'check_agreement', 'int8_model'
 ]
+
+# When the backbone is equalized before int8: when full int8 of the model
+# as it is misses the agreement asked (and the backbone is a RepVGG), on
+# every export, or never.
+EQUALIZE_MODES = ('auto', 'always', 'never')
 
 
 @dataclass
@@ -53,12 +60,16 @@ class Agreement:
         split (str): The dataset split they came from.
         all_int8_labels (float, optional): For a model with convs kept in
             fp32, the share of labels kept with every conv in int8.
+        unequalized_labels (float, optional): For a model equalized
+            because full int8 of the model as it was missed the agreement
+            asked, the share of labels that full int8 kept.
     """
     labels: float
     max_rel_error: float
     images: int
     split: str
     all_int8_labels: Optional[float] = None
+    unequalized_labels: Optional[float] = None
 
     def to_dict(self):
         return asdict(self)
@@ -78,11 +89,12 @@ class Int8Settings:
         max_float (int): The most convs kept in fp32 to reach
             ``min_agreement``, the most sensitive first.
         scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
-        equalize (bool): Equalize the ranges of the channels between the
-            RepVGG backbone's blocks first, as the calibration images
-            activate them (:mod:`mmrepvgg.models.equalization`): the fp32
-            model then exported, checked and quantized computes the same
-            function with other weights.
+        equalize (str): When to equalize the ranges of the channels
+            between the RepVGG backbone's blocks, as the calibration images
+            activate them (:mod:`mmrepvgg.models.equalization`), before
+            calibrating: one of :data:`EQUALIZE_MODES`. The equalized fp32
+            model computes the same function with other weights; it is
+            exported and checked on the engines as the model is.
     """
     calib_num: int = field(
         default=16, metadata=dict(help='training images to calibrate on'))
@@ -104,14 +116,17 @@ class Int8Settings:
             help='cpu: unsigned activations with zero points (ONNX Runtime, '
             'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
             "(TensorRT's explicit quantization)"))
-    equalize: bool = field(
-        default=False,
+    equalize: str = field(
+        default='auto',
         metadata=dict(
             flag='--int8-equalize',
+            choices=EQUALIZE_MODES,
             help="equalize the ranges of the channels between the RepVGG "
             "backbone's blocks, as the calibration images activate them, "
             'before calibrating (for models whose BN statistics made a few '
-            'channels far wider than the rest)'))
+            'channels far wider than the rest): auto, when full int8 misses '
+            '--min-agreement, before any conv is kept in fp32; always; '
+            'never'))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -123,6 +138,10 @@ class Int8Settings:
         if self.max_float < 0:
             raise UsageError(f'--max-float is a number of convs, at least 0; '
                              f'got {self.max_float}')
+        if self.equalize not in EQUALIZE_MODES:
+            raise UsageError(f'--int8-equalize must be one of '
+                             f'{", ".join(EQUALIZE_MODES)}; got '
+                             f'{self.equalize!r}')
         if self.scheme not in INT8_SCHEMES:
             raise UsageError(f'--int8-scheme must be one of '
                              f'{", ".join(INT8_SCHEMES)}; got {self.scheme!r}')
@@ -264,33 +283,100 @@ def check_agreement(agreement, min_agreement, float_convs=0, reference='fp32'):
             'nothing written')
 
 
-def _mixed_precision(int8, fp32, ranking, held_out, settings):
-    """The int8 model with the fewest of the most sensitive convs in fp32
-    (at most ``settings.max_float``) whose labels agree as asked, its
-    :class:`Agreement` and the names of those convs. ``ranking()`` gives
-    the convs' sensitivity; it is asked only for a conv to keep."""
-    nodes = {c.name: c.node for c in convs_of(fp32)}
-    reference = _run(fp32.SerializeToString(), held_out)
-    count, all_int8 = 0, None
-    while True:
-        kept = [s.conv for s in ranking()[:count]] if count else []
-        model = keep_float(int8, fp32, {nodes[k] for k in kept})
-        agreement = measure_agreement(model.SerializeToString(), reference,
-                                      held_out, 'val')
-        if all_int8 is None:
-            all_int8 = agreement.labels
-        if (agreement.labels >= settings.min_agreement
-                or count >= settings.max_float or count >= len(ranking())):
-            if count:
-                agreement = replace(agreement, all_int8_labels=all_int8)
-            return model, agreement, kept
-        count += 1
+@dataclass(frozen=True)
+class _Candidate:
+    """An fp32 model, its int8 model with every conv in int8, their
+    :class:`Agreement` with the fp32 model's labels and the conv pairs
+    equalized in them."""
+    fp32: object  # onnx.ModelProto
+    int8: object
+    agreement: Agreement
+    equalized_pairs: int
 
 
-def int8_model(cfg, fp32, info, size, settings):
+@dataclass(frozen=True)
+class _Int8:
+    """The int8 model of a candidate with convs kept in fp32, its
+    agreement, those convs, and the candidate."""
+    model: object
+    agreement: Agreement
+    kept: list
+    candidate: _Candidate
+    ranking: object  # () -> list[ConvSensitivity]
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """The images an int8 model is calibrated and checked on, and the fp32
+    model's outputs on the checked ones."""
+    calibration: list
+    held_out: list
+    reference: list
+    scheme: str
+
+    def candidate(self, fp32, equalized_pairs):
+        """The :class:`_Candidate` of an fp32 model (bytes)."""
+        import onnx
+        int8 = quantize_int8(fp32, self.calibration, self.scheme)
+        return _Candidate(
+            onnx.load_from_string(fp32), int8, self.agreement(int8),
+            equalized_pairs)
+
+    def agreement(self, int8):
+        return measure_agreement(int8.SerializeToString(), self.reference,
+                                 self.held_out, 'val')
+
+
+def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
+    """The models to quantize, the one whose full int8 keeps more labels
+    first: the fp32 model and, if its full int8 misses ``min_agreement``
+    and ``equalize`` is given, the equalized one."""
+    plain = measure.candidate(fp32, equalized_pairs)
+    if plain.agreement.labels >= min_agreement or equalize is None:
+        return [plain]
+    data, pairs = equalize(measure.calibration)
+    equalized = measure.candidate(data, pairs)
+    equalized = replace(
+        equalized,
+        agreement=replace(
+            equalized.agreement, unequalized_labels=plain.agreement.labels))
+    return sorted([plain, equalized], key=lambda c: -c.agreement.labels)
+
+
+def _mixed_precision(candidate, measure, settings):
+    """The :class:`_Int8` of a candidate with the fewest of the most
+    sensitive convs in fp32 (at most ``settings.max_float``) whose labels
+    agree as asked. The convs' sensitivity is measured only for a conv to
+    keep (or the metadata of the model written)."""
+    ranking = cache(
+        partial(sensitivities, candidate.int8, candidate.fp32,
+                measure.calibration))
+    nodes = {c.name: c.node for c in convs_of(candidate.fp32)}
+    model, agreement, kept = candidate.int8, candidate.agreement, []
+    while (agreement.labels < settings.min_agreement
+           and len(kept) < settings.max_float and len(kept) < len(ranking())):
+        kept = [s.conv for s in ranking()[:len(kept) + 1]]
+        model = keep_float(candidate.int8, candidate.fp32,
+                           {nodes[k]
+                            for k in kept})
+        agreement = measure.agreement(model)
+    if kept:
+        agreement = replace(
+            agreement,
+            all_int8_labels=candidate.agreement.labels,
+            unequalized_labels=candidate.agreement.unequalized_labels)
+    return _Int8(model, agreement, kept, candidate, ranking)
+
+
+def int8_model(cfg, fp32, info, size, settings, equalize=None):
     """An int8 model of an fp32 one, calibrated and checked as ``settings``
     say, with its calibration, the sensitivity of its convs, the convs kept
     in fp32 and its agreement in its metadata.
+
+    When full int8 misses ``settings.min_agreement``, the equalized model
+    (if ``equalize`` gives one) is quantized too; then the most sensitive
+    convs are put in fp32, fewest first, in the model whose full int8 kept
+    more labels, and if that is not enough, in the other.
 
     Args:
         cfg (Config): The model's config, whose training set calibrates and
@@ -299,6 +385,9 @@ def int8_model(cfg, fp32, info, size, settings):
         info (ExportedModelInfo): Its metadata; updated.
         size (tuple[int]): The model's input size.
         settings (Int8Settings): How to quantize.
+        equalize (callable, optional): Given the calibration images,
+            returns the fp32 ONNX model with its backbone equalized
+            (checked) and the number of conv pairs equalized.
 
     Returns:
         bytes: The int8 model.
@@ -307,21 +396,24 @@ def int8_model(cfg, fp32, info, size, settings):
         VerificationError: Its labels agree less than asked, with as many
             convs in fp32 as allowed.
     """
-    import onnx
-    calibration = split_images(cfg, 'train', settings.calib_num, size)
     held_out = split_images(cfg, 'val', settings.eval_num, size)
-    int8 = quantize_int8(fp32, calibration, settings.scheme)
-    fp32 = onnx.load_from_string(fp32)
-    # Not measured for a refusal that keeps no conv in fp32.
-    ranking = cache(partial(sensitivities, int8, fp32, calibration))
-    proto, agreement, kept = _mixed_precision(int8, fp32, ranking, held_out,
-                                              settings)
-    check_agreement(agreement, settings.min_agreement, len(kept))
+    measure = _Measure(
+        split_images(cfg, 'train', settings.calib_num, size), held_out,
+        _run(fp32, held_out), settings.scheme)
+    tried = []
+    for candidate in _candidates(measure, fp32, info.equalized_pairs, equalize,
+                                 settings.min_agreement):
+        tried.append(_mixed_precision(candidate, measure, settings))
+        if tried[-1].agreement.labels >= settings.min_agreement:
+            break
+    best = max(tried, key=lambda t: t.agreement.labels)
+    check_agreement(best.agreement, settings.min_agreement, len(best.kept))
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
-    info.calibration = dict(split='train', images=len(calibration))
-    info.agreement = agreement.to_dict()
-    info.float_convs = kept
-    info.sensitivity = ranking()
-    set_info(proto, info)
-    return proto.SerializeToString()
+    info.calibration = dict(split='train', images=len(measure.calibration))
+    info.agreement = best.agreement.to_dict()
+    info.float_convs = best.kept
+    info.sensitivity = best.ranking()
+    info.equalized_pairs = best.candidate.equalized_pairs
+    set_info(best.model, info)
+    return best.model.SerializeToString()

@@ -28,7 +28,7 @@ from .blocks import RepVGGBlock
 from .repvgg import RepVGG
 
 __all__ = [
-    'equalization_pairs', 'activation_ranges', 'equalize_pair',
+    'equalizable', 'equalization_pairs', 'activation_ranges', 'equalize_pair',
     'equalize_backbone'
 ]
 
@@ -36,6 +36,13 @@ __all__ = [
 # log) at which the scales count as settled.
 MAX_ROUNDS = 100
 SETTLED = 1e-3
+
+
+def equalizable(model):
+    """Whether ``model`` has a deploy-form RepVGG (or QARepVGG)
+    ``backbone`` to equalize."""
+    backbone = getattr(model, 'backbone', None)
+    return isinstance(backbone, RepVGG) and backbone.deploy
 
 
 def equalization_pairs(backbone):
