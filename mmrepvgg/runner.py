@@ -13,6 +13,8 @@ import os.path as osp
 import torch
 import torch.distributed as dist
 from mmengine.config import DictAction
+from mmengine.dist import get_rank
+from mmengine.hooks import LoggerHook
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -114,10 +116,22 @@ def replace_sync_bn(node):
 
 
 def build_runner(cfg):
-    """Build the Runner a config asks for, as mmseg's tools do."""
-    if 'runner_type' in cfg:
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    """Build the Runner a config asks for, as mmseg's tools do; in a
+    distributed run, only rank 0 writes the test metrics' file."""
+    runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(
+        cfg)
+    if get_rank() != 0:
+        _write_no_test_metrics(runner)
+    return runner
+
+
+def _write_no_test_metrics(runner):
+    # mmengine's LoggerHook writes the test metrics (``{timestamp}.json``)
+    # in every process, to the same file: two processes writing it at once
+    # can leave it corrupt. Rank 0 writes it, and logs them.
+    for hook in runner.hooks:
+        if isinstance(hook, LoggerHook):
+            hook.after_test_epoch = lambda runner, metrics=None: None
 
 
 def use_checkpoint_or_engine(cfg, checkpoint, engine=None):

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import mmrepvgg.runner as runner
 from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool_here
 from mmrepvgg.qat import is_qat_checkpoint
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
@@ -113,6 +114,20 @@ def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
     with open(metrics[0]) as f:
         scores = json.load(f)
     assert 0 < scores['aAcc'] <= 100 and 0 <= scores['mIoU'] <= 100
+
+
+def test_only_rank_0_writes_the_test_metrics(two_process_run, tmp_path,
+                                             monkeypatch):
+    # mmengine's LoggerHook writes them in every process, to one file.
+    config, work_dir, _ = two_process_run
+    for rank in (1, 0):
+        monkeypatch.setattr(runner, 'get_rank', lambda: rank)
+        cfg = runner.load_config(config, str(tmp_path / f'rank{rank}'))
+        runner.use_checkpoint_or_engine(cfg, osp.join(work_dir, 'iter_2.pth'))
+        metrics = runner.build_runner(cfg).test()
+        assert 0 < metrics['aAcc'] <= 100
+        written = glob.glob(str(tmp_path / f'rank{rank}' / '*' / '*.json'))
+        assert len(written) == (rank == 0), rank
 
 
 def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path):
