@@ -22,8 +22,9 @@ Runtime labels are checked against the QAT model's own fake-quantized ones.
 """
 import copy
 import os.path as osp
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ from mmengine.runner import Runner, find_latest_checkpoint
 from torch import nn
 from torch.ao.nn import qat as nnqat
 from torch.ao.quantization import (FakeQuantize, FakeQuantizeBase,
-                                   MovingAverageMinMaxObserver, QConfig)
+                                   MinMaxObserver, MovingAverageMinMaxObserver,
+                                   QConfig)
 from torch.ao.quantization.fake_quantize import \
     default_per_channel_weight_fake_quant
 # Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
@@ -56,7 +58,7 @@ __all__ = [
     'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
     'load_qat_model', 'average_input_ranges', 'QATHook', 'QATRunner',
     'QATExportSettings', 'QATExport', 'qat_onnx', 'MIN_QAT_AGREEMENT',
-    'Distillation'
+    'calibrate_input_ranges', 'Distillation'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -65,9 +67,10 @@ QAT_META_KEY = 'mmrepvgg_qat'
 QAT_SCHEME = 'cpu'
 # The share of pixels whose exported labels must equal the QAT model's own.
 MIN_QAT_AGREEMENT = 0.999
-# Training images ``qat.equalize`` measures the activation ranges on, as
-# many as ``tools/export.py --int8`` calibrates on by default.
-EQUALIZATION_IMAGES = 16
+# Training images that the activation ranges of ``qat.equalize`` and the
+# quantizers' first ranges are measured on, as many as ``tools/export.py
+# --int8`` calibrates on by default.
+CALIBRATION_IMAGES = 16
 
 
 def qat_qconfig():
@@ -156,6 +159,79 @@ def _observe(model, enabled):
         quantizer.enable_observer(enabled)
 
 
+@contextmanager
+def _float(model):
+    """Run ``model`` in float, in eval mode: every fake quantizer off, and
+    back as it was after."""
+    quantizers = [q for _, q in fake_quantizers(model)]
+    states = [(bool(q.fake_quant_enabled[0]), bool(q.observer_enabled[0]))
+              for q in quantizers]
+    training = model.training
+    for quantizer in quantizers:
+        quantizer.disable_fake_quant()
+        quantizer.disable_observer()
+    try:
+        yield model.eval()
+    finally:
+        model.train(training)
+        for quantizer, (fake_quant, observer) in zip(quantizers, states):
+            quantizer.enable_fake_quant(fake_quant)
+            quantizer.enable_observer(observer)
+
+
+def _set_qparams(quantizer):
+    """Set a fake quantizer's scale and zero point from its observer's
+    range."""
+    scale, zero_point = quantizer.calculate_qparams()
+    quantizer.scale.resize_(scale.shape).copy_(scale)
+    quantizer.zero_point.resize_(zero_point.shape).copy_(zero_point)
+
+
+@torch.no_grad()
+def calibrate_input_ranges(model, images):
+    """Start the input quantizer of every conv that inference reaches from
+    the range its input takes over ``images`` in the float model, as
+    ``tools/export.py --int8`` calibrates (min/max), rather than from the
+    first training batch, which its moving average would take whole.
+
+    Args:
+        model (nn.Module): A segmentor made quantization-aware
+            (:func:`prepare_qat`).
+        images (Sequence[Tensor]): Image batches, as the exported model
+            takes them.
+
+    Returns:
+        int: The quantizers calibrated.
+    """
+    from .deploy.logits import ImageSegmentor
+    ranges = {}
+
+    def observe(conv, args):
+        ranges.setdefault(
+            conv,
+            MinMaxObserver(dtype=torch.quint8, quant_min=0, quant_max=255))(
+                args[0])
+
+    hooks = [
+        m.register_forward_pre_hook(observe) for m in model.modules()
+        if isinstance(m, QATConv2d)
+    ]
+    try:
+        with _float(model):
+            segmentor = ImageSegmentor(model)
+            for batch in images:
+                segmentor(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for conv, seen in ranges.items():
+        observer = conv.input_fake_quant.activation_post_process
+        observer.min_val.resize_(seen.min_val.shape).copy_(seen.min_val)
+        observer.max_val.resize_(seen.max_val.shape).copy_(seen.max_val)
+        _set_qparams(conv.input_fake_quant)
+    return len(ranges)
+
+
 @torch.no_grad()
 def average_input_ranges(model):
     """Average the ranges that the input quantizers of ``model`` observed
@@ -170,9 +246,7 @@ def average_input_ranges(model):
         observer = quantizer.activation_post_process
         for value in (observer.min_val, observer.max_val):
             all_reduce(value, op='mean')
-        scale, zero_point = quantizer.calculate_qparams()
-        quantizer.scale.resize_(scale.shape).copy_(scale)
-        quantizer.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        _set_qparams(quantizer)
 
 
 def is_qat_checkpoint(checkpoint):
@@ -241,14 +315,16 @@ def build_qat_model(cfg,
                     checkpoint,
                     config='config',
                     equalize=False,
-                    distill=False):
+                    distill=False,
+                    calibrate=False):
     """The QAT model of a trained checkpoint: converted to deploy form,
-    checked, its backbone equalized if asked (on
-    :data:`EQUALIZATION_IMAGES` training images through the test pipeline,
-    and checked,
-    :func:`~mmrepvgg.deploy.convert.equalize_checked`),
-    and made quantization-aware (:func:`prepare_qat`); with ``distill``,
-    its loss is :class:`Distillation` from the model before.
+    checked, its backbone equalized if asked
+    (:func:`~mmrepvgg.deploy.convert.equalize_checked`, checked too), and
+    made quantization-aware (:func:`prepare_qat`), its input ranges
+    calibrated if asked (:func:`calibrate_input_ranges`); with ``distill``,
+    its loss is :class:`Distillation` from the model before. Equalization
+    and calibration measure the model on :data:`CALIBRATION_IMAGES`
+    training images through the test pipeline.
 
     Returns:
         nn.Module: The model, in training mode.
@@ -262,15 +338,17 @@ def build_qat_model(cfg,
     from .deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
     check_qat_start(cfg, checkpoint, config)
     model = deploy_model(cfg, checkpoint, config).model
+    images = cache(
+        partial(split_images, cfg, 'train', CALIBRATION_IMAGES, None))
     if equalize:
         try:
-            calibration = partial(split_images, cfg, 'train',
-                                  EQUALIZATION_IMAGES, None)
-            equalize_checked(model, calibration, DEFAULT_CHECK_SIZE)
+            equalize_checked(model, images, DEFAULT_CHECK_SIZE)
         except MMRepVGGError as error:
             raise type(error)(f'{config}: qat.equalize: {error}') from None
     teacher = copy.deepcopy(model) if distill else None
     model = prepare_qat(model).train()
+    if calibrate:
+        calibrate_input_ranges(model, images())
     if distill:
         # Not a submodule: checkpoints, DDP and the optimizer see only the
         # QAT model.
@@ -415,14 +493,18 @@ class QATRunner(Runner):
         if not qat.get('checkpoint'):
             raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
                               'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
-        # The whole config: equalization reads its training images. A QAT
-        # checkpoint loaded over the model next replaces every weight that
-        # equalization would compute.
+        # The whole config: equalization and calibration read its training
+        # images. A QAT checkpoint loaded over the model next replaces
+        # every weight and range that they would compute.
         cfg = Config(dict(self.cfg.to_dict(), model=model))
+        fresh = not self._loads_checkpoint()
         return build_qat_model(
-            cfg, qat['checkpoint'], self.cfg.filename,
-            qat.get('equalize', False) and not self._loads_checkpoint(),
-            qat.get('distill', False))
+            cfg,
+            qat['checkpoint'],
+            self.cfg.filename,
+            equalize=qat.get('equalize', False) and fresh,
+            distill=qat.get('distill', False),
+            calibrate=fresh)
 
     def _loads_checkpoint(self):
         """Whether :meth:`load_or_resume` will load a checkpoint."""

@@ -31,11 +31,12 @@ from mmrepvgg.deploy.convert import equalize_checked
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
+from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import (EQUALIZATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
-                          Distillation, use_qat)
+from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
+                          Distillation, QATConv2d, use_qat)
 from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
@@ -341,6 +342,58 @@ def test_distillation_from_the_model_itself_is_zero(trained_qarepvgg):
     assert float(losses['aux.loss_distill']) == 0
 
 
+def _input_ranges(model, images):
+    """``{name: (min, max)}`` of each conv's input in ``model`` (deploy
+    form) over ``images``."""
+    seen = {}
+
+    def recorder(name):
+
+        def record(conv, args):
+            low, high = seen.get(name, (float('inf'), float('-inf')))
+            seen[name] = (min(low, float(args[0].min())),
+                          max(high, float(args[0].max())))
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_pre_hook(recorder(name))
+    segmentor = ImageSegmentor(model.eval())
+    with torch.no_grad():
+        for batch in images:
+            segmentor(batch)
+    return seen
+
+
+def test_qat_starts_from_the_input_ranges_int8_export_calibrates(
+        trained_qarepvgg, tmp_path):
+    cfg = read_config(trained_qarepvgg.config)
+    use_qat(cfg, trained_qarepvgg.checkpoint)
+    cfg.work_dir = str(tmp_path)
+    model = build_runner(cfg).model
+    deploy = deploy_model(
+        read_config(trained_qarepvgg.config),
+        trained_qarepvgg.checkpoint).model
+    expected = _input_ranges(
+        deploy, split_images(cfg, 'train', CALIBRATION_IMAGES, None))
+    calibrated = 0
+    for name, conv in model.named_modules():
+        if not isinstance(conv, QATConv2d):
+            continue
+        observer = conv.input_fake_quant.activation_post_process
+        seen = (float(observer.min_val), float(observer.max_val))
+        if name not in expected:  # the auxiliary head: training only
+            assert seen == (float('inf'), float('-inf')), name
+            continue
+        # The heads' norms are folded into their convs in the QAT model.
+        assert seen == pytest.approx(expected[name], rel=1e-5), name
+        scale, _ = conv.input_fake_quant.calculate_qparams()
+        assert torch.equal(conv.input_fake_quant.scale, scale), name
+        calibrated += 1
+    assert calibrated == CONVS - 2
+
+
 def test_qat_equalize_starts_from_the_equalized_deploy_model(
         trained_qarepvgg, tmp_path):
     cfg = read_config(trained_qarepvgg.config)
@@ -352,8 +405,7 @@ def test_qat_equalize_starts_from_the_equalized_deploy_model(
         deploy_model(
             read_config(trained_qarepvgg.config),
             trained_qarepvgg.checkpoint).model for _ in range(2))
-    calibration = partial(split_images, cfg, 'train', EQUALIZATION_IMAGES,
-                          None)
+    calibration = partial(split_images, cfg, 'train', CALIBRATION_IMAGES, None)
     assert equalize_checked(expected, calibration, DEFAULT_CHECK_SIZE) > 0
     # The heads' convs have their norms folded in as well.
     for name, conv in expected.backbone.named_modules():
