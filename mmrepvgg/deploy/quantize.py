@@ -120,7 +120,7 @@ class Int8Settings:
         default='auto',
         metadata=dict(
             flag='--int8-equalize',
-            choices=EQUALIZE_MODES,
+            metavar='{' + ','.join(EQUALIZE_MODES) + '}',
             help="equalize the ranges of the channels between the RepVGG "
             "backbone's blocks, as the calibration images activate them, "
             'before calibrating (for models whose BN statistics made a few '
