@@ -55,10 +55,11 @@ from .models.weight_layouts import is_deploy_form
 __all__ = [
     'QAT_META_KEY', 'qat_qconfig', 'QATConv2d', 'fold_conv_norms',
     'prepare_qat', 'fake_quantizers', 'FrozenFakeQuantize', 'FrozenQATConv2d',
-    'is_qat_checkpoint', 'check_qat_start', 'use_qat', 'build_qat_model',
-    'load_qat_model', 'average_input_ranges', 'QATHook', 'QATRunner',
-    'QATExportSettings', 'QATExport', 'qat_onnx', 'MIN_QAT_AGREEMENT',
-    'calibrate_input_ranges', 'Distillation'
+    'frozen_for_export', 'is_qat_checkpoint', 'check_qat_start', 'use_qat',
+    'build_qat_model', 'load_qat_model', 'average_activation_ranges',
+    'QATHook', 'QATRunner', 'QATExportSettings', 'QATExport', 'qat_onnx',
+    'MIN_QAT_AGREEMENT', 'calibrate_activation_ranges',
+    'activation_quantizers', 'QuantizedOutput', 'Distillation'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
@@ -100,6 +101,28 @@ class QATConv2d(nnqat.Conv2d):
         return super().forward(self.input_fake_quant(input))
 
 
+class QuantizedOutput(nn.Module):
+    """An activation whose output is fake-quantized: that of a backbone
+    stage (its ``out_indices``), which the heads may read. An int8 engine
+    stores such a tensor once,
+    quantized, and runs the conv before it in int8 (ONNX Runtime fuses a
+    conv into its int8 kernel only when a QuantizeLinear takes its output,
+    not where pooling, resizing or concatenation read it).
+
+    Args:
+        act (nn.Module): The activation.
+        quantizer (FakeQuantizeBase): The fake quantizer of its output.
+    """
+
+    def __init__(self, act, quantizer):
+        super().__init__()
+        self.act = act
+        self.output_fake_quant = quantizer
+
+    def forward(self, x):
+        return self.output_fake_quant(self.act(x))
+
+
 def fold_conv_norms(model):
     """Fold the batch norm of every conv-norm ``ConvModule`` inside
     ``model`` into its conv, in place, so that the weights an int8 engine
@@ -125,8 +148,10 @@ def fold_conv_norms(model):
 
 def prepare_qat(model):
     """Make a deploy-form model quantization-aware, in place: norms folded
-    (:func:`fold_conv_norms`) and every ``nn.Conv2d`` a
-    :class:`QATConv2d` with :func:`qat_qconfig`, under the same name.
+    (:func:`fold_conv_norms`), every ``nn.Conv2d`` a :class:`QATConv2d`
+    with :func:`qat_qconfig`, under the same name, and the activation of
+    the last block of each backbone stage in ``out_indices`` a
+    :class:`QuantizedOutput`.
 
     Returns:
         nn.Module: ``model``.
@@ -145,6 +170,8 @@ def prepare_qat(model):
         return conv
 
     replace_modules(model, swap)
+    for block in model.backbone.output_blocks():
+        block.act = QuantizedOutput(block.act, qconfig.activation())
     return model
 
 
@@ -152,6 +179,13 @@ def fake_quantizers(model):
     """``(name, module)`` of every fake quantizer inside ``model``."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, FakeQuantizeBase)]
+
+
+def activation_quantizers(model):
+    """``(name, module)`` of every fake quantizer of an activation (a
+    conv's input or a :class:`QuantizedOutput`) inside ``model``."""
+    return [(name, module) for name, module in fake_quantizers(model)
+            if not name.endswith('weight_fake_quant')]
 
 
 def _observe(model, enabled):
@@ -188,9 +222,9 @@ def _set_qparams(quantizer):
 
 
 @torch.no_grad()
-def calibrate_input_ranges(model, images):
-    """Start the input quantizer of every conv that inference reaches from
-    the range its input takes over ``images`` in the float model, as
+def calibrate_activation_ranges(model, images):
+    """Start every activation quantizer that inference reaches from the
+    range its input takes over ``images`` in the float model, as
     ``tools/export.py --int8`` calibrates (min/max), rather than from the
     first training batch, which its moving average would take whole.
 
@@ -206,15 +240,15 @@ def calibrate_input_ranges(model, images):
     from .deploy.logits import ImageSegmentor
     ranges = {}
 
-    def observe(conv, args):
+    def observe(quantizer, args):
         ranges.setdefault(
-            conv,
+            quantizer,
             MinMaxObserver(dtype=torch.quint8, quant_min=0, quant_max=255))(
                 args[0])
 
     hooks = [
-        m.register_forward_pre_hook(observe) for m in model.modules()
-        if isinstance(m, QATConv2d)
+        quantizer.register_forward_pre_hook(observe)
+        for _, quantizer in activation_quantizers(model)
     ]
     try:
         with _float(model):
@@ -224,24 +258,23 @@ def calibrate_input_ranges(model, images):
     finally:
         for hook in hooks:
             hook.remove()
-    for conv, seen in ranges.items():
-        observer = conv.input_fake_quant.activation_post_process
+    for quantizer, seen in ranges.items():
+        observer = quantizer.activation_post_process
         observer.min_val.resize_(seen.min_val.shape).copy_(seen.min_val)
         observer.max_val.resize_(seen.max_val.shape).copy_(seen.max_val)
-        _set_qparams(conv.input_fake_quant)
+        _set_qparams(quantizer)
     return len(ranges)
 
 
 @torch.no_grad()
-def average_input_ranges(model):
-    """Average the ranges that the input quantizers of ``model`` observed
-    over the processes of a distributed run, and set their scales and zero
-    points from them, so that every process quantizes as the others do
+def average_activation_ranges(model):
+    """Average the ranges that the activation quantizers of ``model``
+    observed over the processes of a distributed run, and set their scales
+    and zero points from them, so that every process quantizes as the others do
     (DDP keeps the weights, and so their quantizers, the same, but not
     buffers: each process observes its own batches)."""
-    for name, quantizer in fake_quantizers(model):
-        if not (name.endswith('input_fake_quant')
-                and quantizer.observer_enabled[0]):
+    for _, quantizer in activation_quantizers(model):
+        if not quantizer.observer_enabled[0]:
             continue
         observer = quantizer.activation_post_process
         for value in (observer.min_val, observer.max_val):
@@ -320,11 +353,11 @@ def build_qat_model(cfg,
     """The QAT model of a trained checkpoint: converted to deploy form,
     checked, its backbone equalized if asked
     (:func:`~mmrepvgg.deploy.convert.equalize_checked`, checked too), and
-    made quantization-aware (:func:`prepare_qat`), its input ranges
-    calibrated if asked (:func:`calibrate_input_ranges`); with ``distill``,
-    its loss is :class:`Distillation` from the model before. Equalization
-    and calibration measure the model on :data:`CALIBRATION_IMAGES`
-    training images through the test pipeline.
+    made quantization-aware (:func:`prepare_qat`), its activation ranges
+    calibrated if asked (:func:`calibrate_activation_ranges`); with
+    ``distill``, its loss is :class:`Distillation` from the model before.
+    Equalization and calibration measure the model on
+    :data:`CALIBRATION_IMAGES` training images through the test pipeline.
 
     Returns:
         nn.Module: The model, in training mode.
@@ -348,7 +381,7 @@ def build_qat_model(cfg,
     teacher = copy.deepcopy(model) if distill else None
     model = prepare_qat(model).train()
     if calibrate:
-        calibrate_input_ranges(model, images())
+        calibrate_activation_ranges(model, images())
     if distill:
         # Not a submodule: checkpoints, DDP and the optimizer see only the
         # QAT model.
@@ -435,7 +468,7 @@ class QATHook(Hook):
     dropout): mmengine re-seeds a resumed run and replays the data loader,
     but not the random numbers that the skipped iterations drew. In a
     distributed run the observed input ranges are averaged over the
-    processes after each iteration (:func:`average_input_ranges`).
+    processes after each iteration (:func:`average_activation_ranges`).
     """
     priority = 'VERY_HIGH'
 
@@ -458,7 +491,7 @@ class QATHook(Hook):
                          data_batch=None,
                          outputs=None):
         if get_world_size() > 1:
-            average_input_ranges(_unwrapped(runner.model))
+            average_activation_ranges(_unwrapped(runner.model))
 
     def before_val_epoch(self, runner):
         _observe(_unwrapped(runner.model), False)
@@ -645,11 +678,17 @@ class FrozenQATConv2d(nn.Module):
         return F.conv2d(
             self.input_fake_quant(x), weight, self.bias, *self.conv_args)
 
-    @classmethod
-    def of(cls, module):
-        """A frozen copy of ``module`` if it is a :class:`QATConv2d`, else
-        None (for :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
-        return cls(module) if isinstance(module, QATConv2d) else None
+
+def frozen_for_export(module):
+    """The export form of a trained QAT module (a :class:`QATConv2d` or
+    :class:`QuantizedOutput`), or None for another (for
+    :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
+    if isinstance(module, QATConv2d):
+        return FrozenQATConv2d(module)
+    if isinstance(module, QuantizedOutput):
+        return nn.Sequential(module.act,
+                             FrozenFakeQuantize(module.output_fake_quant))
+    return None
 
 
 def _agreement(model, reference, batches, split):
@@ -710,7 +749,7 @@ def qat_onnx(config,
     cfg = read_config(config)
     model, loaded = load_qat_model(cfg, checkpoint, config)
     module = exportable(model)
-    replace_modules(module, FrozenQATConv2d.of)
+    replace_modules(module, frozen_for_export)
     data = to_onnx(module, size, dynamic)
     agreement = _agreement(data,
                            ImageSegmentor(model).eval(),

@@ -36,7 +36,7 @@ from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
 from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
-                          Distillation, QATConv2d, use_qat)
+                          Distillation, activation_quantizers, use_qat)
 from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
@@ -176,6 +176,25 @@ def test_qat_export_is_qdq_with_the_trained_scales(qat_run, qat_export):
     trained = weights['backbone.stem.branch_reparam.input_fake_quant.scale']
     first = nodes[convs[0].input[0]]
     assert float(constants[first.input[1]]) == float(trained)
+
+
+def test_onnx_runtime_runs_the_qat_models_backbone_in_int8(
+        qat_export, tmp_path):
+    import onnxruntime
+    exported, _ = qat_export
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    onnxruntime.InferenceSession(
+        exported.proto.SerializeToString(),
+        options,
+        providers=['CPUExecutionProvider'])
+    ops = Counter(
+        n.op_type
+        for n in onnx.load(options.optimized_model_filepath).graph.node)
+    # Every backbone conv, the last one (read by the pyramid pooling and the
+    # concatenation, through its quantized output) too, and the bottleneck;
+    # the pyramid's 1x1 convs on pooled maps and the classifier stay float.
+    assert ops['QLinearConv'] == CONVS - 2 - 5, ops
 
 
 def test_openvino_runs_the_qat_model_in_int8(trained_qarepvgg, qat_export,
@@ -342,23 +361,31 @@ def test_distillation_from_the_model_itself_is_zero(trained_qarepvgg):
     assert float(losses['aux.loss_distill']) == 0
 
 
-def _input_ranges(model, images):
-    """``{name: (min, max)}`` of each conv's input in ``model`` (deploy
-    form) over ``images``."""
+def _activation_ranges(model, images):
+    """``{name: (min, max)}`` over ``images`` of each conv's input and each
+    output block's output in ``model`` (deploy form), under the name of the
+    fake quantizer that QAT gives it."""
     seen = {}
 
     def recorder(name):
 
-        def record(conv, args):
+        def record(module, args, output=None):
+            value = args[0] if output is None else output
             low, high = seen.get(name, (float('inf'), float('-inf')))
-            seen[name] = (min(low, float(args[0].min())),
-                          max(high, float(args[0].max())))
+            seen[name] = (min(low,
+                              float(value.min())), max(high,
+                                                       float(value.max())))
 
         return record
 
+    outputs = {id(b) for b in model.backbone.output_blocks()}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
-            module.register_forward_pre_hook(recorder(name))
+            module.register_forward_pre_hook(
+                recorder(f'{name}.input_fake_quant'))
+        elif id(module) in outputs:
+            module.register_forward_hook(
+                recorder(f'{name}.act.output_fake_quant'))
     segmentor = ImageSegmentor(model.eval())
     with torch.no_grad():
         for batch in images:
@@ -366,7 +393,7 @@ def _input_ranges(model, images):
     return seen
 
 
-def test_qat_starts_from_the_input_ranges_int8_export_calibrates(
+def test_qat_starts_from_the_activation_ranges_int8_export_calibrates(
         trained_qarepvgg, tmp_path):
     cfg = read_config(trained_qarepvgg.config)
     use_qat(cfg, trained_qarepvgg.checkpoint)
@@ -375,23 +402,22 @@ def test_qat_starts_from_the_input_ranges_int8_export_calibrates(
     deploy = deploy_model(
         read_config(trained_qarepvgg.config),
         trained_qarepvgg.checkpoint).model
-    expected = _input_ranges(
+    expected = _activation_ranges(
         deploy, split_images(cfg, 'train', CALIBRATION_IMAGES, None))
     calibrated = 0
-    for name, conv in model.named_modules():
-        if not isinstance(conv, QATConv2d):
-            continue
-        observer = conv.input_fake_quant.activation_post_process
+    for name, quantizer in activation_quantizers(model):
+        observer = quantizer.activation_post_process
         seen = (float(observer.min_val), float(observer.max_val))
         if name not in expected:  # the auxiliary head: training only
             assert seen == (float('inf'), float('-inf')), name
             continue
         # The heads' norms are folded into their convs in the QAT model.
         assert seen == pytest.approx(expected[name], rel=1e-5), name
-        scale, _ = conv.input_fake_quant.calculate_qparams()
-        assert torch.equal(conv.input_fake_quant.scale, scale), name
+        scale, _ = quantizer.calculate_qparams()
+        assert torch.equal(quantizer.scale, scale), name
         calibrated += 1
-    assert calibrated == CONVS - 2
+    # The 28 convs that inference reaches, and the 4 stage outputs.
+    assert calibrated == CONVS - 2 + 4
 
 
 def test_qat_equalize_starts_from_the_equalized_deploy_model(

@@ -60,10 +60,7 @@ def equalization_pairs(backbone):
                         f'{type(backbone).__name__}')
     if not backbone.deploy:
         raise ValueError('equalization needs a deploy-form RepVGG')
-    outputs = {
-        id(getattr(backbone, backbone.stage_names[i])[-1])
-        for i in backbone.out_indices
-    }
+    outputs = {id(block) for block in backbone.output_blocks()}
     blocks = list(backbone.blocks())
     return [(first.branch_reparam, second.branch_reparam)
             for first, second in zip(blocks, blocks[1:])

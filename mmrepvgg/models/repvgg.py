@@ -285,6 +285,13 @@ class RepVGG(BaseModule):
         for name in self.stage_names:
             yield from getattr(self, name)
 
+    def output_blocks(self):
+        """The last block of each stage in ``out_indices``: the blocks whose
+        outputs :meth:`forward` returns."""
+        return [
+            getattr(self, self.stage_names[i])[-1] for i in self.out_indices
+        ]
+
     def switch_to_deploy(self):
         """Fold every block into one 3x3 conv, through the block's own
         ``switch_to_deploy()`` (any block ``block_cfg`` names has one).
