@@ -104,10 +104,10 @@ class QATConv2d(nnqat.Conv2d):
 class QuantizedOutput(nn.Module):
     """An activation whose output is fake-quantized: that of a backbone
     stage (its ``out_indices``), which the heads may read. An int8 engine
-    stores such a tensor once,
-    quantized, and runs the conv before it in int8 (ONNX Runtime fuses a
-    conv into its int8 kernel only when a QuantizeLinear takes its output,
-    not where pooling, resizing or concatenation read it).
+    stores such a tensor once, quantized, and runs the conv before it in
+    int8 (ONNX Runtime fuses a conv into its int8 kernel only when a
+    QuantizeLinear takes its output, not where pooling, resizing or
+    concatenation read it).
 
     Args:
         act (nn.Module): The activation.
@@ -237,7 +237,7 @@ def calibrate_activation_ranges(model, images):
     Returns:
         int: The quantizers calibrated.
     """
-    from .deploy.logits import ImageSegmentor
+    from .deploy.logits import run_on_images
     ranges = {}
 
     def observe(quantizer, args):
@@ -252,9 +252,7 @@ def calibrate_activation_ranges(model, images):
     ]
     try:
         with _float(model):
-            segmentor = ImageSegmentor(model)
-            for batch in images:
-                segmentor(batch)
+            run_on_images(model, images)
     finally:
         for hook in hooks:
             hook.remove()
@@ -270,9 +268,9 @@ def calibrate_activation_ranges(model, images):
 def average_activation_ranges(model):
     """Average the ranges that the activation quantizers of ``model``
     observed over the processes of a distributed run, and set their scales
-    and zero points from them, so that every process quantizes as the others do
-    (DDP keeps the weights, and so their quantizers, the same, but not
-    buffers: each process observes its own batches)."""
+    and zero points from them, so that every process quantizes as the
+    others do (DDP keeps the weights, and so their quantizers, the same,
+    but not buffers: each process observes its own batches)."""
     for _, quantizer in activation_quantizers(model):
         if not quantizer.observer_enabled[0]:
             continue

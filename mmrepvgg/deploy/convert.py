@@ -7,6 +7,7 @@ The block contract: a module converts if it has ``switch_to_deploy()``
 user's that ``block_cfg`` names).
 """
 from dataclasses import dataclass
+from functools import partial
 
 import cv2
 import torch
@@ -20,7 +21,7 @@ from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
                       exact_outputs, fp32_and_exact, relative_error,
                       tensors_of)
 from .images import MAX_INPUT_PIXELS, read_image
-from .logits import ImageSegmentor
+from .logits import run_on_images
 
 __all__ = [
     'switch_to_deploy', 'convertible_blocks', 'deploy_roots',
@@ -273,14 +274,7 @@ def equalize_checked(model, read_images, check_size,
         raise UsageError(str(error)) from None
     images = read_images()
     check = ConversionCheck(model, [random_input(model, check_size)])
-    segmentor = ImageSegmentor(model)
-
-    def calibrate():
-        with torch.no_grad():
-            for batch in images:
-                segmentor(batch)
-
-    pairs = equalize_backbone(model, calibrate)
+    pairs = equalize_backbone(model, partial(run_on_images, model, images))
     comparison = check.compare(model, tolerance)
     if not comparison.passed:
         raise VerificationError('the equalized model differs from the model '

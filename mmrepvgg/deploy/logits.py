@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['SegmentorLogits', 'ImageSegmentor']
+__all__ = ['SegmentorLogits', 'ImageSegmentor', 'run_on_images']
 
 
 class SegmentorLogits(nn.Module):
@@ -64,3 +64,13 @@ class ImageSegmentor(nn.Module):
     def forward(self, images):
         logits = self.logits(self.normalize(images))
         return logits, logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def run_on_images(segmentor, images):
+    """Run a segmentor from images to logits over image batches (as
+    :class:`ImageSegmentor` takes them), for what hooks observe: the
+    activations that calibration measures."""
+    model = ImageSegmentor(segmentor)
+    for batch in images:
+        model(batch)
