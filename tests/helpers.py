@@ -11,6 +11,7 @@ import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,6 +27,10 @@ PSPNET_A0 = osp.join(REPO_ROOT, 'configs', 'pspnet',
                      'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 # The toy images' size, at which the toy models are exported.
 TOY_SIZE = (64, 128)
+# The largest arch, with squeeze-excitation on every block: its cases take
+# 5 to 17 s on an AVX2-only 2-core CPU, so they run with the slow tests;
+# the quick ones still convert it (every arch does).
+D2SE = pytest.param('D2se', marks=pytest.mark.slow)
 PSPNET_QAREPVGG_A0 = osp.join(
     REPO_ROOT, 'configs', 'pspnet',
     'pspnet_qarepvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')

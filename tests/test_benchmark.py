@@ -42,6 +42,8 @@ ENGINE_FORMS = ('onnxruntime fp32', 'openvino fp32') + (
 
 @pytest.fixture(scope='module')
 def result():
+    """Two PSPNets timed on every engine: 30 s on 2 cores, so the tests
+    that read it are slow."""
     return run_benchmark(
         BenchmarkSettings(
             PSPNET_A0,
@@ -56,6 +58,7 @@ def result():
         log=lambda line: None)
 
 
+@pytest.mark.slow
 def test_every_model_is_timed_in_every_round(result):
     forms = {(t.part, t.form) for t in result.timings}
     assert forms == {
@@ -76,6 +79,7 @@ def test_every_model_is_timed_in_every_round(result):
     assert result.settings['threads'] == 2
 
 
+@pytest.mark.slow
 def test_speedups_are_median_per_round_ratios(result):
     times = {(t.part, t.name): t.times_s for t in result.timings}
     pairs = set()
@@ -101,6 +105,7 @@ def test_speedups_are_median_per_round_ratios(result):
     assert len(pairs) == 3 * len(PARTS) + 3 * len(ENGINE_FORMS)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_deploy_and_fast_path_predict_the_same(result):
     checks = {(c.part, c.candidate): c for c in result.checks}
@@ -115,6 +120,7 @@ def test_deploy_and_fast_path_predict_the_same(result):
                 assert check.label_mismatches is not None
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize('model', ['pspnet_repvgg-a0-d8', 'pspnet_r18-d8'])
 def test_engines_are_checked_against_their_pytorch_model(result, model):
@@ -165,6 +171,7 @@ def test_int8_engines_are_calibrated_timed_and_checked(trained_pspnet):
         assert 0.9 < checks[form].label_agreement <= 1, checks[form]
 
 
+@pytest.mark.slow
 def test_report_json_and_chart(result, tmp_path):
     report = format_report(result)
     for timing in result.timings:

@@ -192,6 +192,7 @@ def test_export_refuses_to_equalize_another_backbone(tmp_path):
     assert os.listdir(tmp_path) == ['r18.pth']
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_auto_equalization_passes_over_another_backbone(tmp_path):
     base = tmp_path / 'r18.py'
@@ -217,6 +218,7 @@ def test_auto_equalization_passes_over_another_backbone(tmp_path):
         assert result.info.equalized_pairs == 0
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_export_refuses_a_wrong_equalization(tmp_path, monkeypatch):
     data = make_toy_cityscapes(str(tmp_path / 'data'), num_train=2)

@@ -298,6 +298,7 @@ def test_ctrl_c_is_one_line_at_any_moment(trained_pspnet, tmp_path, delay):
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_full_temporary_folder_while_quantizing_is_one_line(
         trained_pspnet, tmp_path, monkeypatch):
     import onnxruntime.quantization

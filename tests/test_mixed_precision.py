@@ -170,6 +170,7 @@ def _zero_points(model):
     return activations, weights, initializers
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 @pytest.mark.parametrize('scheme, dtype', [('cpu', np.uint8),
                                            ('tensorrt', np.int8)])

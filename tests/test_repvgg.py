@@ -5,7 +5,7 @@ import torch
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from helpers import assert_converts_exactly, randomize_batch_norms
+from helpers import D2SE, assert_converts_exactly, randomize_batch_norms
 from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, switch_to_deploy
 from mmrepvgg.deploy import relative_error
 
@@ -107,7 +107,7 @@ def assert_deploy_equivalent(model, inputs):
 
 
 @pytest.mark.parametrize('setting', [d8, fast_d8])
-@pytest.mark.parametrize('arch', ['A0', 'B1g2', 'B2g4', 'D2se'])
+@pytest.mark.parametrize('arch', ['A0', 'B1g2', 'B2g4', D2SE])
 def test_deploy_is_equivalent(arch, setting):
     torch.manual_seed(0)
     assert_deploy_equivalent(
@@ -121,7 +121,7 @@ def test_deploy_is_equivalent_for_every_arch(arch):
 
 
 @pytest.mark.parametrize('block', ['RepVGGBlock', 'QARepVGGBlock'])
-@pytest.mark.parametrize('arch', ['A0', 'B1g4', 'D2se'])
+@pytest.mark.parametrize('arch', ['A0', 'B1g4', D2SE])
 def test_deploy_is_exact_in_float64_even_for_chaotic_nets(arch, block):
     # Gains near 1 make a random deep net amplify any perturbation; in
     # float64 the fused net must still agree to far below fp32 precision.
@@ -331,7 +331,7 @@ def test_qarepvgg_deploy_is_equivalent_for_every_arch(arch):
 
 
 @pytest.mark.parametrize('setting', [d8, fast_d8])
-@pytest.mark.parametrize('arch', ['A0', 'B1g2', 'D2se'])
+@pytest.mark.parametrize('arch', ['A0', 'B1g2', D2SE])
 def test_qarepvgg_deploy_is_equivalent_dilated(arch, setting):
     torch.manual_seed(0)
     assert_deploy_equivalent(

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from apps.mmpretrain import load_mmpretrain_repvgg
-from helpers import (assert_computes_as, assert_fp32_close,
+from helpers import (D2SE, assert_computes_as, assert_fp32_close,
                      randomize_batch_norms, run_tool_here)
 from mmrepvgg import RepVGG
 from mmrepvgg.deploy.compare import fp32_and_exact, relative_error
 from mmrepvgg.errors import CheckpointError
 from mmrepvgg.pretrained import convert_pretrained
 
-ARCHS = ['A0', 'B1g2', 'D2se']
+ARCHS = ['A0', 'B1g2', D2SE]
 # mmpretrain's module names and the official release's (DingXiaoH/RepVGG,
 # repvgg.py: ``stage0`` is the stem, ``conv_bn()`` names its norm ``bn``,
 # the identity branch is ``rbr_identity``, ``SEBlock`` has ``down`` and
@@ -136,6 +136,7 @@ def test_official_deploy_file_loads_into_a_deploy_backbone(arch, tmp_path):
     assert_same_outputs(ours.eval(), theirs)
 
 
+@pytest.mark.slow
 def test_official_d2se_deploy_file_keeps_its_squeeze_excitation(tmp_path):
     # mmpretrain's deploy forward skips the SE layer that the official
     # deploy model applies, so the reference is its training form; float64
