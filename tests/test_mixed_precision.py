@@ -2,6 +2,7 @@
 sensitivity of every conv, the most sensitive kept in fp32 until the labels
 agree, the TensorRT scheme's structure, and bad int8 arguments refused."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -15,7 +16,8 @@ from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import ExportedModelInfo, read_model
-from mmrepvgg.deploy.quantize import measure_agreement, quantize_int8
+from mmrepvgg.deploy.quantize import (_fewest_float, measure_agreement,
+                                      quantize_int8)
 from mmrepvgg.errors import MetadataError
 from mmrepvgg.testing import HOSTILE_BLOCKS, make_quantization_hostile
 
@@ -224,6 +226,53 @@ def test_mixed_precision_beyond_max_float_writes_nothing(
                            '--int8-equalize', 'never')
     assert_refused(result, 'with 1 conv(s) in fp32, below the 100.00% asked',
                    tmp_path, before)
+
+
+class _AgreementTable:
+    """What a candidate's int8 model keeps of the labels with its ``count``
+    most sensitive convs in fp32, from a table; records the counts tried."""
+
+    def __init__(self, name, labels, tried):
+        self.name, self.labels, self.tried = name, labels, tried
+
+    def __len__(self):
+        return len(self.labels) - 1
+
+    def keep(self, count):
+        self.tried.append((self.name, count))
+        return SimpleNamespace(
+            agreement=SimpleNamespace(labels=self.labels[count]),
+            name=self.name,
+            count=count)
+
+
+@pytest.mark.parametrize(
+    'equalized, plain, max_float, chosen, tries',
+    [
+        # Measured on an AVX2-only CPU: the equalized model needs 3 convs in
+        # fp32, the plain one 2, so the plain one is written.
+        ([.9932, .9940, .9948, .9961], [.9641, .9900, .9955, .9960], 3,
+         ('plain', 2), 6),
+        # At equal counts, the model whose full int8 kept more labels.
+        ([.9932, .9951], [.9641, .9990], 3, ('equalized', 1), 3),
+        # Neither within --max-float: of the models with as many convs in
+        # fp32 as allowed, the one that agreed most, to refuse.
+        ([.9932, .9940, .9948], [.9641, .9900, .9945], 1, ('equalized', 1), 4),
+        ([.9932, .9920, .9948], [.9641, .9930, .9945], 1, ('plain', 1), 4),
+        # Never more convs than a model has.
+        ([.9932], [.9641, .9990], 3, ('plain', 1), 3),
+    ])
+def test_accuracy_control_keeps_the_fewest_convs_in_fp32(
+        equalized, plain, max_float, chosen, tries):
+    tried = []
+    ladders = [
+        _AgreementTable('equalized', equalized, tried),
+        _AgreementTable('plain', plain, tried)
+    ]
+    best = _fewest_float(ladders, MIN_AGREEMENT, max_float)
+    assert (best.name, best.count) == chosen
+    assert len(tried) == tries
+    assert max(count for _, count in tried) <= max_float
 
 
 _PROPS = dict(

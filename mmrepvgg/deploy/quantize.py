@@ -343,29 +343,59 @@ def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
     return sorted([plain, equalized], key=lambda c: -c.agreement.labels)
 
 
-def _mixed_precision(candidate, measure, settings):
-    """The :class:`_Int8` of a candidate with the fewest of the most
-    sensitive convs in fp32 (at most ``settings.max_float``) whose labels
-    agree as asked. The convs' sensitivity is measured only for a conv to
-    keep (or the metadata of the model written)."""
-    ranking = cache(
-        partial(sensitivities, candidate.int8, candidate.fp32,
-                measure.calibration))
-    nodes = {c.name: c.node for c in convs_of(candidate.fp32)}
-    model, agreement, kept = candidate.int8, candidate.agreement, []
-    while (agreement.labels < settings.min_agreement
-           and len(kept) < settings.max_float and len(kept) < len(ranking())):
-        kept = [s.conv for s in ranking()[:len(kept) + 1]]
+class _Ladder:
+    """A candidate's int8 models with its most sensitive convs in fp32. The
+    convs' sensitivity is measured only for a conv to keep (or the metadata
+    of the model written).
+
+    Args:
+        candidate (_Candidate): The model to quantize.
+        measure (_Measure): How its int8 models are checked.
+    """
+
+    def __init__(self, candidate, measure):
+        self.candidate = candidate
+        self._measure = measure
+        self.ranking = cache(
+            partial(sensitivities, candidate.int8, candidate.fp32,
+                    measure.calibration))
+        self._nodes = {c.name: c.node for c in convs_of(candidate.fp32)}
+
+    def __len__(self):
+        """The convs it can keep in fp32."""
+        return len(self._nodes)
+
+    def keep(self, count):
+        """The :class:`_Int8` with the ``count`` most sensitive convs in
+        fp32 (none: the full int8 model)."""
+        candidate = self.candidate
+        if not count:
+            return _Int8(candidate.int8, candidate.agreement, [], candidate,
+                         self.ranking)
+        kept = [s.conv for s in self.ranking()[:count]]
         model = keep_float(candidate.int8, candidate.fp32,
-                           {nodes[k]
+                           {self._nodes[k]
                             for k in kept})
-        agreement = measure.agreement(model)
-    if kept:
         agreement = replace(
-            agreement,
+            self._measure.agreement(model),
             all_int8_labels=candidate.agreement.labels,
             unequalized_labels=candidate.agreement.unequalized_labels)
-    return _Int8(model, agreement, kept, candidate, ranking)
+        return _Int8(model, agreement, kept, candidate, self.ranking)
+
+
+def _fewest_float(ladders, min_agreement, max_float):
+    """The first :class:`_Int8` whose labels agree as asked, with the fewest
+    convs in fp32 (at most ``max_float``) and, at equal count, from the
+    first ladder; else, of each ladder's model with the most convs in fp32,
+    the one that agreed most."""
+    last = {}
+    for count in range(max_float + 1):
+        for index, ladder in enumerate(ladders):
+            if count <= len(ladder):
+                last[index] = ladder.keep(count)
+                if last[index].agreement.labels >= min_agreement:
+                    return last[index]
+    return max(last.values(), key=lambda t: t.agreement.labels)
 
 
 def int8_model(cfg, fp32, info, size, settings, equalize=None):
@@ -375,8 +405,8 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
 
     When full int8 misses ``settings.min_agreement``, the equalized model
     (if ``equalize`` gives one) is quantized too; then the most sensitive
-    convs are put in fp32, fewest first, in the model whose full int8 kept
-    more labels, and if that is not enough, in the other.
+    convs are put in fp32, fewest first, each count tried in the model
+    whose full int8 kept more labels, then in the other.
 
     Args:
         cfg (Config): The model's config, whose training set calibrates and
@@ -400,13 +430,12 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     measure = _Measure(
         split_images(cfg, 'train', settings.calib_num, size), held_out,
         _run(fp32, held_out), settings.scheme)
-    tried = []
-    for candidate in _candidates(measure, fp32, info.equalized_pairs, equalize,
-                                 settings.min_agreement):
-        tried.append(_mixed_precision(candidate, measure, settings))
-        if tried[-1].agreement.labels >= settings.min_agreement:
-            break
-    best = max(tried, key=lambda t: t.agreement.labels)
+    ladders = [
+        _Ladder(c, measure)
+        for c in _candidates(measure, fp32, info.equalized_pairs, equalize,
+                             settings.min_agreement)
+    ]
+    best = _fewest_float(ladders, settings.min_agreement, settings.max_float)
     check_agreement(best.agreement, settings.min_agreement, len(best.kept))
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
