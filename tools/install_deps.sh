@@ -53,7 +53,7 @@ if ! satisfied 'mmcv>=2.0.0rc4,<2.2.0' || ! "$PYTHON" -c \
         'import importlib.util as u, sys; sys.exit(not u.find_spec("mmcv._ext"))'
 then
     echo "Building mmcv 2.1.0 with its compiled ops: measured at 10-12 minutes" \
-        "on 2 cores of an AVX-512 CPU, about 28 on an AVX2-only one" \
+        "on 2 cores of an AVX-512 CPU, up to 28 on an AVX2-only one" \
         "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
         "$(nproc) cores here). pip caches the wheel for the next time."
     pip_install 'setuptools>=77,<81' wheel ninja
