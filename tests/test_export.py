@@ -65,7 +65,7 @@ def test_every_segmentor_exports_and_runs_on_both_engines(config, tmp_path):
     # In deploy form: conversion is checked elsewhere. export_onnx itself
     # runs the model on both engines against its exact outputs, and writes
     # nothing if they differ (see the test below). The A0 configs export
-    # from a trained checkpoint at any size in the test after it.
+    # from a training-form checkpoint, at any size, in the test after it.
     config = config if '::' in config else osp.join(REPO_ROOT, config)
     checkpoint = random_checkpoint(config, tmp_path / 'model.pth', True)
     out = tmp_path / 'model.onnx'

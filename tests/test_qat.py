@@ -31,7 +31,7 @@ from mmrepvgg.deploy.convert import equalize_checked
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
-from mmrepvgg.deploy.logits import ImageSegmentor
+from mmrepvgg.deploy.logits import run_on_images
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
@@ -386,10 +386,7 @@ def _activation_ranges(model, images):
         elif id(module) in outputs:
             module.register_forward_hook(
                 recorder(f'{name}.act.output_fake_quant'))
-    segmentor = ImageSegmentor(model.eval())
-    with torch.no_grad():
-        for batch in images:
-            segmentor(batch)
+    run_on_images(model.eval(), images)
     return seen
 
 
