@@ -16,7 +16,8 @@ from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import ExportedModelInfo, read_model
-from mmrepvgg.deploy.quantize import (_fewest_float, measure_agreement,
+from mmrepvgg.deploy.quantize import (Agreement, _Candidate, _candidates,
+                                      _fewest_float, measure_agreement,
                                       quantize_int8)
 from mmrepvgg.errors import MetadataError
 from mmrepvgg.testing import HOSTILE_BLOCKS, make_quantization_hostile
@@ -273,6 +274,24 @@ def test_accuracy_control_keeps_the_fewest_convs_in_fp32(
     assert (best.name, best.count) == chosen
     assert len(tried) == tries
     assert max(count for _, count in tried) <= max_float
+
+
+def test_each_candidate_records_what_the_other_kept_in_full_int8():
+    full_int8 = dict(plain=.9641, equalized=.9932)
+    measure = SimpleNamespace(
+        calibration=[],
+        candidate=lambda fp32, pairs: _Candidate(
+            fp32, None, Agreement(full_int8[fp32], 0., 4, 'val'), pairs))
+
+    def equalize(images):
+        return 'equalized', 18
+
+    equalized, plain = _candidates(measure, 'plain', 0, equalize, .995)
+    assert (equalized.fp32, equalized.equalized_pairs) == ('equalized', 18)
+    assert equalized.agreement.unequalized_labels == full_int8['plain']
+    assert equalized.agreement.equalized_labels is None
+    assert plain.agreement.equalized_labels == full_int8['equalized']
+    assert plain.agreement.unequalized_labels is None
 
 
 _PROPS = dict(

@@ -92,6 +92,10 @@ def report_int8(info, ranking):
               'backbone convs before calibrating' +
               (f' (without, every conv in int8: {unequalized:.2%} agreed)'
                if unequalized is not None else ''))
+    equalized = agreement.get('equalized_labels')
+    if equalized is not None:
+        print('the backbone equalized was tried and not kept (every conv in '
+              f'int8: {equalized:.2%} agreed)')
     print(f'int8 ({info.int8_scheme} scheme), calibrated on '
           f'{info.calibration["images"]} training image(s): labels agree '
           f'with fp32 on {agreement["labels"]:.2%} of the pixels of '

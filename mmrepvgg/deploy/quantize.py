@@ -63,6 +63,10 @@ class Agreement:
         unequalized_labels (float, optional): For a model equalized
             because full int8 of the model as it was missed the agreement
             asked, the share of labels that full int8 kept.
+        equalized_labels (float, optional): For a model not equalized
+            although its equalized model was tried (and kept fewer labels
+            or needed more convs in fp32), the share of labels that the
+            equalized model's full int8 kept.
     """
     labels: float
     max_rel_error: float
@@ -70,6 +74,7 @@ class Agreement:
     split: str
     all_int8_labels: Optional[float] = None
     unequalized_labels: Optional[float] = None
+    equalized_labels: Optional[float] = None
 
     def to_dict(self):
         return asdict(self)
@@ -340,6 +345,10 @@ def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
         equalized,
         agreement=replace(
             equalized.agreement, unequalized_labels=plain.agreement.labels))
+    plain = replace(
+        plain,
+        agreement=replace(
+            plain.agreement, equalized_labels=equalized.agreement.labels))
     return sorted([plain, equalized], key=lambda c: -c.agreement.labels)
 
 
@@ -379,7 +388,8 @@ class _Ladder:
         agreement = replace(
             self._measure.agreement(model),
             all_int8_labels=candidate.agreement.labels,
-            unequalized_labels=candidate.agreement.unequalized_labels)
+            unequalized_labels=candidate.agreement.unequalized_labels,
+            equalized_labels=candidate.agreement.equalized_labels)
         return _Int8(model, agreement, kept, candidate, self.ranking)
 
 
