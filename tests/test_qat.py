@@ -36,7 +36,8 @@ from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
 from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
-                          Distillation, activation_quantizers, use_qat)
+                          Distillation, activation_quantizers, fold_conv_norms,
+                          use_qat)
 from mmrepvgg.runner import build_runner
 
 QAT_ITERS = 4
@@ -347,9 +348,12 @@ def test_distilled_qat_learns_the_trained_models_predictions(
 def test_distillation_from_the_model_itself_is_zero(trained_qarepvgg):
     model = deploy_model(
         read_config(trained_qarepvgg.config),
-        trained_qarepvgg.checkpoint).model.eval()
+        trained_qarepvgg.checkpoint).model
     inputs = torch.rand(2, 3, *TOY_SIZE)
-    losses = Distillation(model, copy.deepcopy(model))(inputs)
+    # In training mode, as QAT's (its norms folded): the student's heads
+    # lose their dropout.
+    fold_conv_norms(model)
+    losses = Distillation(model.train(), copy.deepcopy(model))(inputs)
     assert set(losses) == {'decode.loss_distill', 'aux.loss_distill'}
     assert all(float(v) == 0 for v in losses.values())
     other = copy.deepcopy(model)
