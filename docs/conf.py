@@ -44,6 +44,8 @@ myst_enable_extensions = ['colon_fence', 'deflist']
 myst_heading_anchors = 3
 source_suffix = {'.md': 'markdown'}
 exclude_patterns = ['_build', '_ext', 'Thumbs.db', '.DS_Store']
+# Options such as --min-agreement stay as typed, not with an en dash.
+smartquotes = False
 
 # The page of autodoc's output (see _dead_page_reference).
 API_PAGE = 'reference/api'
