@@ -10,10 +10,13 @@ import sys
 
 import pytest
 
+import mmrepvgg
 from helpers import REPO_ROOT, output, run
+from mmrepvgg.config import build_model, read_config
 
 DOCS = osp.join(REPO_ROOT, 'docs')
 sys.path.insert(0, osp.join(DOCS, '_ext'))
+from config_table import read_row, read_speedups  # noqa: E402, isort: skip
 from tool_cli import load_parser, tool_names  # noqa: E402, isort: skip
 
 # Scripts that hand their arguments to a Python tool.
@@ -169,6 +172,22 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
     for config in glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*.py')):
         if '_base_' not in config:
             assert osp.relpath(config, REPO_ROOT) in configs
+
+
+def test_configs_table_counts_what_the_model_holds():
+    """Parameters counted on the meta device are the real model's."""
+    path = 'configs/pspnet/pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py'
+    row = read_row(path)
+    model = build_model(read_config(osp.join(REPO_ROOT, path)))
+    assert row.params == sum(p.numel() for p in model.parameters())
+    mmrepvgg.switch_to_deploy(model)
+    assert row.deploy_params == sum(p.numel() for p in model.parameters())
+    assert (row.model, row.backbone) == ('PSPNet', 'RepVGG-A0')
+
+
+def test_configs_table_refuses_a_speedup_of_no_config():
+    with pytest.raises(ValueError, match='pspnet_repvgg-a0'):
+        read_speedups(['configs/other.py'])
 
 
 def test_python_requires_is_what_the_code_needs():
