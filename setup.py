@@ -57,7 +57,7 @@ setup(
     license='Apache License 2.0',
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
     package_data={'mmrepvgg': ['.mim/**/*']},
-    python_requires='>=3.8',
+    python_requires='>=3.9',
     install_requires=[
         'mmengine>=0.10.0,<0.11.0',
         'mmcv>=2.0.0rc4,<2.2.0',
@@ -72,9 +72,11 @@ setup(
         'tests': [
             'pytest', 'pycocotools', 'mmdet>=3.0.0,<4.0.0', 'matplotlib',
             'prettytable', 'onnx>=1.23', 'onnxscript>=0.7',
-            'onnxruntime>=1.32', 'openvino>=2026.4'
+            'onnxruntime>=1.32', 'openvino>=2026.4', 'vermin'
         ],
         'mim': ['openmim>=0.3.9'],
+        # What docs/conf.py loads; autodoc also imports the package.
+        'docs': ['sphinx>=7.4', 'myst-parser>=3.0', 'furo>=2024.1.29'],
     },
     zip_safe=False,
 )

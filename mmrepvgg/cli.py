@@ -196,7 +196,8 @@ def _report(error, received):
         return 128 + signum
     if isinstance(error, MMRepVGGError):
         if '--debug' in sys.argv or os.environ.get(_DEBUG) == '1':
-            traceback.print_exception(error, file=sys.stderr)
+            traceback.print_exception(
+                type(error), error, error.__traceback__, file=sys.stderr)
         print(f'error: {error}', file=sys.stderr)
         return 1
     return None

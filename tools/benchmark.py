@@ -10,7 +10,7 @@ from mmrepvgg.errors import UsageError
 from mmrepvgg.fileio import check_output_path
 
 
-def parse_args():
+def build_parser():
     parser = tool_parser(__doc__)
     add_settings(
         parser, BenchmarkSettings, 'benchmark', exclude=('seed', 'name'))
@@ -19,7 +19,7 @@ def parse_args():
     outputs.add_argument('--chart', help='write a PNG bar chart here')
     outputs.add_argument(
         '--force', action='store_true', help='overwrite --json/--chart')
-    return parser.parse_args()
+    return parser
 
 
 def check_outputs(args):
@@ -35,7 +35,7 @@ def check_outputs(args):
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     settings = settings_from(args, BenchmarkSettings)
     settings.check()
     check_fast_path(settings.fast_path, settings.config)

@@ -71,13 +71,17 @@ def _tasks(config, folder):
         file=file_round_trip, model=model_round_trip, reparameterize=convert)
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument(
         '--config', default=DEFAULT_CONFIG, help='training-form config')
     parser.add_argument(
         '--rounds', type=int, default=3, help='timed rounds of each')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     with tempfile.TemporaryDirectory() as folder:
         tasks = _tasks(args.config, folder)
         # One untimed round warms caches and lazy imports.

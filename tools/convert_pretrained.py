@@ -5,7 +5,7 @@ from mmrepvgg.models import RepVGG
 from mmrepvgg.pretrained import convert_pretrained
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument('src', help='official or OpenMMLab-zoo weights')
     parser.add_argument('dst', help='output checkpoint')
@@ -15,7 +15,11 @@ def main():
         help='the arch the weights must fit (default: found from them)')
     parser.add_argument(
         '--force', action='store_true', help='overwrite dst if it exists')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     count, arch, deploy = convert_pretrained(
         args.src, args.dst, arch=args.arch, force=args.force)
     form = 'deploy' if deploy else 'training'

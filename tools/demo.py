@@ -6,10 +6,14 @@ from apps.demo import DemoSettings, run_demo
 from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     add_settings(parser, DemoSettings)
-    run_demo(settings_from(parser.parse_args(), DemoSettings))
+    return parser
+
+
+def main():
+    run_demo(settings_from(build_parser().parse_args(), DemoSettings))
 
 
 if __name__ == '__main__':

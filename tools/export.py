@@ -14,7 +14,7 @@ from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.qat import QATExportSettings
 
 
-def parse_args():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument('config', help='the model config')
     parser.add_argument(
@@ -43,11 +43,11 @@ def parse_args():
         parser, QATExportSettings, 'int8 of a QAT checkpoint', prefix='qat')
     parser.add_argument(
         '--force', action='store_true', help='overwrite OUT if it exists')
-    return parser.parse_args()
+    return parser
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     result = export_onnx(
         args.config,
         args.checkpoint,

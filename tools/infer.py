@@ -7,7 +7,7 @@ from mmrepvgg.deploy.engines import EngineSettings
 from mmrepvgg.deploy.infer import segment_images
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument('model', help='ONNX model written by tools/export.py')
     parser.add_argument('img', nargs='+', help='images to segment')
@@ -21,7 +21,11 @@ def main():
         help='of the label colours in the overlay (default: 0.5)')
     parser.add_argument(
         '--force', action='store_true', help='overwrite existing PNGs')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     written = segment_images(
         args.model,
         args.img,

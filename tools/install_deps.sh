@@ -36,12 +36,16 @@ satisfied 'torch>=2.0' || pip_install 'torch==2.13.0'
 # building mmcv, whose setup.py needs pkg_resources from setuptools<81.
 TOOLBOXES=('mmengine>=0.10.0,<0.11.0' 'mmsegmentation>=1.2.0,<2.0.0'
            'mmdet>=3.0.0,<4.0.0' 'openmim>=0.3.9' 'ftfy' 'regex')
-TEST_TOOLS=('pytest' 'pytest-xdist' 'matplotlib' 'prettytable' 'pycocotools')
+TEST_TOOLS=('pytest' 'pytest-xdist' 'matplotlib' 'prettytable' 'pycocotools'
+            'vermin==1.9.2')
+# The docs extra (pip install mmrepvgg[docs]), at the versions tested: the
+# suite builds the documentation.
+DOCS=('sphinx==9.0.4' 'myst-parser==5.2.0' 'furo==2025.12.19')
 # The deploy extra (pip install mmrepvgg[deploy]), at the versions tested.
 ENGINES=('onnx==1.23.2' 'onnxscript==0.7.2' 'onnxruntime==1.32.0'
          'openvino==2026.4.1')
-satisfied "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" "${ENGINES[@]}" ||
-    pip_install "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" "${ENGINES[@]}"
+satisfied "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" "${ENGINES[@]}" "${DOCS[@]}" ||
+    pip_install "${TOOLBOXES[@]}" "${TEST_TOOLS[@]}" "${ENGINES[@]}" "${DOCS[@]}"
 
 # mmpretrain writes the model-zoo weights that the tests load. Only its RepVGG
 # module is imported: its package imports torchvision, which does not import

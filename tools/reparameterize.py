@@ -12,7 +12,7 @@ from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE
 from mmrepvgg.deploy.pair import reparameterize
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument(
         'config', help='config the checkpoint was trained with')
@@ -31,7 +31,11 @@ def main():
     add_settings(parser, Fp32Tolerance, 'tolerance', prefix='tolerance')
     parser.add_argument(
         '--force', action='store_true', help='overwrite existing outputs')
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     result = reparameterize(
         args.config,
         args.checkpoint,

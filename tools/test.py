@@ -8,7 +8,7 @@ from mmrepvgg.runner import (add_launch_arguments, build_runner,
                              load_launch_config, use_checkpoint_or_engine)
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument('config', help='test config file path')
     parser.add_argument(
@@ -16,7 +16,11 @@ def main():
     parser.add_argument(
         '--out', help='the dir to save the predicted label maps')
     add_settings(parser, EngineSettings, 'engine (for an ONNX model)')
-    args = add_launch_arguments(parser).parse_args()
+    return add_launch_arguments(parser)
+
+
+def main():
+    args = build_parser().parse_args()
     cfg = load_launch_config(args)
     use_checkpoint_or_engine(cfg, args.checkpoint,
                              settings_from(args, EngineSettings))

@@ -11,7 +11,7 @@ from mmrepvgg.runner import (add_launch_arguments, build_runner, enable_amp,
                              load_launch_config)
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument('config', help='train config file path')
     parser.add_argument(
@@ -35,7 +35,11 @@ def main():
         action='store_true',
         help="with --qat: learn the trained model's predictions (each "
         "head's class probabilities) instead of the labels")
-    args = add_launch_arguments(parser).parse_args()
+    return add_launch_arguments(parser)
+
+
+def main():
+    args = build_parser().parse_args()
     for flag in ('qat_equalize', 'qat_distill'):
         if getattr(args, flag) and not args.qat:
             raise UsageError(f"--{flag.replace('_', '-')} needs --qat")
