@@ -607,6 +607,19 @@ def test_sigterm_to_the_tool_leaves_no_temporary_files(trained_pspnet,
 # --- requests checked as a whole before any work ---------------------------
 
 
+def test_benchmark_refuses_int8_without_an_engine(tmp_path, monkeypatch):
+    import apps.benchmark
+    monkeypatch.chdir(tmp_path)
+    # Were the request not checked first, the tool would call this.
+    monkeypatch.setattr(apps.benchmark, 'run_benchmark', None)
+    result = run_tool_here('benchmark.py', PSPNET_A0, '--precisions', 'int8',
+                           '--json', 'bench.json')
+    assert_refused(
+        result, '--precisions int8: no backend asked for runs it; add '
+        '--backends onnxruntime or openvino')
+    assert os.listdir(tmp_path) == []
+
+
 def _blocked_work_dir(tmp_path, where):
     """A work dir that is a file, or one whose parent is a file."""
     file = tmp_path / 'file'
