@@ -1,19 +1,13 @@
 """Inference speed of segmentors and their backbones, side by side.
 
-Every model runs in one process on the same input: after a warm-up, the
-models take turns in several rounds (the order reversed every other round),
-so a slow spell of a shared machine hits all of them alike. In its turn a
-model runs twice and only the second run is timed, so that it never pays
-for the memory state the previous model left. Speed-ups are the median of
-the per-round ratios, which is steadier than a ratio of medians measured at
-different times.
-
-Besides the train and deploy forms of a config and any reference configs,
-the deploy form can also run with its PSP head folded, and every segmentor
-can run exported to ONNX on ONNX Runtime and OpenVINO, in fp32, bf16
-(OpenVINO) and calibrated int8; each model's outputs are compared with its
-PyTorch form's before it is timed. With int8, one 3x3 conv is timed on the
-same engines too: the limit of this CPU that the int8 speed-up is judged by.
+The models run in one process on the same input, in rounds (the order
+reversed every other round), so that a slow spell of a shared machine hits
+all alike; each model runs twice in its turn and only the second run is
+timed. Speed-ups are the median of the per-round ratios. Besides the train
+and deploy forms of a config and any reference configs, the deploy form can
+run with its PSP head folded, and every segmentor exported to ONNX on the
+engines, in fp32, bf16 and int8, with one 3x3 conv timed on the same engines
+as the CPU's own int8 limit. Each model's outputs are checked first.
 """
 import copy
 import dataclasses
@@ -72,32 +66,26 @@ class BenchmarkSettings:
     batch: int = option(1, 'batch size')
     parts: Tuple[str, ...] = option(PARTS, 'what to time', choices=PARTS)
     rounds: int = option(5, 'timed rounds')
-    warmup: int = option(
-        2, 'untimed runs per model first (at least one '
-        'runs, for the output checks)')
+    warmup: int = option(2, 'untimed runs per model first (at least one)')
     threads: int = option(0, 'torch and engine threads; 0: unchanged')
     fold_psp: bool = option(
-        False, "also time the deploy form with its PSP head's pyramid "
-        'pooling folded into its bottleneck conv, after checking that it '
-        'predicts the same')
+        False, "also time the deploy form with its PSP head's pooling folded "
+        'into its bottleneck conv')
     device: str = option('cpu', 'cpu or cuda[:N]')
-    backends: Tuple[str, ...] = option(
-        ('torch', ),
-        'torch, and the engines that also run every segmentor exported to '
-        'ONNX',
-        choices=('torch', *BACKENDS))
+    backends: Tuple[str, ...] = option(('torch', ),
+                                       'torch, and engines to run the '
+                                       'segmentors exported to ONNX on',
+                                       choices=('torch', *BACKENDS))
     precisions: Tuple[str, ...] = option(
         ('fp32', ),
         'of the engines: fp32, bf16 (OpenVINO), int8 (every model calibrated'
         " on images of the config's training set)",
         choices=FORM_PRECISIONS)
-    image: Optional[str] = option(
-        None, 'an image to run on, resized to the size (default: random '
-        'pixels)')
+    image: Optional[str] = option(None, 'an image to run on (default: noise)')
     calib_num: int = option(Int8Settings.calib_num, 'int8 calibration images')
     name: Optional[str] = option(
-        None, "name of the config's models in the results (default: its file "
-        'name up to the second _, such as pspnet_repvgg-a0-d8)')
+        None, "name of the config's models (default: its file name up to "
+        'the second _)')
     seed: int = 0
 
     @property
@@ -172,16 +160,9 @@ def short_name(config):
 def compare_outputs(actual, own, exact, part):
     """How far a model's outputs (a tensor or a sequence of them) are from
     a reference model's exact ones, given the reference's own fp32 outputs
-    (see :mod:`mmrepvgg.deploy.compare`); segmentor logits are compared as
-    label maps too.
-
-    Returns:
-        dict: ``max_rel_error`` and ``limit`` (of the output nearest to its
-        limit), ``label_mismatches`` and ``label_agreement`` (pixels whose
-        argmax class differs from the exact one, and the share that does
-        not; segmentors only, else None) and ``exact`` (within the limit,
-        labels flipped at near-ties only).
-    """
+    (see :mod:`mmrepvgg.deploy.compare`); segmentor logits as label maps
+    too (``label_*``: None for a backbone). ``exact``: within the limit,
+    labels flipped at near-ties only."""
     check = compare_fp32(*(tensors_of(o) for o in (actual, own, exact)))
     mismatches = agreement = None
     untied = 0
@@ -197,31 +178,17 @@ def compare_outputs(actual, own, exact, part):
         exact=check.passed and not untied)
 
 
-@dataclass
-class _Model:
-    name: str
-    form: str
-    config: str
-    cfg: Any
-    loaded: LoadedModel
-
-
 def _models(settings):
-    """The train and deploy forms of ours, and the references."""
+    """(name, form, config, cfg, loaded) of the train and deploy forms of
+    ours, and of the references."""
     name = settings.name or short_name(settings.config)
     cfg, train = load_segmentor(settings.config, settings.checkpoint)
     deploy = dataclasses.replace(
         train, model=switch_to_deploy(copy.deepcopy(train.model)))
-    models = [
-        _Model(name, 'train', settings.config, cfg, train),
-        _Model(name, 'deploy', settings.config, cfg, deploy)
-    ]
-    for reference in settings.references:
-        models.append(
-            _Model(
-                short_name(reference), 'reference', reference,
-                *load_segmentor(reference)))
-    return models
+    return [(name, 'train', settings.config, cfg, train),
+            (name, 'deploy', settings.config, cfg, deploy)
+            ] + [(short_name(r), 'reference', r, *load_segmentor(r))
+                 for r in settings.references]
 
 
 def _raw_images(settings):
@@ -236,15 +203,15 @@ def _raw_images(settings):
 
 def _torch_entries(settings, models, images, part):
     entries = []
-    for model in models:
-        segmentor = model.loaded.model
+    for name, form, _, _, loaded in models:
+        segmentor = loaded.model
         module = ImageSegmentor(segmentor).eval()
         inputs = module.normalize(images).to(settings.device)
         run = module.logits if part == 'segmentor' else segmentor.backbone
         # Not chained: some backbones' train() returns None.
         run.eval()
         run.to(settings.device)
-        entries.append(Entry(model.name, part, model.form, run, inputs))
+        entries.append(Entry(name, part, form, run, inputs))
     if settings.fold_psp and part == 'segmentor':
         deploy = entries[1]
         folded = copy.deepcopy(deploy.run)
@@ -262,16 +229,16 @@ def _engine_entries(settings, models, images, log):
         return []
     calibration = None
     if 'int8' in settings.precisions:
-        calibration = split_images(models[0].cfg, 'train', settings.calib_num,
+        calibration = split_images(models[0][3], 'train', settings.calib_num,
                                    settings.size)
     entries = []
-    for model in models[1:]:
-        log(f'exporting {model.name} ({", ".join(settings.precisions)})')
-        exported = exported_models(model.cfg, model.loaded, model.config,
-                                   settings.size, calibration)
+    for name, _, config, cfg, loaded in models[1:]:
+        log(f'exporting {name} ({", ".join(settings.precisions)})')
+        exported = exported_models(cfg, loaded, config, settings.size,
+                                   calibration)
         entries += [
             Entry(
-                model.name, 'segmentor', f'{backend} {precision}',
+                name, 'segmentor', f'{backend} {precision}',
                 engine_runner(exported[model_precision(precision)], backend,
                               precision, settings.threads), images, True)
             for backend, precision in forms
@@ -385,25 +352,21 @@ def _synchronize(device):
 
 def _ratios(entries, parts):
     """Our deploy form over every other PyTorch model of its part; each
-    derived form (folded, engine) over the PyTorch form it comes from;
-    and our model in each engine form over the references in the same
-    form."""
-    ratios = []
-    ours = entries[0].model
+    derived form over the PyTorch form it comes from, and ours in each
+    engine form over the references in the same form."""
+    ratios, ours = [], entries[0].model
     for part in parts:
         deploy = _find(entries, part, 'deploy', ours)
         for entry in entries:
             if entry.part != part or entry is deploy:
                 continue
-            if entry.derived:
-                ratios.append(Ratio.of(entry, _pytorch_form(entries, entry)))
-            else:
+            if not entry.derived:
                 ratios.append(Ratio.of(deploy, entry))
-        for entry in entries:
-            if entry.part == part and entry.derived and entry.model != ours:
-                candidate = _find(entries, part, entry.form, ours)
-                if candidate is not None:
-                    ratios.append(Ratio.of(candidate, entry))
+                continue
+            ratios.append(Ratio.of(entry, _pytorch_form(entries, entry)))
+            same_form = _find(entries, part, entry.form, ours)
+            if entry.model != ours and same_form is not None:
+                ratios.append(Ratio.of(same_form, entry))
     return ratios
 
 
@@ -443,10 +406,8 @@ def run_benchmark(settings, log=print):
         log (callable): Receives progress lines. Defaults to ``print``.
 
     Returns:
-        BenchmarkResult: Timings; speed-ups of the deploy form over every
-        other model of the same part and of each derived form over plain
-        deploy; output checks of deploy against train and of each derived
-        form against deploy; the int8 speed-ups against the ceilings.
+        BenchmarkResult: Timings, speed-ups (:func:`_ratios`), output checks
+        and the int8 speed-ups against the engines' ceilings.
     """
     settings.check()
     device = _prepare_device(settings)

@@ -1,18 +1,12 @@
 """The whole RepVGG workflow in one run, as a user would do it.
 
-1. Data: a learnable toy dataset in Cityscapes' layout, or a real
-   Cityscapes folder.
-2. ``mim train mmsegmentation`` trains the segmentor.
-3. ``mim test mmsegmentation`` evaluates it, ``tools/reparameterize.py``
-   converts it and ``mim test`` evaluates the deploy checkpoint and config.
-4. ``tools/export.py`` exports the deploy pair to ONNX (and calibrated int8
-   if asked), and ``tools/test.py`` evaluates it on each engine.
-5. ``tools/benchmark.py`` times train form, deploy form and the engines.
-
-Each step runs the user's own command, printed before its output; the
-summary table (:func:`apps.report.format_report`) and the PNG chart are
-made from what the commands wrote: mmengine's metric files, the exported
-models' metadata and the benchmark's JSON.
+On toy data in Cityscapes' layout (or a real Cityscapes folder), it runs
+the user's own commands, each printed first: ``mim train``, ``mim test``,
+``tools/reparameterize.py``, ``mim test`` of the deploy pair,
+``tools/export.py``, ``tools/test.py`` on each engine and
+``tools/benchmark.py --json``. The summary table
+(:func:`apps.report.format_report`) comes from what they wrote: mmengine's
+metric files, the int8 model's metadata and the benchmark's JSON.
 """
 import glob
 import json
@@ -102,12 +96,8 @@ class DemoSettings:
 
 
 def check_cityscapes(data_root):
-    """Refuse a folder that mmseg's Cityscapes dataset cannot read.
-
-    Raises:
-        DemoError: No ``leftImg8bit/val`` images or no
-            ``*_gtFine_labelTrainIds.png`` labels in ``gtFine/val``.
-    """
+    """Raise DemoError for a folder that mmseg's Cityscapes dataset cannot
+    read: no ``leftImg8bit/val`` images or ``gtFine/val`` labels."""
     images = glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png'))
     labels = glob.glob(
         osp.join(data_root, 'gtFine', 'val', '*',
@@ -122,13 +112,9 @@ def check_cityscapes(data_root):
 
 
 def write_cityscapes_config(base, data_root, out, iters):
-    """Write a config that trains ``base`` on the Cityscapes folder
-    ``data_root`` for ``iters`` iterations, with ``base``'s own pipelines
-    and initialization.
-
-    Returns:
-        str: ``out``.
-    """
+    """Write to ``out`` (and return it) a config that trains ``base`` on the
+    Cityscapes folder ``data_root`` for ``iters`` iterations, with
+    ``base``'s own pipelines and initialization."""
     text = _REAL_DATA_CONFIG.format(
         base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
     write_files({out: text.encode()}, force=True)

@@ -57,7 +57,7 @@ class Ratio:
 @dataclass
 class Check:
     """How far a model's outputs are from a reference's (see
-    :func:`compare_outputs`)."""
+    :func:`apps.benchmark.compare_outputs`)."""
     part: str
     candidate: str
     reference: str
