@@ -180,7 +180,15 @@ def _check(settings):
         raise DemoError('--iters must be at least 1')
     if not osp.isfile(settings.config):
         raise DemoError(f'{settings.config}: no such config file')
-    _bench_settings(settings, settings.config).check()
+    BenchmarkSettings(
+        settings.config,
+        size=settings.bench_size,
+        rounds=settings.bench_rounds,
+        threads=settings.threads,
+        fold_psp=settings.fold_psp,
+        backends=settings.backends,
+        precisions=settings.precisions,
+        calib_num=settings.calib_num).check()
     if settings.data_root is not None:
         check_cityscapes(settings.data_root)
     check_work_dir(settings.work_dir)
@@ -189,21 +197,6 @@ def _check(settings):
         raise DemoError(f'{settings.work_dir}: exists and is not empty; '
                         'choose a new --work-dir or pass --force to '
                         'overwrite its outputs')
-
-
-def _bench_settings(settings, config, **kwargs):
-    return BenchmarkSettings(
-        config,
-        size=settings.bench_size,
-        rounds=settings.bench_rounds,
-        warmup=1,
-        threads=settings.threads,
-        fold_psp=settings.fold_psp,
-        backends=settings.backends,
-        precisions=settings.precisions,
-        calib_num=settings.calib_num,
-        name=short_name(settings.config),
-        **kwargs)
 
 
 def _prepare_data(settings, train_config, summary, log):
@@ -302,15 +295,14 @@ def _benchmark(settings, config, summary, log):
         glob.glob(
             osp.join(summary.data_root, 'leftImg8bit', 'val', '*',
                      '*.png')))[0]
-    bench = _bench_settings(
-        settings, config, checkpoint=summary.checkpoint, image=image)
     options = [
-        '--checkpoint', bench.checkpoint, '--size', *bench.size, '--rounds',
-        bench.rounds, '--warmup', bench.warmup, '--threads', bench.threads,
-        '--name', bench.name, '--backends', *bench.backends, '--precisions',
-        *bench.precisions, '--image', bench.image, '--calib-num',
-        bench.calib_num, '--json', out, '--chart', summary.chart
-    ] + ['--fold-psp'] * bench.fold_psp + ['--force'] * settings.force
+        '--checkpoint', summary.checkpoint, '--size', *settings.bench_size,
+        '--rounds', settings.bench_rounds, '--warmup', 1, '--threads',
+        settings.threads, '--name',
+        short_name(settings.config), '--backends', *settings.backends,
+        '--precisions', *settings.precisions, '--image', image, '--calib-num',
+        settings.calib_num, '--json', out, '--chart', summary.chart
+    ] + ['--fold-psp'] * settings.fold_psp + ['--force'] * settings.force
     _run('tools/benchmark.py', _tool('benchmark.py', config, *options), log)
     with open(out) as f:
         summary.benchmark = json.load(f)
