@@ -26,7 +26,7 @@ from .errors import UsageError
 __all__ = [
     'load_config', 'adapt_to_cpu_distributed', 'replace_sync_bn',
     'build_runner', 'use_checkpoint_or_engine', 'evaluate', 'enable_amp',
-    'add_launch_arguments', 'load_launch_config'
+    'add_launch_arguments', 'load_launch_config', 'check_work_dir'
 ]
 
 
@@ -52,9 +52,29 @@ def load_config(config, work_dir=None, cfg_options=None, launcher='none'):
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(config))[0])
+    check_work_dir(cfg.work_dir)
     if launcher != 'none' and not torch.cuda.is_available():
         adapt_to_cpu_distributed(cfg, launcher)
     return cfg
+
+
+def check_work_dir(work_dir):
+    """Refuse a work dir that the Runner could not create or write in:
+    an existing file, a path through a file, or one in a folder that this
+    process may not write in.
+
+    Raises:
+        UsageError: Naming the work dir and what is in its way.
+    """
+    existing = osp.abspath(work_dir)
+    while not osp.lexists(existing):
+        existing = osp.dirname(existing)
+    if not osp.isdir(existing):
+        where = '' if existing == osp.abspath(work_dir) else f'{existing} '
+        raise UsageError(f'{work_dir}: {where}is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'{work_dir}: cannot write in {existing} '
+                         '(permission denied)')
 
 
 def adapt_to_cpu_distributed(cfg, launcher):

@@ -3,22 +3,19 @@
 These tests check what the benchmark reports, never how fast anything is:
 speed figures come from running the tool itself.
 """
+import copy
 import json
 import os.path as osp
 
 import pytest
 import torch
-from mmseg.models.decode_heads import PSPHead
 
-from apps.benchmark import (PARTS, BenchmarkSettings, build_segmentor,
-                            compare_outputs, run_benchmark)
-from apps.fast_path import (ChannelsLast, OneDNNLayout, check_fast_path,
-                            optimize)
-from apps.mmpretrain import build_mmpretrain_backbone
-from apps.report import format_report, plot_chart, write_json
+from apps.benchmark import (PARTS, BenchmarkSettings, compare_outputs,
+                            load_segmentor, run_benchmark)
+from apps.report import BenchmarkResult, format_report, plot_chart, write_json
 from helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
                      run_tool_here)
-from mmrepvgg import FoldedPSPHead, RepVGG, switch_to_deploy
+from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.compare import fp32_and_exact
 from mmrepvgg.deploy.engines import bf16_available
@@ -28,11 +25,8 @@ from mmrepvgg.errors import ConfigError, UsageError
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SIZE = (64, 128)
 SHAPE = (1, 3, *SIZE)
-FAST_PATH = ('fold_psp', 'channels_last', 'jit')
-# A backbone has no head to fold.
-FAST_FORMS = dict(
-    segmentor='deploy+fold_psp+channels_last+jit',
-    backbone='deploy+channels_last+jit')
+# Only a segmentor has a head to fold.
+FOLDED = 'deploy+fold_psp'
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # Forms that the engines add to every segmentor (bf16 where the CPU has
 # bf16 units).
@@ -52,7 +46,7 @@ def result():
             rounds=3,
             warmup=1,
             threads=2,
-            fast_path=FAST_PATH,
+            fold_psp=True,
             backends=('torch', 'onnxruntime', 'openvino'),
             precisions=('fp32', 'bf16')),
         log=lambda line: None)
@@ -61,12 +55,11 @@ def result():
 @pytest.mark.slow
 def test_every_model_is_timed_in_every_round(result):
     forms = {(t.part, t.form) for t in result.timings}
-    assert forms == {
-        (part, form)
-        for part in PARTS
-        for form in ('train', 'deploy', 'reference', FAST_FORMS[part])
-    } | {('segmentor', form)
-         for form in ENGINE_FORMS}
+    assert forms == {(part, form)
+                     for part in PARTS
+                     for form in ('train', 'deploy', 'reference')
+                     } | {('segmentor', form)
+                          for form in (FOLDED, *ENGINE_FORMS)}
     # ONNX Runtime has no bf16 on CPUs; both models run on each engine.
     assert sum(t.form in ENGINE_FORMS
                for t in result.timings) == 2 * len(ENGINE_FORMS)
@@ -95,29 +88,29 @@ def test_speedups_are_median_per_round_ratios(result):
     for part in PARTS:
         assert (part, f'{a0} (deploy)', f'{a0} (train)') in pairs
         assert (part, f'{a0} (deploy)', f'{r18} (reference)') in pairs
-        assert (part, f'{a0} ({FAST_FORMS[part]})', f'{a0} (deploy)') in pairs
+    assert ('segmentor', f'{a0} ({FOLDED})', f'{a0} (deploy)') in pairs
     for form in ENGINE_FORMS:
         # Each engine form over its own PyTorch model, and ours over the
         # reference on the same engine.
         assert ('segmentor', f'{a0} ({form})', f'{a0} (deploy)') in pairs
         assert ('segmentor', f'{r18} ({form})', f'{r18} (reference)') in pairs
         assert ('segmentor', f'{a0} ({form})', f'{r18} ({form})') in pairs
-    assert len(pairs) == 3 * len(PARTS) + 3 * len(ENGINE_FORMS)
+    assert len(pairs) == 2 * len(PARTS) + 1 + 3 * len(ENGINE_FORMS)
 
 
 @pytest.mark.slow
 @pytest.mark.numerics
-def test_deploy_and_fast_path_predict_the_same(result):
+def test_deploy_and_folded_deploy_predict_the_same(result):
     checks = {(c.part, c.candidate): c for c in result.checks}
-    assert len(checks) == 2 * len(PARTS) + 2 * len(ENGINE_FORMS)
-    for part in PARTS:
-        for form in ('deploy', FAST_FORMS[part]):
-            check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
-            # Labels may flip only where two classes tie within the limit.
-            assert check.exact, check
-            assert check.max_rel_error <= check.limit
-            if part == 'segmentor':
-                assert check.label_mismatches is not None
+    assert len(checks) == len(PARTS) + 1 + 2 * len(ENGINE_FORMS)
+    forms = [(part, 'deploy') for part in PARTS] + [('segmentor', FOLDED)]
+    for part, form in forms:
+        check = checks[part, f'pspnet_repvgg-a0-d8 ({form})']
+        # Labels may flip only where two classes tie within the limit.
+        assert check.exact, check
+        assert check.max_rel_error <= check.limit
+        if part == 'segmentor':
+            assert check.label_mismatches is not None
 
 
 @pytest.mark.slow
@@ -179,37 +172,29 @@ def test_report_json_and_chart(result, tmp_path):
     assert 'same fp32 predictions' in report
     write_json(result.to_dict(), str(tmp_path / 'bench.json'))
     with open(tmp_path / 'bench.json') as f:
-        assert json.load(f) == json.loads(json.dumps(result.to_dict()))
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(result.to_dict()))
+    # What the demo reports from the JSON the tool writes.
+    assert format_report(BenchmarkResult.from_dict(saved)) == report
     plot_chart(result, str(tmp_path / 'bench.png'))
     png = (tmp_path / 'bench.png').read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
 
 
 @pytest.mark.numerics
-def test_fast_path_matches_with_trained_like_statistics():
+def test_folded_deploy_matches_with_trained_like_statistics():
     # Fresh batch norms are close to identities; random statistics make
-    # the fast path's BN folding do real work.
-    model = randomize_batch_norms(build_segmentor(PSPNET_A0), seed=1)
+    # the fold carry the folded norms' real work.
+    model = randomize_batch_norms(load_segmentor(PSPNET_A0)[1].model, seed=1)
     logits = SegmentorLogits(switch_to_deploy(model)).eval()
     inputs = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
-    channels_last = optimize(logits, inputs, ['channels_last'])
-    backbone = channels_last.segmentor.backbone
-    assert isinstance(backbone, ChannelsLast)
-    assert backbone.module.stem.branch_reparam.weight.is_contiguous(
-        memory_format=torch.channels_last)
-    # The original is left as it was.
-    assert isinstance(logits.segmentor.backbone, RepVGG)
-    onednn = optimize(logits, inputs, ['mkldnn', 'fold_psp'])
-    assert isinstance(onednn.segmentor.backbone, OneDNNLayout)
-    assert isinstance(onednn.segmentor.decode_head, FoldedPSPHead)
-    assert isinstance(logits.segmentor.decode_head, PSPHead)
+    folded = copy.deepcopy(logits)
+    assert fold_psp_heads(folded) == 1
+    assert isinstance(folded.segmentor.decode_head, FoldedPSPHead)
     own, exact = fp32_and_exact(logits, [inputs])
     with torch.no_grad():
-        for fast in (channels_last, onednn, optimize(logits, inputs,
-                                                     FAST_PATH)):
-            check = compare_outputs(
-                fast(inputs), own[0], exact[0], 'segmentor')
-            assert check['exact'], check
+        check = compare_outputs(folded(inputs), own[0], exact[0], 'segmentor')
+    assert check['exact'], check
 
 
 def test_compare_outputs_flags_differences():
@@ -233,24 +218,6 @@ def test_compare_outputs_flags_differences():
     swapped[0, :, 0, 0] = swapped[0, :, 0, 0].flip(0)
     flipped = compare(swapped)
     assert flipped['label_mismatches'] == 1 and not flipped['exact']
-
-
-@pytest.mark.numerics
-def test_mmpretrain_backbone_computes_what_ours_does():
-    ours = build_segmentor(PSPNET_A0).backbone
-    switch_to_deploy(randomize_batch_norms(ours))
-    theirs = build_mmpretrain_backbone(
-        dict(
-            arch='A0',
-            out_indices=(0, 1, 2, 3),
-            strides=(2, 2, 1, 1),
-            dilations=(1, 1, 2, 4)))
-    # The same parameter names in deploy form: the same network.
-    theirs.load_state_dict(ours.state_dict())
-    inputs = torch.randn(*SHAPE)
-    with torch.no_grad():
-        for a, b in zip(theirs(inputs), ours(inputs)):
-            assert torch.equal(a, b)
 
 
 @pytest.mark.integration
@@ -282,29 +249,28 @@ def test_tool_refuses_a_missing_config(tmp_path):
     ]
 
 
-def test_unknown_configs_and_fast_paths_are_refused(tmp_path):
+def test_unknown_configs_and_engine_forms_are_refused(tmp_path):
     with pytest.raises(ConfigError, match='no such config file'):
         read_config(str(tmp_path / 'nope.py'))
     with pytest.raises(ConfigError, match='nopackage is not installed'):
         read_config('nopackage::pspnet/nope.py')
     with pytest.raises(ConfigError, match='nope.py'):
         read_config('mmseg::pspnet/nope.py')
-    with pytest.raises(UsageError, match='among'):
-        check_fast_path(['tensorrt'])
-    with pytest.raises(UsageError, match='mkldnn goes with fold_psp only'):
-        check_fast_path(['mkldnn', 'jit'])
-    check_fast_path(['mkldnn', 'fold_psp'])
-    with pytest.raises(UsageError, match='one of jit and compile'):
-        check_fast_path(['jit', 'compile'])
+    with pytest.raises(UsageError, match='no backend asked for runs it'):
+        BenchmarkSettings(
+            PSPNET_A0,
+            precisions=('bf16', ),
+            backends=('torch', 'onnxruntime')).check()
+    BenchmarkSettings(PSPNET_A0, fold_psp=True).check()
 
 
 def test_tool_refuses_to_fold_a_head_that_is_not_psp():
     config = osp.join(
         REPO_ROOT, 'configs', 'deeplabv3',
         'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
-    result = run_tool_here('benchmark.py', config, '--fast-path', 'fold_psp')
+    result = run_tool_here('benchmark.py', config, '--fold-psp')
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f'error: fast path fold_psp: the decode head of {config} is '
-        'ASPPHead, not PSPHead'
+        f'error: --fold-psp: the decode head of {config} is ASPPHead, not '
+        'PSPHead'
     ]

@@ -1,6 +1,7 @@
 """The demo, run as the README runs it, at its smallest settings."""
 import json
 import os.path as osp
+import re
 
 import cv2
 import numpy as np
@@ -23,7 +24,7 @@ def demo(tmp_path_factory):
     result = run_tool('demo.py', '--work-dir', work_dir, '--iters', ITERS,
                       '--image-size', 64, 128, '--num-train', 2, '--num-val',
                       2, '--bench-size', 64, 128, '--bench-rounds', 1,
-                      '--threads', 2, '--fast-path')
+                      '--threads', 2)
     assert result.returncode == 0, output(result)
     with open(work_dir / 'summary.json') as f:
         summary = json.load(f)
@@ -37,8 +38,10 @@ def test_demo_trains_converts_and_evaluates_both_forms(demo):
     # Each step runs the command a user would, shown with its output.
     assert '-m mim train mmsegmentation' in stdout
     assert f'Iter(train) [{ITERS}/{ITERS}]' in stdout
-    assert 'converting with mmrepvgg.reparameterize' in stdout
     assert stdout.count('-m mim test mmsegmentation') == 2
+    for tool in ('reparameterize.py', 'export.py', 'test.py', 'benchmark.py'):
+        assert f'tools/{tool} ' in stdout
+    assert re.search(r'converted \d+ blocks', stdout)
     assert osp.isfile(summary['deploy_checkpoint'])
     assert osp.isfile(summary['deploy_config'])
     train, deploy = summary['metrics']['train'], summary['metrics']['deploy']
@@ -114,14 +117,13 @@ def test_demo_refuses_a_folder_without_cityscapes(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-def test_demo_refuses_a_fast_path_that_does_not_fit_before_training(tmp_path):
+def test_demo_refuses_a_fold_that_does_not_fit_before_training(tmp_path):
     config = osp.join(
         REPO_ROOT, 'configs', 'deeplabv3',
         'deeplabv3_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
     with pytest.raises(UsageError, match='is ASPPHead, not PSPHead'):
         run_demo(
-            DemoSettings(
-                str(tmp_path / 'run'), config=config, fast_path=['fold_psp']))
+            DemoSettings(str(tmp_path / 'run'), config=config, fold_psp=True))
     assert not (tmp_path / 'run').exists()
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (REPO_ROOT, CarriesCode, assert_refused, output, run,
-                     run_tool_here)
+from helpers import (PSPNET_A0, REPO_ROOT, CarriesCode, assert_refused, output,
+                     run, run_tool_here, snapshot)
 from mmrepvgg.checkpoint import checkpoint_meta, load_checkpoint
 from mmrepvgg.deploy import deploy_config_path, reparameterize
 from mmrepvgg.errors import CheckpointError, UsageError, VerificationError
@@ -602,3 +602,50 @@ def test_sigterm_to_the_tool_leaves_no_temporary_files(trained_pspnet,
         assert stderr.strip().splitlines() == ['terminated'], stderr
         assert left in ([], ['deploy.pth', 'deploy.py']), left
     assert deploy_config_path(str(out)) == str(config)
+
+
+# --- requests checked as a whole before any work ---------------------------
+
+
+def test_benchmark_refuses_int8_without_an_engine(tmp_path, monkeypatch):
+    import apps.benchmark
+    monkeypatch.chdir(tmp_path)
+    # Were the request not checked first, the tool would call this.
+    monkeypatch.setattr(apps.benchmark, 'run_benchmark', None)
+    result = run_tool_here('benchmark.py', PSPNET_A0, '--precisions', 'int8',
+                           '--json', 'bench.json')
+    assert_refused(
+        result, '--precisions int8: no backend asked for runs it; add '
+        '--backends onnxruntime or openvino')
+    assert os.listdir(tmp_path) == []
+
+
+def _blocked_work_dir(tmp_path, where):
+    """A work dir that is a file, or one whose parent is a file."""
+    file = tmp_path / 'file'
+    file.write_text('mine')
+    if where == 'is a file':
+        return file, f'{file}: is a file, not a folder'
+    return file / 'run', f'{file / "run"}: {file} is a file, not a folder'
+
+
+@pytest.mark.parametrize('where', ['is a file', 'inside a file'])
+@pytest.mark.parametrize('tool', ['train.py', 'test.py'])
+def test_a_work_dir_in_the_way_is_refused_before_the_runner(
+        tmp_path, monkeypatch, tool, where):
+    monkeypatch.chdir(tmp_path)
+    work_dir, message = _blocked_work_dir(tmp_path, where)
+    before = snapshot(tmp_path)
+    checkpoint = ['no.pth'] if tool == 'test.py' else []
+    result = run_tool_here(tool, PSPNET_A0, *checkpoint, '--work-dir',
+                           work_dir)
+    assert_refused(result, message, tmp_path, before)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='permissions do not stop root')
+def test_a_work_dir_in_a_read_only_folder_is_refused(tmp_path):
+    folder = tmp_path / 'read_only'
+    folder.mkdir(mode=0o555)
+    result = run_tool_here('train.py', PSPNET_A0, '--work-dir', folder / 'run')
+    assert_refused(result, f'cannot write in {folder} (permission denied)')
+    assert os.listdir(folder) == []

@@ -12,11 +12,11 @@ import re
 
 import pytest
 import torch
+from mmpretrain_repvgg import load_mmpretrain_repvgg
 
-from apps.mmpretrain import load_mmpretrain_repvgg
 from helpers import (D2SE, assert_computes_as, assert_fp32_close,
                      randomize_batch_norms, run_tool_here)
-from mmrepvgg import RepVGG
+from mmrepvgg import RepVGG, switch_to_deploy
 from mmrepvgg.deploy.compare import fp32_and_exact, relative_error
 from mmrepvgg.errors import CheckpointError
 from mmrepvgg.pretrained import convert_pretrained
@@ -291,3 +291,22 @@ def test_checkpoint_written_by_mmrepvgg_0_1_converts(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'converted 7 blocks' in result.stdout
     assert out.is_file()
+
+
+def test_mmpretrain_backbone_computes_what_ours_does():
+    # As PSPNet-RepVGG-A0-d8 builds it: dilated, every stage out.
+    settings = dict(
+        arch='A0',
+        out_indices=(0, 1, 2, 3),
+        strides=(2, 2, 1, 1),
+        dilations=(1, 1, 2, 4))
+    ours = RepVGG(**settings).eval()
+    switch_to_deploy(randomize_batch_norms(ours))
+    theirs = load_mmpretrain_repvgg()(**settings, deploy=True)
+    theirs.eval()  # its train() returns None
+    # The same parameter names in deploy form: the same network.
+    theirs.load_state_dict(ours.state_dict())
+    inputs = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        for a, b in zip(theirs(inputs), ours(inputs)):
+            assert torch.equal(a, b)

@@ -2,8 +2,6 @@
 configs, side by side (whole segmentors and their backbones)."""
 import apps.interrupts  # noqa: F401  (before the heavy imports)
 from apps.benchmark import BenchmarkSettings, run_benchmark
-from apps.fast_path import check_fast_path
-from apps.mmpretrain import load_mmpretrain_repvgg
 from apps.report import format_report, plot_chart, write_json
 from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 from mmrepvgg.errors import UsageError
@@ -12,8 +10,7 @@ from mmrepvgg.fileio import check_output_path
 
 def build_parser():
     parser = tool_parser(__doc__)
-    add_settings(
-        parser, BenchmarkSettings, 'benchmark', exclude=('seed', 'name'))
+    add_settings(parser, BenchmarkSettings, 'benchmark', exclude=('seed', ))
     outputs = parser.add_argument_group('outputs')
     outputs.add_argument('--json', help='write the results as JSON here')
     outputs.add_argument('--chart', help='write a PNG bar chart here')
@@ -38,10 +35,7 @@ def main():
     args = build_parser().parse_args()
     settings = settings_from(args, BenchmarkSettings)
     settings.check()
-    check_fast_path(settings.fast_path, settings.config)
     check_outputs(args)
-    if settings.mmpretrain:
-        load_mmpretrain_repvgg()  # fail now rather than after building
     result = run_benchmark(settings)
     print(format_report(result))
     if args.json:

@@ -1,17 +1,12 @@
 """The whole RepVGG workflow in one run, as a user would do it.
 
-1. Data: a learnable toy dataset in Cityscapes' layout, or a real
-   Cityscapes folder.
-2. ``mim train mmsegmentation`` trains the segmentor (its log is shown).
-3. ``mim test mmsegmentation`` evaluates it; :func:`mmrepvgg.reparameterize`
-   converts it; ``mim test`` evaluates the deploy checkpoint and config.
-4. :func:`mmrepvgg.deploy.export_onnx` exports the deploy pair to ONNX (and
-   calibrated int8 if asked), and each engine evaluates it with mmseg's
-   metrics.
-5. :func:`apps.benchmark.run_benchmark` times train form, deploy form and
-   the engines; a summary table and a PNG chart are written.
-
-The mim steps run the command a user would type, and print it.
+On toy data in Cityscapes' layout (or a real Cityscapes folder), it runs
+the user's own commands, each printed first: ``mim train``, ``mim test``,
+``tools/reparameterize.py``, ``mim test`` of the deploy pair,
+``tools/export.py``, ``tools/test.py`` on each engine and
+``tools/benchmark.py --json``. The summary table
+(:func:`apps.report.format_report`) comes from what they wrote: mmengine's
+metric files, the int8 model's metadata and the benchmark's JSON.
 """
 import glob
 import json
@@ -21,28 +16,27 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
 from mmrepvgg.deploy.engines import BACKENDS
-from mmrepvgg.deploy.export import ExportSettings, export_onnx
-from mmrepvgg.deploy.pair import deploy_config_path, reparameterize
+from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
-from mmrepvgg.runner import evaluate
+from mmrepvgg.runner import check_work_dir
 from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
                               write_toy_config)
-from .benchmark import BenchmarkSettings, run_benchmark, short_name
-from .engines import (FORM_PRECISIONS, check_engines, engine_forms,
-                      engine_settings, model_precision)
-from .fast_path import FAST_STEPS, check_fast_path
-from .report import format_report, plot_chart, write_json
+from .benchmark import BenchmarkSettings, option, short_name
+from .engines import (FORM_PRECISIONS, engine_forms, engine_settings,
+                      model_precision)
+from .report import BenchmarkResult, format_report, write_json
 
-REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join(
-    REPO_ROOT, 'configs', 'pspnet',
+    osp.dirname(TOOLS), 'configs', 'pspnet',
     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
+METRICS = ('aAcc', 'mIoU', 'mAcc')
 
 _REAL_DATA_CONFIG = '''\
 # Derived from {base} to train on the Cityscapes folder {data_root}.
@@ -59,61 +53,51 @@ class DemoError(MMRepVGGError):
     """A demo step that cannot run or failed."""
 
 
-def _setting(default, help, metavar=None, choices=None):
-    metadata = dict(help=help)
-    if metavar:
-        metadata['metavar'] = metavar
-    if choices:
-        metadata['choices'] = choices
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
 class DemoSettings:
     """What :func:`run_demo` does; each field is an option of
     ``tools/demo.py``."""
-    work_dir: str = _setting(
+    work_dir: str = option(
         'work_dirs/demo', 'where every output goes; '
         'must be new or empty unless --force')
-    config: str = _setting(DEFAULT_CONFIG,
-                           'segmentor config with a RepVGG backbone')
-    data_root: Optional[str] = _setting(
+    config: str = option(DEFAULT_CONFIG,
+                         'segmentor config with a RepVGG backbone')
+    data_root: Optional[str] = option(
         None, 'a real Cityscapes folder (with *_labelTrainIds.png labels), '
         "trained on with the config's own pipelines; none: toy data")
-    iters: int = _setting(100, 'training iterations')
-    image_size: Tuple[int, int] = _setting(
-        (64, 128), 'toy image size, also the training crop', ('H', 'W'))
-    num_train: int = _setting(16, 'toy training images')
-    num_val: int = _setting(4, 'toy validation images')
-    batch_size: int = _setting(4, 'training batch size on toy data')
-    lr: float = _setting(0.01, 'learning rate on toy data')
-    bench_size: Tuple[int, int] = _setting((512, 1024), 'benchmark input size',
-                                           ('H', 'W'))
-    bench_rounds: int = _setting(3, 'timed benchmark rounds')
-    fast_path: Tuple[str, ...] = _setting(
-        (), 'steps of an exact fast path to time too', choices=FAST_STEPS)
-    threads: int = _setting(
+    iters: int = option(100, 'training iterations')
+    image_size: Tuple[int, int] = option(
+        (64, 128),
+        'toy image size, also the training crop',
+        metavar=('H', 'W'))
+    num_train: int = option(16, 'toy training images')
+    num_val: int = option(4, 'toy validation images')
+    batch_size: int = option(4, 'training batch size on toy data')
+    lr: float = option(0.01, 'learning rate on toy data')
+    bench_size: Tuple[int, int] = option((512, 1024),
+                                         'benchmark input size',
+                                         metavar=('H', 'W'))
+    bench_rounds: int = option(3, 'timed benchmark rounds')
+    fold_psp: bool = option(
+        False, 'also time the deploy form with its PSP head folded')
+    threads: int = option(
         0, "torch and engine threads for the benchmark; 0: their own choice")
-    backends: Tuple[str, ...] = _setting(
+    backends: Tuple[str, ...] = option(
         ('torch', 'onnxruntime'),
         'torch and the engines that evaluate and time the ONNX model',
         choices=('torch', *BACKENDS))
-    precisions: Tuple[str, ...] = _setting(('fp32', ),
-                                           'precisions of the engines',
-                                           choices=FORM_PRECISIONS)
-    calib_num: int = _setting(Int8Settings.calib_num,
-                              'training images that int8 is calibrated on')
-    force: bool = _setting(False,
-                           'reuse a non-empty work dir, overwriting outputs')
+    precisions: Tuple[str, ...] = option(('fp32', ),
+                                         'precisions of the engines',
+                                         choices=FORM_PRECISIONS)
+    calib_num: int = option(Int8Settings.calib_num,
+                            'training images that int8 is calibrated on')
+    force: bool = option(False,
+                         'reuse a non-empty work dir, overwriting outputs')
 
 
 def check_cityscapes(data_root):
-    """Refuse a folder that mmseg's Cityscapes dataset cannot read.
-
-    Raises:
-        DemoError: No ``leftImg8bit/val`` images or no
-            ``*_gtFine_labelTrainIds.png`` labels in ``gtFine/val``.
-    """
+    """Raise DemoError for a folder that mmseg's Cityscapes dataset cannot
+    read: no ``leftImg8bit/val`` images or ``gtFine/val`` labels."""
     images = glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png'))
     labels = glob.glob(
         osp.join(data_root, 'gtFine', 'val', '*',
@@ -128,44 +112,67 @@ def check_cityscapes(data_root):
 
 
 def write_cityscapes_config(base, data_root, out, iters):
-    """Write a config that trains ``base`` on the Cityscapes folder
-    ``data_root`` for ``iters`` iterations, with ``base``'s own pipelines
-    and initialization.
-
-    Returns:
-        str: ``out``.
-    """
+    """Write to ``out`` (and return it) a config that trains ``base`` on the
+    Cityscapes folder ``data_root`` for ``iters`` iterations, with
+    ``base``'s own pipelines and initialization."""
     text = _REAL_DATA_CONFIG.format(
         base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
     write_files({out: text.encode()}, force=True)
     return out
 
 
-def _run_mim(name, args, log):
-    """Run ``mim`` as a user would, showing the command and its output; a
+@dataclass
+class DemoSummary:
+    """What the demo did and measured, as ``summary.json`` holds it:
+    ``metrics`` of the ``train`` and ``deploy`` forms, and of each engine
+    form in ``engines`` with its int8 ``agreement`` (labels equal to fp32's
+    on the val set); ``seconds`` per step; the benchmark's result."""
+    config: str
+    iters: int
+    data: str = ''
+    data_root: str = ''
+    majority_class_miou: Optional[float] = None
+    checkpoint: str = ''
+    deploy_checkpoint: str = ''
+    deploy_config: str = ''
+    metrics: dict = field(default_factory=dict)
+    same_miou: bool = False
+    engines: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    benchmark: dict = field(default_factory=dict)
+    chart: str = ''
+
+
+def _run(step, command, log):
+    """Run a user's command, shown first with its output after it; a
     failure raises :class:`DemoError` that names the step."""
-    command = [sys.executable, '-m', 'mim', *args]
+    command = [str(c) for c in command]
     log('$ ' + shlex.join(command))
+    sys.stdout.flush()
     returncode = subprocess.run(command).returncode
     if returncode != 0:
-        raise DemoError(f'{name} failed with exit code {returncode} (its '
+        raise DemoError(f'{step} failed with exit code {returncode} (its '
                         'output is above)')
 
 
-def _mim_test(config, checkpoint, work_dir, log):
-    """``mim test mmsegmentation``; returns its metrics (aAcc, mIoU, mAcc)."""
-    _run_mim('mim test', [
-        'test', 'mmsegmentation', config, '--checkpoint', checkpoint,
-        '--work-dir', work_dir
-    ], log)
-    # mmengine's logger writes the test metrics as one JSON line in
-    # WORK_DIR/TIMESTAMP/TIMESTAMP.json; the newest run is last.
+def _mim(*args):
+    return [sys.executable, '-m', 'mim', *args]
+
+
+def _tool(name, *args):
+    return [sys.executable, osp.join(TOOLS, name), *args]
+
+
+def _test(step, command, work_dir, log):
+    """Run an evaluation; its metrics, which mmengine's logger writes as
+    the last JSON line of ``work_dir/TIMESTAMP/TIMESTAMP.json``."""
+    _run(step, command + ['--work-dir', work_dir], log)
     logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     if not logs:
-        raise DemoError(f'mim test wrote no metrics under {work_dir}')
+        raise DemoError(f'{step} wrote no metrics under {work_dir}')
     with open(logs[-1]) as f:
         metrics = json.loads(f.read().splitlines()[-1])
-    return {k: metrics[k] for k in ('aAcc', 'mIoU', 'mAcc')}
+    return {k: metrics[k] for k in METRICS}
 
 
 def _check(settings):
@@ -173,12 +180,18 @@ def _check(settings):
         raise DemoError('--iters must be at least 1')
     if not osp.isfile(settings.config):
         raise DemoError(f'{settings.config}: no such config file')
-    check_fast_path(settings.fast_path, settings.config)
-    check_engines(settings.backends, settings.precisions)
+    BenchmarkSettings(
+        settings.config,
+        size=settings.bench_size,
+        rounds=settings.bench_rounds,
+        threads=settings.threads,
+        fold_psp=settings.fold_psp,
+        backends=settings.backends,
+        precisions=settings.precisions,
+        calib_num=settings.calib_num).check()
     if settings.data_root is not None:
         check_cityscapes(settings.data_root)
-    if osp.isfile(settings.work_dir):
-        raise DemoError(f'{settings.work_dir}: is a file, not a folder')
+    check_work_dir(settings.work_dir)
     if (osp.isdir(settings.work_dir) and os.listdir(settings.work_dir)
             and not settings.force):
         raise DemoError(f'{settings.work_dir}: exists and is not empty; '
@@ -186,15 +199,16 @@ def _check(settings):
                         'overwrite its outputs')
 
 
-def _prepare_data(settings, train_config, log):
-    """Write the training config (and toy data); returns a description of
-    the data, its root and the majority-class mIoU (None for real data)."""
+def _prepare_data(settings, train_config, summary, log):
+    """Write the training config (and toy data)."""
     if settings.data_root is not None:
         write_cityscapes_config(settings.config, settings.data_root,
                                 train_config, settings.iters)
-        return f'Cityscapes at {settings.data_root}', settings.data_root, None
+        summary.data = f'Cityscapes at {settings.data_root}'
+        summary.data_root = settings.data_root
+        return
     height, width = settings.image_size
-    data_root = make_toy_cityscapes(
+    summary.data_root = make_toy_cityscapes(
         osp.join(settings.work_dir, 'data'),
         num_train=settings.num_train,
         num_val=settings.num_val,
@@ -202,116 +216,109 @@ def _prepare_data(settings, train_config, log):
         width=width)
     write_toy_config(
         settings.config,
-        data_root,
+        summary.data_root,
         train_config,
         iters=settings.iters,
         crop=settings.image_size,
         batch_size=settings.batch_size,
         lr=settings.lr,
         log_interval=max(1, settings.iters // 20))
-    data = (f'toy Cityscapes layout, {settings.num_train} train / '
-            f'{settings.num_val} val images of {height}x{width}')
-    log(f'wrote {data} to {data_root}')
-    return data, data_root, majority_class_miou(data_root)
+    summary.data = (f'toy Cityscapes layout, {settings.num_train} train / '
+                    f'{settings.num_val} val images of {height}x{width}')
+    summary.majority_class_miou = majority_class_miou(summary.data_root)
+    log(f'wrote {summary.data} to {summary.data_root}')
 
 
-def _train(settings, train_config, log):
-    train_dir = osp.join(settings.work_dir, 'train')
-    _run_mim(
-        'mim train',
-        ['train', 'mmsegmentation', train_config, '--work-dir', train_dir],
-        log)
-    checkpoint = osp.join(train_dir, f'iter_{settings.iters}.pth')
-    if not osp.isfile(checkpoint):
-        raise DemoError(f'training wrote no {checkpoint}')
-    return checkpoint
+def _evaluate_and_convert(settings, config, summary, log):
+    work_dir, force = settings.work_dir, ['--force'] * settings.force
+    summary.metrics['train'] = _test(
+        'mim test',
+        _mim('test', 'mmsegmentation', config, '--checkpoint',
+             summary.checkpoint), osp.join(work_dir, 'test_train'), log)
+    summary.deploy_checkpoint = osp.join(work_dir, 'deploy', 'deploy.pth')
+    summary.deploy_config = osp.join(work_dir, 'deploy', 'deploy.py')
+    _run(
+        'tools/reparameterize.py',
+        _tool('reparameterize.py', config, summary.checkpoint,
+              summary.deploy_checkpoint, *force), log)
+    summary.metrics['deploy'] = _test(
+        'mim test',
+        _mim('test', 'mmsegmentation', summary.deploy_config,
+             '--checkpoint', summary.deploy_checkpoint),
+        osp.join(work_dir, 'test_deploy'), log)
+    summary.same_miou = (
+        summary.metrics['train']['mIoU'] == summary.metrics['deploy']['mIoU'])
 
 
-def _convert(settings, train_config, checkpoint, log):
-    out = osp.join(settings.work_dir, 'deploy', 'deploy.pth')
-    log('converting with mmrepvgg.reparameterize, as tools/reparameterize.py '
-        f'does: {checkpoint} -> {out}')
-    result = reparameterize(
-        train_config, checkpoint, out, force=settings.force)
-    log(f'converted {result.converted} blocks, {result.check.describe()}; '
-        f'wrote {out} and {result.out_config}')
-    return out
-
-
-def _export(settings, train_config, checkpoint, precision, log):
+def _export(settings, config, summary, precision, log):
+    """Export the deploy pair; the model, and for int8 its agreement."""
     out = osp.join(settings.work_dir, 'onnx', f'model_{precision}.onnx')
-    log(f'exporting with mmrepvgg.deploy.export_onnx, as tools/export.py '
-        f'does{" with --int8" if precision == "int8" else ""}: {out}')
-    # The demo reports the int8 agreement rather than refusing a model.
-    int8 = Int8Settings(settings.calib_num, settings.num_val,
-                        0) if precision == 'int8' else None
-    result = export_onnx(
-        train_config,
-        checkpoint,
-        out,
-        ExportSettings(None if settings.data_root else settings.image_size),
-        force=settings.force,
-        int8=int8)
-    log(f'the engines vs PyTorch: {result.check.describe()}')
-    return out, result.info.agreement
+    options = ['--force'] * settings.force
+    if settings.data_root is None:
+        options += ['--shape', *settings.image_size]
+    if precision == 'int8':
+        # The demo reports the int8 agreement rather than refusing a model.
+        options += [
+            '--int8', '--calib-num', settings.calib_num, '--eval-num',
+            settings.num_val, '--min-agreement', 0
+        ]
+    _run(f'tools/export.py ({precision})',
+         _tool('export.py', config, summary.deploy_checkpoint, out, *options),
+         log)
+    return out, read_model(out).info.agreement.get('labels')
 
 
-def _export_and_evaluate(settings, train_config, checkpoint, log):
-    """Metrics, and for int8 the label agreement with fp32, of the exported
-    model on each engine form."""
+def _export_and_evaluate(settings, config, summary, log):
     forms = engine_forms(settings.backends, settings.precisions)
     models = {
-        precision: _export(settings, train_config, checkpoint, precision, log)
-        for precision in {model_precision(p)
-                          for _, p in forms}
+        precision: _export(settings, config, summary, precision, log)
+        for precision in sorted({model_precision(p)
+                                 for _, p in forms})
     }
-    engines = {}
     for backend, precision in forms:
         model, agreement = models[model_precision(precision)]
-        log(f'evaluating {osp.basename(model)} on {backend} ({precision})')
-        metrics = evaluate(
-            train_config, model,
-            osp.join(settings.work_dir, f'test_{backend}_{precision}'),
-            engine_settings(backend, precision, settings.threads))
-        engines[f'{backend} {precision}'] = dict(
-            {k: metrics[k]
-             for k in ('aAcc', 'mIoU', 'mAcc')},
-            agreement=agreement.get('labels'))
-    return engines
+        engine = engine_settings(backend, precision, settings.threads)
+        metrics = _test(
+            'tools/test.py',
+            _tool('test.py', config, model, '--backend', backend,
+                  '--precision', engine.precision, '--threads',
+                  engine.threads),
+            osp.join(settings.work_dir, f'test_{backend}_{precision}'), log)
+        summary.engines[f'{backend} {precision}'] = dict(
+            metrics, agreement=agreement)
 
 
-def _benchmark(settings, train_config, checkpoint, image, log):
-    result = run_benchmark(
-        BenchmarkSettings(
-            train_config,
-            checkpoint=checkpoint,
-            size=settings.bench_size,
-            rounds=settings.bench_rounds,
-            warmup=1,
-            threads=settings.threads,
-            fast_path=settings.fast_path,
-            name=short_name(settings.config),
-            backends=settings.backends,
-            precisions=settings.precisions,
-            image=image,
-            calib_num=settings.calib_num),
-        log=log)
-    plot_chart(result, osp.join(settings.work_dir, 'speed.png'))
-    return result
+def _benchmark(settings, config, summary, log):
+    out = osp.join(settings.work_dir, 'benchmark.json')
+    summary.chart = osp.join(settings.work_dir, 'speed.png')
+    image = sorted(
+        glob.glob(
+            osp.join(summary.data_root, 'leftImg8bit', 'val', '*',
+                     '*.png')))[0]
+    options = [
+        '--checkpoint', summary.checkpoint, '--size', *settings.bench_size,
+        '--rounds', settings.bench_rounds, '--warmup', 1, '--threads',
+        settings.threads, '--name',
+        short_name(settings.config), '--backends', *settings.backends,
+        '--precisions', *settings.precisions, '--image', image, '--calib-num',
+        settings.calib_num, '--json', out, '--chart', summary.chart
+    ] + ['--fold-psp'] * settings.fold_psp + ['--force'] * settings.force
+    _run('tools/benchmark.py', _tool('benchmark.py', config, *options), log)
+    with open(out) as f:
+        summary.benchmark = json.load(f)
 
 
 def run_demo(settings, log=print):
-    """Generate data, train, evaluate, convert, evaluate, benchmark.
+    """Generate data, train, evaluate, convert, evaluate, export, evaluate
+    on the engines, benchmark.
 
     Args:
         settings (DemoSettings): What to do.
         log (callable): Receives progress lines. Defaults to ``print``.
 
     Returns:
-        dict: The summary (data, checkpoints, metrics of both forms,
-        ``same_miou``, seconds per step and the benchmark result), also
-        written to ``work_dir/summary.json``, with the printed table in
-        ``work_dir/summary.txt`` and the speed chart in
+        DemoSummary: Also written to ``work_dir/summary.json``, with the
+        printed table in ``work_dir/summary.txt`` and the speed chart in
         ``work_dir/speed.png``.
 
     Raises:
@@ -320,131 +327,37 @@ def run_demo(settings, log=print):
     _check(settings)
     settings.work_dir = osp.abspath(settings.work_dir)
     os.makedirs(settings.work_dir, exist_ok=True)
-    train_config = osp.join(settings.work_dir, 'train_config.py')
-    steps = _StepClock()
-    summary = dict(config=settings.config, iters=settings.iters)
-    log('== 1/5 data')
-    summary.update(
-        zip(('data', 'data_root', 'majority_class_miou'),
-            _prepare_data(settings, train_config, log)))
-    steps.done('data')
-    log(f'== 2/5 training for {settings.iters} iterations')
-    summary['checkpoint'] = checkpoint = _train(settings, train_config, log)
-    steps.done('train')
-    log('== 3/5 evaluation, re-parameterization, evaluation of the deploy '
-        'pair')
-    summary.update(
-        _evaluate_and_convert(settings, train_config, checkpoint, log))
-    steps.done('evaluate_and_convert')
-    log('== 4/5 ONNX export, evaluation on the engines')
-    summary['engines'] = _export_and_evaluate(settings, train_config,
-                                              summary['deploy_checkpoint'],
-                                              log)
-    steps.done('export_and_evaluate')
-    log('== 5/5 speed of the train form, the deploy form and the engines')
-    bench = _benchmark(settings, train_config, checkpoint,
-                       _first_val_image(summary['data_root']), log)
-    steps.done('benchmark')
-    summary.update(
-        seconds=steps.seconds,
-        benchmark=bench.to_dict(),
-        chart=osp.join(settings.work_dir, 'speed.png'))
-    _write_summary(summary, format_summary(summary, bench), settings, log)
-    return summary
-
-
-def _evaluate_and_convert(settings, train_config, checkpoint, log):
-    metrics = dict(
-        train=_mim_test(train_config, checkpoint,
-                        osp.join(settings.work_dir, 'test_train'), log))
-    deploy_checkpoint = _convert(settings, train_config, checkpoint, log)
-    metrics['deploy'] = _mim_test(
-        deploy_config_path(deploy_checkpoint), deploy_checkpoint,
-        osp.join(settings.work_dir, 'test_deploy'), log)
-    return dict(
-        metrics=metrics,
-        deploy_checkpoint=deploy_checkpoint,
-        deploy_config=deploy_config_path(deploy_checkpoint),
-        same_miou=metrics['train']['mIoU'] == metrics['deploy']['mIoU'])
-
-
-def _first_val_image(data_root):
-    return sorted(
-        glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png')))[0]
-
-
-class _StepClock:
-    """Seconds each step took."""
-
-    def __init__(self):
-        self.seconds = {}
-        self.started = time.perf_counter()
-
-    def done(self, step):
-        now = time.perf_counter()
-        self.seconds[step] = round(now - self.started, 1)
-        self.started = now
-
-
-def _write_summary(summary, table, settings, log):
+    config = osp.join(settings.work_dir, 'train_config.py')
+    summary = DemoSummary(settings.config, settings.iters)
+    steps = [
+        ('data', 'data', _prepare_data),
+        ('train', f'training for {settings.iters} iterations', _train),
+        ('evaluate_and_convert', 'evaluation, re-parameterization, '
+         'evaluation of the deploy pair', _evaluate_and_convert),
+        ('export_and_evaluate', 'ONNX export, evaluation on the engines',
+         _export_and_evaluate),
+        ('benchmark', 'speed of the train form, the deploy form and the '
+         'engines', _benchmark),
+    ]
+    for index, (step, title, function) in enumerate(steps, 1):
+        log(f'== {index}/{len(steps)} {title}')
+        started = time.perf_counter()
+        function(settings, config, summary, log)
+        summary.seconds[step] = round(time.perf_counter() - started, 1)
+    table = format_report(
+        BenchmarkResult.from_dict(summary.benchmark), summary)
     write_files(
         {osp.join(settings.work_dir, 'summary.txt'): table.encode() + b'\n'},
         force=True)
-    write_json(summary, osp.join(settings.work_dir, 'summary.json'))
+    write_json(asdict(summary), osp.join(settings.work_dir, 'summary.json'))
     log(table)
+    return summary
 
 
-def _speeds(bench, name):
-    """Speed of each segmentor form relative to PyTorch deploy (segmentor
-    part, median of per-round ratios)."""
-    speeds = {'deploy': 1.0}
-    for ratio in bench.ratios:
-        if ratio.part != 'segmentor':
-            continue
-        if ratio.candidate == f'{name} (deploy)':
-            speeds[ratio.baseline[len(name) + 2:-1]] = 1 / ratio.speedup
-        elif ratio.baseline == f'{name} (deploy)':
-            speeds[ratio.candidate[len(name) + 2:-1]] = ratio.speedup
-    return speeds
-
-
-def _row(form, metrics, speed, agreement=None):
-    agreed = '' if agreement is None else f'{agreement:.2%}'
-    shown = '' if speed is None else f'{speed:.2f}x'
-    return (f'{form:<18} {metrics["mIoU"]:>7.2f} {metrics["mAcc"]:>7.2f} '
-            f'{metrics["aAcc"]:>7.2f} {agreed:>10} {shown:>9}')
-
-
-def format_summary(summary, bench):
-    """The demo's one summary table: accuracy and speed of every form,
-    then the benchmark report."""
-    chance = summary['majority_class_miou']
-    speeds = _speeds(bench, short_name(summary['config']))
-    lines = [
-        '=' * 72,
-        f'RepVGG demo: {osp.basename(summary["config"])}',
-        f'data: {summary["data"]}',
-        f'trained {summary["iters"]} iterations: {summary["checkpoint"]}',
-        f'deploy pair: {summary["deploy_checkpoint"]} + .py',
-        f'{"form":<18} {"mIoU":>7} {"mAcc":>7} {"aAcc":>7} '
-        f'{"=fp32 px":>10} {"speed":>9}',
-    ]
-    for form in ('train', 'deploy'):
-        lines.append(
-            _row(f'torch {form}', summary['metrics'][form], speeds.get(form)))
-    for form, metrics in summary['engines'].items():
-        lines.append(
-            _row(form, metrics, speeds.get(form), metrics['agreement']))
-    if chance is not None:
-        lines.append(f'{"majority class":<18} {chance:>7.2f}')
-    lines.append('speed: of the segmentor, over PyTorch deploy; =fp32 px: '
-                 'int8 labels equal to fp32 ones, on the val set')
-    lines.append('same mIoU for both torch forms: ' +
-                 ('yes' if summary['same_miou'] else 'NO'))
-    lines.append(format_report(bench))
-    lines.append(f'speed chart: {summary["chart"]}')
-    lines.append('seconds per step: ' +
-                 ', '.join(f'{step} {value:.0f}'
-                           for step, value in summary['seconds'].items()))
-    lines.append('=' * 72)
-    return '\n'.join(lines)
+def _train(settings, config, summary, log):
+    train_dir = osp.join(settings.work_dir, 'train')
+    _run('mim train',
+         _mim('train', 'mmsegmentation', config, '--work-dir', train_dir), log)
+    summary.checkpoint = osp.join(train_dir, f'iter_{settings.iters}.pth')
+    if not osp.isfile(summary.checkpoint):
+        raise DemoError(f'training wrote no {summary.checkpoint}')

@@ -1,16 +1,111 @@
-"""The benchmark's results as a text table, JSON and a PNG chart."""
+"""The benchmark's results: typed records, a text table (inside the demo's
+summary table, for the demo), JSON and a PNG chart."""
+import dataclasses
 import io
 import json
+import os.path as osp
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
 
 from mmrepvgg.fileio import write_files
-from .benchmark import Ratio
+
+
+@dataclass
+class Timing:
+    """Seconds per run of one model; ``spread`` is (max - min) / median."""
+    name: str
+    model: str
+    part: str
+    form: str
+    times_s: List[float]
+    median_s: float
+    min_s: float
+    max_s: float
+    spread: float
+
+    @classmethod
+    def of(cls, entry):
+        samples = entry.times_s
+        median = statistics.median(samples)
+        return cls(entry.name, entry.model,
+                   entry.part, entry.form, samples, median, min(samples),
+                   max(samples), (max(samples) - min(samples)) / median)
+
+
+@dataclass
+class Ratio:
+    """Speed-up of ``candidate`` over ``baseline``: the median, smallest
+    and largest of the per-round ratios of their times."""
+    part: str
+    candidate: str
+    baseline: str
+    speedup: float
+    speedup_min: float
+    speedup_max: float
+
+    @classmethod
+    def of(cls, candidate, baseline):
+        per_round = [
+            b / c for c, b in zip(candidate.times_s, baseline.times_s)
+        ]
+        return cls(candidate.part, candidate.name, baseline.name,
+                   statistics.median(per_round), min(per_round),
+                   max(per_round))
+
+
+@dataclass
+class Check:
+    """How far a model's outputs are from a reference's (see
+    :func:`apps.benchmark.compare_outputs`)."""
+    part: str
+    candidate: str
+    reference: str
+    max_rel_error: float
+    limit: float
+    label_mismatches: Optional[int]
+    label_agreement: Optional[float]
+    exact: bool
+
+
+@dataclass
+class Int8Ceiling:
+    """An engine's int8 speed-up of our segmentor (``model_speedup``) and of
+    one 3x3 conv (``conv_speedup``, see :data:`apps.engines.CONV_SHAPE`),
+    each over its fp32; ``share`` is the first over the second."""
+    backend: str
+    model_speedup: float
+    conv_speedup: float
+    share: float
+
+
+@dataclass
+class BenchmarkResult:
+    """Settings, per-model timings, speed-ups, output checks and the int8
+    speed-ups against the engines' ceilings."""
+    settings: dict
+    timings: List[Timing]
+    ratios: List[Ratio]
+    checks: List[Check]
+    int8_ceilings: List[Int8Ceiling] = field(default_factory=list)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """The result that :meth:`to_dict` gave ``data``."""
+        return cls(
+            data['settings'],
+            *([record(**d) for d in data[f.name]]
+              for record, f in zip((Timing, Ratio, Check, Int8Ceiling),
+                                   dataclasses.fields(cls)[1:])))
 
 
 def _describe(settings):
     shape = 'x'.join(map(str, settings['shape']))
-    layout = ', channels-last' if settings['channels_last'] else ''
     return (f'{settings["device"]}, {settings["threads"]} thread(s), input '
-            f'{shape}{layout}, {settings["rounds"]} round(s)')
+            f'{shape}, {settings["rounds"]} round(s)')
 
 
 def _verdict(check):
@@ -27,9 +122,11 @@ def _approximate(name):
     return name.endswith(('bf16)', 'int8)'))
 
 
-def format_report(result):
+def format_report(result, summary=None):
     """The timings, speed-ups and output checks of a
-    :class:`apps.benchmark.BenchmarkResult` as a text table."""
+    :class:`BenchmarkResult` as a text table; given the
+    demo's :class:`apps.demo.DemoSummary`, inside the demo's table: the
+    accuracy and speed of every form, the run's files and its steps."""
     width = max(len(t.name) for t in result.timings)
     lines = [
         _describe(result.settings),
@@ -58,7 +155,68 @@ def format_report(result):
         lines.append(f'  {c.part}: {c.candidate} vs {c.reference}: max rel '
                      f'error {c.max_rel_error:.1e} (limit {c.limit:.1e})'
                      f'{labels}: {_verdict(c)}')
+    if summary is not None:
+        lines = _demo_head(summary, result) + lines + _demo_tail(summary)
     return '\n'.join(lines)
+
+
+def _speeds(result):
+    """Speed of each segmentor form of our model over its PyTorch deploy
+    form (median of per-round ratios)."""
+    ours = {
+        t.form: t
+        for t in result.timings
+        if t.part == 'segmentor' and t.model == result.timings[0].model
+    }
+    return {
+        form: Ratio.of(timing, ours['deploy']).speedup
+        for form, timing in ours.items()
+    }
+
+
+def _row(form, metrics, speed, agreement=None):
+    agreed = '' if agreement is None else f'{agreement:.2%}'
+    shown = '' if speed is None else f'{speed:.2f}x'
+    return (f'{form:<18} {metrics["mIoU"]:>7.2f} {metrics["mAcc"]:>7.2f} '
+            f'{metrics["aAcc"]:>7.2f} {agreed:>10} {shown:>9}')
+
+
+def _demo_head(summary, result):
+    speeds = _speeds(result)
+    lines = [
+        '=' * 72,
+        f'RepVGG demo: {osp.basename(summary.config)}',
+        f'data: {summary.data}',
+        f'trained {summary.iters} iterations: {summary.checkpoint}',
+        f'deploy pair: {summary.deploy_checkpoint} + .py',
+        f'{"form":<18} {"mIoU":>7} {"mAcc":>7} {"aAcc":>7} '
+        f'{"=fp32 px":>10} {"speed":>9}',
+    ]
+    lines += [
+        _row(f'torch {form}', summary.metrics[form], speeds.get(form))
+        for form in ('train', 'deploy')
+    ]
+    lines += [
+        _row(form, metrics, speeds.get(form), metrics['agreement'])
+        for form, metrics in summary.engines.items()
+    ]
+    if summary.majority_class_miou is not None:
+        lines.append(f'{"majority class":<18} '
+                     f'{summary.majority_class_miou:>7.2f}')
+    return lines + [
+        'speed: of the segmentor, over PyTorch deploy; =fp32 px: int8 '
+        'labels equal to fp32 ones, on the val set',
+        'same mIoU for both torch forms: ' +
+        ('yes' if summary.same_miou else 'NO')
+    ]
+
+
+def _demo_tail(summary):
+    return [
+        f'speed chart: {summary.chart}', 'seconds per step: ' +
+        ', '.join(f'{step} {value:.0f}'
+                  for step, value in summary.seconds.items()), '=' * 72
+    ]
 
 
 def write_json(data, path, force=True):

@@ -1,4 +1,5 @@
-"""mmpretrain's RepVGG, loaded for comparisons without importing mmpretrain.
+"""mmpretrain's RepVGG, loaded for the compatibility tests without importing
+mmpretrain.
 
 Importing mmpretrain imports all of it, torchvision included, which does
 not import beside every torch build. So only its backbone module and the
@@ -53,16 +54,3 @@ def load_mmpretrain_repvgg():
             if name.split('.')[0] == 'mmpretrain':
                 del sys.modules[name]
         sys.modules.update(saved)
-
-
-def build_mmpretrain_backbone(backbone_cfg):
-    """mmpretrain's deployed RepVGG with the settings of our backbone
-    config (arch, strides, dilations, out indices), in eval mode."""
-    keys = ('arch', 'strides', 'dilations', 'out_indices')
-    backbone = load_mmpretrain_repvgg()(
-        **{
-            k: backbone_cfg[k]
-            for k in keys if k in backbone_cfg
-        }, deploy=True)
-    backbone.eval()  # its train() returns None
-    return backbone
