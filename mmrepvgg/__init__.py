@@ -1,9 +1,9 @@
 """RepVGG for the OpenMMLab toolboxes.
 
-With the OpenMMLab stack installed (torch, mmengine, mmseg), importing the
-package registers :class:`RepVGG` and its blocks in mmseg's and mmdet's
-model registries and lets mmengine checkpoints load under torch's safe
-unpickler. The road to deployment (:mod:`mmrepvgg.deploy`) is imported on
+With the OpenMMLab stack installed (torch, mmcv, mmengine, mmseg),
+importing the package registers :class:`RepVGG` and its blocks in mmseg's
+and mmdet's model registries and lets mmengine checkpoints load under
+torch's safe unpickler. The road to deployment (:mod:`mmrepvgg.deploy`) is imported on
 first use. Without the stack (``pip install "mmrepvgg[runtime]"``) only
 :mod:`mmrepvgg.runtime`, :mod:`mmrepvgg.errors` and the version are there.
 """
@@ -13,7 +13,7 @@ import importlib.util
 from .errors import MMRepVGGError
 from .version import __version__
 
-_STACK = ('torch', 'mmengine', 'mmseg')
+_STACK = ('torch', 'mmcv', 'mmengine', 'mmseg')
 _DEPLOY = ('switch_to_deploy', 'reparameterize', 'FoldedPSPHead',
            'fold_psp_heads')
 __all__ = ['MMRepVGGError', '__version__']

@@ -47,8 +47,9 @@ class ExportSettings:
 
     Attributes:
         shape (tuple[int], optional): ``(height, width)`` of the input;
-            None: what the config's test pipeline makes of a Cityscapes
-            frame (1024x2048 for the shipped configs).
+            None: a slide-mode config's crop size, else what the config's
+            test pipeline makes of a Cityscapes frame (1024x2048 for the
+            shipped configs).
         dynamic (bool): Take any input size; the checks run at ``shape``
             and at 3/4 of it.
     """

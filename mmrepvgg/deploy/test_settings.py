@@ -1,13 +1,13 @@
 """What mmseg does around a model at test time, read from its config as
 the runtime's records: the test pipeline's resize and the test mode
 (:class:`~mmrepvgg.runtime.metadata.ResizeStep`,
-:class:`~mmrepvgg.runtime.metadata.TestMode`).
+:class:`~mmrepvgg.runtime.metadata.InferenceMode`).
 
 A step of the test pipeline that the runtime does not reproduce is refused
 at export, instead of giving other labels than mmseg's at run time.
 """
 from ..errors import ConfigError
-from ..runtime.metadata import INTERPOLATIONS, ResizeStep, TestMode
+from ..runtime.metadata import INTERPOLATIONS, ResizeStep, InferenceMode
 
 __all__ = ['test_resize', 'test_mode', 'slide_crop_size']
 
@@ -67,9 +67,9 @@ def test_mode(cfg):
     test_cfg = (cfg.get('model') or {}).get('test_cfg') or {}
     mode = test_cfg.get('mode', 'whole')
     if mode == 'whole':
-        return TestMode()
+        return InferenceMode()
     if mode == 'slide':
-        return TestMode('slide', _pair(test_cfg['crop_size']),
+        return InferenceMode('slide', _pair(test_cfg['crop_size']),
                         _pair(test_cfg['stride']))
     raise ConfigError(f'{cfg.filename}: its test mode {mode!r} is neither '
                       "'whole' nor 'slide'")

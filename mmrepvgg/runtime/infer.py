@@ -213,7 +213,9 @@ class _Outputs:
     vis: bool
 
     def paths(self, name, video=False):
-        paths = [osp.join(self.out_dir, 'pred', f'{name}.png')]
+        """The label map (a video's first) and the overlay of ``name``."""
+        pred = f'{name}_{0:06d}.png' if video else f'{name}.png'
+        paths = [osp.join(self.out_dir, 'pred', pred)]
         if self.vis:
             paths.append(
                 osp.join(self.out_dir, 'vis',
@@ -376,7 +378,10 @@ def _video_writer(path, fps, frame):
 
 
 def _parser():
-    parser = tool_parser(__doc__.split('\n\n')[0])
+    parser = tool_parser(
+        'Segment images, folders, lists and videos with an ONNX model '
+        "exported by mmrepvgg, writing mmseg's pred/ label maps and vis/ "
+        'overlays.')
     parser.add_argument('model', help='ONNX model exported by mmrepvgg')
     parser.add_argument(
         'inputs',
@@ -432,7 +437,7 @@ def _check(args, files, outputs):
 
 def main(argv=None):
     """The ``mmrepvgg-infer`` command (and ``tools/infer.py``)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     files = collect_inputs(args.inputs, args.recursive)
     outputs = _Outputs(args.out_dir, args.opacity, args.force, not args.no_vis)
     settings = _check(args, files, outputs)

@@ -15,7 +15,7 @@ from ..version import __version__
 
 __all__ = [
     'INT8_SCHEMES', 'INTERPOLATIONS', 'plain_data_problem', 'DatasetMeta',
-    'ConvSensitivity', 'ResizeStep', 'TestMode', 'ExportedModelInfo'
+    'ConvSensitivity', 'ResizeStep', 'InferenceMode', 'ExportedModelInfo'
 ]
 
 # Limits of the metadata: far above what an export writes.
@@ -172,7 +172,7 @@ class ResizeStep:
 
 
 @dataclass
-class TestMode:
+class InferenceMode:
     """How mmseg runs the model over an image (the config's
     ``model.test_cfg``).
 
@@ -218,7 +218,7 @@ class ExportedModelInfo:
         align_corners (bool): How the logits are resized, as mmseg does.
         resize (ResizeStep, optional): The test pipeline's resize; None
             (and in files written before it was recorded): none.
-        test_mode (TestMode): Whole-image or sliding-window inference;
+        test_mode (InferenceMode): Whole-image or sliding-window inference;
             whole in files written before it was recorded.
         precision (str): ``'fp32'`` or ``'int8'``.
         source (str): The checkpoint's file name.
@@ -244,7 +244,7 @@ class ExportedModelInfo:
     input_size: Optional[List[int]]
     align_corners: bool
     resize: Optional[ResizeStep] = None
-    test_mode: TestMode = field(default_factory=TestMode)
+    test_mode: InferenceMode = field(default_factory=InferenceMode)
     precision: str = 'fp32'
     source: str = ''
     source_sha256: str = ''
@@ -315,7 +315,7 @@ def _parse_records(values, source):
         values['resize'] = _record(ResizeStep, values['resize'], 'resize',
                                    source)
     if 'test_mode' in values:
-        values['test_mode'] = _record(TestMode, values['test_mode'],
+        values['test_mode'] = _record(InferenceMode, values['test_mode'],
                                       'test_mode', source)
     sensitivity = values.get('sensitivity', [])
     if not (isinstance(sensitivity, list) and len(sensitivity) <= _MAX_CONVS):

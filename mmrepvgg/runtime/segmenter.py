@@ -240,7 +240,10 @@ class Segmenter:
         return np.stack(
             [_labels(one, size, self.info.align_corners) for one in logits])
 
-    def _model_size(self, size):
+    def model_size(self, size):
+        """The size the graph runs a whole image of ``size`` at: the
+        model's input size, or for a model of any size, ``size`` brought
+        within :data:`RUN_PIXELS`."""
         if self.info.input_size:
             return tuple(self.info.input_size)
         return fit_within(size, RUN_PIXELS)
@@ -250,7 +253,7 @@ class Segmenter:
         images runs them resized to its own, and its logits are resized
         back."""
         size = images.shape[2:]
-        model_size = self._model_size(size)
+        model_size = self.model_size(size)
         if model_size == tuple(size):
             return tuple(self.engine(images))
         resized = [
