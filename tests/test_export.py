@@ -211,8 +211,8 @@ def test_infer_writes_label_maps_and_overlays_in_the_palette(
     assert sorted(os.listdir(tmp_path)) == ['pred', 'vis']
     assert os.listdir(tmp_path / 'pred') == [f'{stem}.png']
     assert os.listdir(tmp_path / 'vis') == [f'{stem}.png']
-    labels = cv2.imread(str(tmp_path / 'pred' / f'{stem}.png'),
-                        cv2.IMREAD_UNCHANGED)
+    labels = cv2.imread(
+        str(tmp_path / 'pred' / f'{stem}.png'), cv2.IMREAD_UNCHANGED)
     segmenter = Segmenter(str(out))
     expected = segmenter(cv2.imread(image))
     assert np.array_equal(labels, expected)

@@ -35,11 +35,11 @@ from mmrepvgg.deploy.logits import run_on_images
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.runtime import Segmenter
 from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
                           Distillation, activation_quantizers, fold_conv_norms,
                           use_qat)
 from mmrepvgg.runner import build_runner
+from mmrepvgg.runtime import Segmenter
 
 QAT_ITERS = 4
 # QAT fine-tunes: at the toy config's training rate (1e-2) the fake-quantized

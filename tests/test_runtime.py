@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_refused, logged_metrics, output, run,
-                     run_tool_here, snapshot)
+from helpers import (assert_refused, logged_metrics, output, run_tool_here,
+                     snapshot)
 from mmrepvgg.deploy import reparameterize
 from mmrepvgg.deploy.export import ExportSettings, export_onnx
 from mmrepvgg.deploy.pair import deploy_config_path
 from mmrepvgg.errors import MetadataError
 from mmrepvgg.runtime import ExportedModelInfo, Segmenter, read_model
-from mmrepvgg.runtime.metadata import ResizeStep, InferenceMode
+from mmrepvgg.runtime.metadata import InferenceMode, ResizeStep
 from mmrepvgg.runtime.segmenter import resize_logits, resized_size
 
 # What must agree with mmseg: near-ties of fp32 logits may move a pixel.
@@ -137,7 +137,8 @@ def test_slide_mode_predicts_what_mmseg_does(deploy_pair, sliding, images):
     segmenter = Segmenter(model, batch=3)
     # Exported at its windows' size, slid over images of any size.
     assert segmenter.info.input_size == [48, 96]
-    assert segmenter.info.test_mode == InferenceMode('slide', [48, 96], [32, 64])
+    assert segmenter.info.test_mode == InferenceMode('slide', [48, 96],
+                                                     [32, 64])
     tall = [p for p in images if '90x70' not in p]  # narrower than a window
     expected = _mmseg_labels(config, deploy_pair[1], tall)
     _assert_agree(segmenter, expected, tall)
@@ -145,8 +146,7 @@ def test_slide_mode_predicts_what_mmseg_does(deploy_pair, sliding, images):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_int8_labels_are_those_tools_test_computes(trained_pspnet,
-                                                   tmp_path):
+def test_int8_labels_are_those_tools_test_computes(trained_pspnet, tmp_path):
     from mmengine.config import Config
     from mmseg.apis import inference_model
 
@@ -176,8 +176,7 @@ def _miou(pred_dir, data_root):
         stem = path.replace('_leftImg8bit.png', '')
         gt = cv2.imread(
             osp.join(data_root, 'gtFine', 'val', 'toytown',
-                     f'{stem}_gtFine_labelTrainIds.png'),
-            cv2.IMREAD_UNCHANGED)
+                     f'{stem}_gtFine_labelTrainIds.png'), cv2.IMREAD_UNCHANGED)
         pred = cv2.imread(osp.join(pred_dir, path), cv2.IMREAD_UNCHANGED)
         results.append(
             metric.intersect_and_union(
@@ -221,8 +220,8 @@ def test_resize_sizes_are_mmcvs():
 @pytest.mark.parametrize('align_corners', [False, True])
 def test_logits_are_resized_as_mmseg_resizes_them(align_corners):
     from mmseg.models.utils import resize
-    logits = np.random.default_rng(0).normal(size=(5, 13, 29)).astype(
-        np.float32)
+    logits = np.random.default_rng(0).normal(size=(5, 13,
+                                                   29)).astype(np.float32)
     for size in ((64, 100), (7, 11), (13, 29), (1, 40)):
         expected = resize(
             torch.from_numpy(logits)[None],
@@ -238,7 +237,9 @@ def test_logits_are_resized_as_mmseg_resizes_them(align_corners):
 
 def test_old_model_files_read_with_the_defaults():
     props = dict(
-        classes='["road"]', palette='[]', align_corners='false',
+        classes='["road"]',
+        palette='[]',
+        align_corners='false',
         input_size='null')
     info = ExportedModelInfo.from_props(props)
     assert info.resize is None and info.test_mode == InferenceMode()
@@ -262,7 +263,9 @@ def test_old_model_files_read_with_the_defaults():
 ])
 def test_malformed_inference_metadata_is_refused(props, message):
     base = dict(
-        classes='["road"]', palette='[]', align_corners='false',
+        classes='["road"]',
+        palette='[]',
+        align_corners='false',
         input_size='null')
     with pytest.raises(MetadataError, match=f'its metadata {message} is'):
         ExportedModelInfo.from_props(dict(base, **props))
@@ -376,8 +379,10 @@ def test_infer_writes_label_frames_and_an_overlay_video(
                            tmp_path / 'out')
     assert result.returncode == 0, output(result)
     frames = len(trained_pspnet.val_images)
-    assert _written(tmp_path / 'out') == sorted(
-        [f'pred/clip_{i:06d}.png' for i in range(frames)] + ['vis/clip.mp4'])
+    assert _written(
+        tmp_path /
+        'out') == sorted([f'pred/clip_{i:06d}.png'
+                          for i in range(frames)] + ['vis/clip.mp4'])
     capture = cv2.VideoCapture(str(tmp_path / 'out' / 'vis' / 'clip.mp4'))
     assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == frames
 
@@ -394,8 +399,8 @@ def test_infer_refuses_bad_arguments_in_one_line(exported, inputs, arguments,
                                                  message, monkeypatch):
     monkeypatch.chdir(inputs.parent)
     before = snapshot(inputs.parent)
-    result = run_tool_here('infer.py', exported[0], 'in/img0.png',
-                           *arguments, '--out-dir', 'out')
+    result = run_tool_here('infer.py', exported[0], 'in/img0.png', *arguments,
+                           '--out-dir', 'out')
     assert_refused(result, message, inputs.parent, before)
 
 
@@ -414,6 +419,7 @@ def test_infer_never_overwrites_without_force(exported, inputs, monkeypatch):
 
 def test_a_cut_model_or_one_with_external_data_is_refused(exported, tmp_path):
     import onnx
+
     from mmrepvgg.errors import UsageError
     data = open(exported[0], 'rb').read()
     cut = tmp_path / 'cut.onnx'

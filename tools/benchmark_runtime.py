@@ -10,18 +10,18 @@ Example::
     python tools/benchmark_runtime.py CONFIG CHECKPOINT WORK_DIR \\
         --runtime-python RUNTIME_VENV/bin/python --images 64
 """
-import apps.interrupts  # noqa: F401  (before the heavy imports)
 import argparse
 import os
 import os.path as osp
 import re
 import subprocess
 import sys
-import sysconfig
 import time
 
 import cv2
 import numpy as np
+
+import apps.interrupts  # noqa: F401  (before the heavy imports)
 
 # A fresh process to the first label map, each way.
 RUNTIME_FIRST = '''
@@ -58,17 +58,17 @@ print((len(images) - 1) / (time.perf_counter() - start))
 
 def _folder_bytes(folder):
     return sum(
-        osp.getsize(osp.join(root, name))
-        for root, _, names in os.walk(folder) for name in names
-        if not osp.islink(osp.join(root, name)))
+        osp.getsize(osp.join(root, name)) for root, _, names in os.walk(folder)
+        for name in names if not osp.islink(osp.join(root, name)))
 
 
 def _site_packages(python):
-    return subprocess.run(
-        [python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
-        capture_output=True,
-        text=True,
-        check=True).stdout.strip()
+    return subprocess.run([
+        python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'
+    ],
+                          capture_output=True,
+                          text=True,
+                          check=True).stdout.strip()
 
 
 def _timed(command):
@@ -116,8 +116,7 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     config, deploy, model = _deploy_and_export(args.config, args.checkpoint,
                                                args.work_dir)
-    frames = _frames(
-        osp.join(args.work_dir, 'frames'), args.images, args.size)
+    frames = _frames(osp.join(args.work_dir, 'frames'), args.images, args.size)
     first = osp.join(frames, sorted(os.listdir(frames))[0])
 
     sizes = [

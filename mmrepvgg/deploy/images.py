@@ -6,7 +6,6 @@ Every image a tool reads goes through the runtime's :func:`read_image`
 header before decoding it; every model input a tool checks or runs stays
 within :data:`MAX_INPUT_PIXELS`.
 """
-import os.path as osp
 
 import mmcv
 import numpy as np

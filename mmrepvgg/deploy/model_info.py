@@ -5,8 +5,7 @@ What the metadata says, and the checks of a model file, are the runtime's
 they are imported from there, so that reading a model needs neither onnx
 nor torch. Writing it needs onnx.
 """
-from ..runtime.metadata import (INT8_SCHEMES, ConvSensitivity,
-                                ExportedModelInfo)
+from ..runtime.metadata import INT8_SCHEMES, ConvSensitivity, ExportedModelInfo
 from ..runtime.model_file import (INPUT, MAX_MODEL_BYTES, OUTPUTS, ModelFile,
                                   read_model)
 

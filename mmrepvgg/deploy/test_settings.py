@@ -7,7 +7,7 @@ A step of the test pipeline that the runtime does not reproduce is refused
 at export, instead of giving other labels than mmseg's at run time.
 """
 from ..errors import ConfigError
-from ..runtime.metadata import INTERPOLATIONS, ResizeStep, InferenceMode
+from ..runtime.metadata import INTERPOLATIONS, InferenceMode, ResizeStep
 
 __all__ = ['test_resize', 'test_mode', 'slide_crop_size']
 
@@ -70,7 +70,7 @@ def test_mode(cfg):
         return InferenceMode()
     if mode == 'slide':
         return InferenceMode('slide', _pair(test_cfg['crop_size']),
-                        _pair(test_cfg['stride']))
+                             _pair(test_cfg['stride']))
     raise ConfigError(f'{cfg.filename}: its test mode {mode!r} is neither '
                       "'whole' nor 'slide'")
 
