@@ -4,8 +4,9 @@ With the OpenMMLab stack installed (torch, mmcv, mmengine, mmseg),
 importing the package registers :class:`RepVGG` and its blocks in mmseg's
 and mmdet's model registries and lets mmengine checkpoints load under
 torch's safe unpickler. The road to deployment (:mod:`mmrepvgg.deploy`)
-is imported on first use. Without the stack (``pip install "mmrepvgg[runtime]"``) only
-:mod:`mmrepvgg.runtime`, :mod:`mmrepvgg.errors` and the version are there.
+is imported on first use. Without the stack (``pip install
+"mmrepvgg[runtime]"``) only :mod:`mmrepvgg.runtime`, :mod:`mmrepvgg.errors`
+and the version are there.
 """
 import importlib
 import importlib.util
