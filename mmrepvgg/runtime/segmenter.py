@@ -144,16 +144,17 @@ def _as_batch(images):
 def _windows(size, crop_size, stride):
     """The windows of mmseg's ``slide_inference`` over ``size``, as
     ``(top, bottom, left, right)``."""
-    (height, width), (crop_h, crop_w), (stride_h, stride_w) = (size, crop_size,
-                                                               stride)
+    height, width = size
+    crop_h, crop_w = crop_size
+    stride_h, stride_w = stride
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     columns = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
     for row in range(rows):
         for column in range(columns):
             bottom = min(row * stride_h + crop_h, height)
             right = min(column * stride_w + crop_w, width)
-            yield (max(bottom - crop_h, 0), bottom, max(right - crop_w,
-                                                        0), right)
+            top, left = max(bottom - crop_h, 0), max(right - crop_w, 0)
+            yield top, bottom, left, right
 
 
 class Segmenter:
