@@ -24,6 +24,8 @@ WHEELHOUSE = os.environ.get(
     osp.join(
         os.environ.get('XDG_CACHE_HOME', osp.expanduser('~/.cache')),
         'mmrepvgg', 'wheelhouse'))
+# The venv's own packages only: none of a checkout on PYTHONPATH.
+VENV_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
 # What the runtime must not pull.
 STACK = ('torch', 'mmcv', 'mmcv-lite', 'mmengine', 'mmsegmentation', 'mmdet',
          'onnx', 'openvino')
@@ -45,16 +47,30 @@ def runtime_venv(tmp_path_factory):
     venv = root / 'venv'
     created = run(sys.executable, '-m', 'venv', venv)
     assert created.returncode == 0, output(created)
-    installed = run(venv / 'bin' / 'python', '-m', 'pip', 'install',
-                    '--disable-pip-version-check', '--no-index',
-                    '--find-links', WHEELHOUSE, f'{wheel}[runtime]')
+    installed = run(
+        venv / 'bin' / 'python',
+        '-m',
+        'pip',
+        'install',
+        '--disable-pip-version-check',
+        '--no-index',
+        '--find-links',
+        WHEELHOUSE,
+        f'{wheel}[runtime]',
+        env=VENV_ENV)
     assert installed.returncode == 0, output(installed)
     return venv
 
 
 def test_the_runtime_installs_without_the_stack(runtime_venv):
-    listed = run(runtime_venv / 'bin' / 'python', '-m', 'pip', 'list',
-                 '--format=freeze', '--disable-pip-version-check')
+    listed = run(
+        runtime_venv / 'bin' / 'python',
+        '-m',
+        'pip',
+        'list',
+        '--format=freeze',
+        '--disable-pip-version-check',
+        env=VENV_ENV)
     assert listed.returncode == 0, output(listed)
     names = {
         line.split('==')[0].lower()
@@ -62,6 +78,13 @@ def test_the_runtime_installs_without_the_stack(runtime_venv):
     }
     assert {'mmrepvgg', 'onnxruntime', 'opencv-python-headless'} <= names
     assert not names & set(STACK), names & set(STACK)
+    imported = run(
+        runtime_venv / 'bin' / 'python',
+        '-c',
+        'import mmrepvgg; print(mmrepvgg.__file__)',
+        env=VENV_ENV,
+        cwd=runtime_venv)
+    assert imported.stdout.startswith(str(runtime_venv)), output(imported)
 
 
 def test_mmrepvgg_infer_segments_the_val_images(runtime_venv, exported,
@@ -73,6 +96,7 @@ def test_mmrepvgg_infer_segments_the_val_images(runtime_venv, exported,
         osp.dirname(trained_pspnet.val_images[0]),
         '--out-dir',
         tmp_path,
+        env=VENV_ENV,
         cwd=tmp_path)
     assert result.returncode == 0, output(result)
     assert 'images/s' in result.stdout
