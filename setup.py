@@ -17,6 +17,12 @@ def read_version():
     return namespace['__version__']
 
 
+def requirements(name):
+    """The requirements listed in ``requirements/<name>.txt``."""
+    with open(osp.join(ROOT, 'requirements', f'{name}.txt')) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def add_mim_extension():
     """Put the configs and tools into ``mmrepvgg/.mim``, as mmseg does: as
     links for an editable install, as copies for a wheel or an sdist."""
@@ -58,25 +64,21 @@ setup(
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
     package_data={'mmrepvgg': ['.mim/**/*']},
     python_requires='>=3.9',
-    install_requires=[
-        'mmengine>=0.10.0,<0.11.0',
-        'mmcv>=2.0.0rc4,<2.2.0',
-        'mmsegmentation>=1.0.0,<2.0.0',
-    ],
+    # As OpenMMLab's packages do, torch and mmcv are not pulled: torch is
+    # the user's own build, and mim installs mmcv (with mmengine and mmseg,
+    # the [mim] extra) prebuilt for it. The runtime needs neither.
+    install_requires=['numpy'],
     extras_require={
+        'runtime': requirements('runtime'),
+        'openvino': requirements('runtime') + ['openvino>=2026.4'],
+        'mim': requirements('mminstall'),
         'det': ['mmdet>=3.0.0,<4.0.0'],
-        'deploy': [
-            'onnx>=1.23', 'onnxscript>=0.7', 'onnxruntime>=1.32',
-            'openvino>=2026.4'
-        ],
-        'tests': [
-            'pytest', 'pycocotools', 'mmdet>=3.0.0,<4.0.0', 'matplotlib',
-            'prettytable', 'onnx>=1.23', 'onnxscript>=0.7',
-            'onnxruntime>=1.32', 'openvino>=2026.4', 'vermin'
-        ],
-        'mim': ['openmim>=0.3.9'],
-        # What docs/conf.py loads; autodoc also imports the package.
-        'docs': ['sphinx>=7.4', 'myst-parser>=3.0', 'furo>=2024.1.29'],
+        'deploy': requirements('deploy'),
+        'tests': requirements('tests') + requirements('deploy'),
+        'docs': requirements('docs'),
+    },
+    entry_points={
+        'console_scripts': ['mmrepvgg-infer = mmrepvgg.runtime.infer:console'],
     },
     zip_safe=False,
 )

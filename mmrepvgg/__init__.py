@@ -1,29 +1,37 @@
 """RepVGG for the OpenMMLab toolboxes.
 
-Importing the package registers :class:`RepVGG` and its blocks in mmseg's
+With the OpenMMLab stack installed (torch, mmcv, mmengine, mmseg),
+importing the package registers :class:`RepVGG` and its blocks in mmseg's
 and mmdet's model registries and lets mmengine checkpoints load under
-torch's safe unpickler. The road to deployment (:mod:`mmrepvgg.deploy`) is
-imported on first use.
+torch's safe unpickler. The road to deployment (:mod:`mmrepvgg.deploy`)
+is imported on first use. Without the stack (``pip install
+"mmrepvgg[runtime]"``) only :mod:`mmrepvgg.runtime`, :mod:`mmrepvgg.errors`
+and the version are there.
 """
 import importlib
+import importlib.util
 
-from .checkpoint import allow_mmengine_checkpoints
 from .errors import MMRepVGGError
-from .models import QARepVGGBlock, RepVGG, RepVGGBlock, fuse_conv_bn
 from .version import __version__
 
-allow_mmengine_checkpoints()
-
+_STACK = ('torch', 'mmcv', 'mmengine', 'mmseg')
 _DEPLOY = ('switch_to_deploy', 'reparameterize', 'FoldedPSPHead',
            'fold_psp_heads')
-__all__ = [
-    'RepVGG', 'RepVGGBlock', 'QARepVGGBlock', 'fuse_conv_bn', *_DEPLOY,
-    'allow_mmengine_checkpoints', 'MMRepVGGError', '__version__'
-]
+__all__ = ['MMRepVGGError', '__version__']
+
+if all(importlib.util.find_spec(name) for name in _STACK):
+    from .checkpoint import allow_mmengine_checkpoints
+    from .models import QARepVGGBlock, RepVGG, RepVGGBlock, fuse_conv_bn
+
+    allow_mmengine_checkpoints()
+    __all__ += [
+        'RepVGG', 'RepVGGBlock', 'QARepVGGBlock', 'fuse_conv_bn', *_DEPLOY,
+        'allow_mmengine_checkpoints'
+    ]
 
 
 def __getattr__(name):
-    if name not in _DEPLOY:
+    if name not in _DEPLOY or name not in __all__:
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
     return getattr(importlib.import_module('.deploy', __name__), name)
 

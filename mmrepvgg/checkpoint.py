@@ -21,11 +21,12 @@ import torch
 from mmengine.logging import HistoryBuffer
 
 from .errors import CheckpointError, first_keys, first_line
+from .runtime.metadata import plain_data_problem
 
 __all__ = [
     'allow_mmengine_checkpoints', 'Checkpoint', 'load_checkpoint',
-    'read_checkpoint', 'weights_of', 'plain_data_problem', 'checkpoint_meta',
-    'load_weights', 'MMENGINE_CHECKPOINT_GLOBALS'
+    'read_checkpoint', 'weights_of', 'checkpoint_meta', 'load_weights',
+    'MMENGINE_CHECKPOINT_GLOBALS'
 ]
 
 _MULTIARRAY = getattr(np, '_core', None) or np.core
@@ -259,27 +260,6 @@ def weights_of(checkpoint, path='checkpoint'):
 _MAX_META_DEPTH = 32
 _PLAIN_VALUES = (str, bytes, int, float, bool, type(None), np.generic,
                  np.ndarray, torch.Tensor)
-
-
-def plain_data_problem(value, max_depth, leaf_types):
-    """What keeps ``value`` from being plain data (dicts with string keys,
-    lists and tuples, of ``leaf_types``, nested at most ``max_depth``
-    deep), as words that follow "it"; None if nothing does. It is walked
-    without recursion, so no nesting can exhaust the stack."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            return f'is nested deeper than {max_depth} levels'
-        if isinstance(node, dict):
-            if not all(isinstance(k, str) for k in node):
-                return 'has keys that are not strings'
-            stack += [(v, depth + 1) for v in node.values()]
-        elif isinstance(node, (list, tuple)):
-            stack += [(v, depth + 1) for v in node]
-        elif not isinstance(node, leaf_types):
-            return f'holds a {type(node).__name__}'
-    return None
 
 
 def checkpoint_meta(checkpoint, path='checkpoint'):

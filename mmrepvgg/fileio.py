@@ -18,8 +18,6 @@ import signal
 import threading
 from contextlib import contextmanager
 
-import torch
-
 from .errors import UsageError
 
 __all__ = ['check_output_path', 'serialize', 'write_files']
@@ -53,6 +51,9 @@ def check_output_path(out, inputs=(), force=False):
 
 def serialize(obj):
     """``torch.save(obj)`` as bytes."""
+    # Imported here: the runtime writes its files with this module, and
+    # has no torch.
+    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()

@@ -6,6 +6,7 @@ import json
 import os
 import os.path as osp
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def run(*command, env=None, cwd=REPO_ROOT, timeout=900):
                           cwd=cwd,
                           env=env,
                           timeout=timeout)
+
+
+def copy_of_the_sources(target):
+    """The repository without what builds and tests leave in it: building
+    a wheel writes ``mmrepvgg/.mim`` into the source tree."""
+    shutil.copytree(
+        REPO_ROOT,
+        target,
+        ignore=shutil.ignore_patterns('.git', '__pycache__', '*.egg-info',
+                                      'build', 'work_dirs', '.mim', '*.pth'))
+    return target
 
 
 def run_tool(name, *args, **kwargs):

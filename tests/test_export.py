@@ -15,7 +15,7 @@ import torch
 from helpers import (REPO_ROOT, assert_fp32_close, logged_metrics, output,
                      random_checkpoint, run_tool_here)
 from mmrepvgg.config import read_config
-from mmrepvgg.deploy import deploy_model, engines, export_onnx
+from mmrepvgg.deploy import deploy_model, export_onnx
 from mmrepvgg.deploy.compare import compare_labels, fp32_and_exact
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.export import ExportSettings
@@ -24,6 +24,8 @@ from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.errors import (ConfigError, MetadataError, UsageError,
                              VerificationError)
+from mmrepvgg.runtime import Segmenter
+from mmrepvgg.runtime import segmenter as segmenter_module
 
 SEGMENTORS = sorted(
     osp.relpath(path, REPO_ROOT)
@@ -128,9 +130,10 @@ def test_dynamic_export_runs_at_any_size(config, tmp_path, monkeypatch):
             label_flips(engine, model, images(size))
     # Images larger than it runs at are brought down, and their labels
     # back up from the logits, as mmseg resizes them.
-    monkeypatch.setattr(engines, 'RUN_PIXELS', 48 * 96)
+    monkeypatch.setattr(segmenter_module, 'RUN_PIXELS', 48 * 96)
     image = np.random.default_rng(0).integers(0, 256, (96, 192, 3), np.uint8)
-    assert engine.model_size(image.shape[:2]) == (48, 96)
+    segmenter = Segmenter(engine)
+    assert segmenter.model_size(image.shape[:2]) == (48, 96)
     logits, _ = engine(as_batch(image, (48, 96)).numpy())
     resized = torch.nn.functional.interpolate(
         torch.from_numpy(logits).double(), (96, 192),
@@ -138,7 +141,7 @@ def test_dynamic_export_runs_at_any_size(config, tmp_path, monkeypatch):
         align_corners=engine.info.align_corners)
     # The sampling positions are float32: 192 * 2**-24 of a pixel off.
     flips = compare_labels(
-        torch.from_numpy(engine.predict(image))[None], resized, 1e-5)
+        torch.from_numpy(segmenter(image))[None], resized, 1e-5)
     assert flips.untied == 0
 
 
@@ -198,28 +201,30 @@ def test_onnx_model_evaluates_like_its_checkpoint(trained_pspnet, exported,
 
 
 @pytest.mark.integration
-def test_infer_writes_label_maps_in_the_palette(trained_pspnet, exported,
-                                                tmp_path):
+def test_infer_writes_label_maps_and_overlays_in_the_palette(
+        trained_pspnet, exported, tmp_path):
     out, _ = exported
     image = trained_pspnet.val_images[0]
     result = run_tool_here('infer.py', out, image, '--out-dir', tmp_path)
     assert result.returncode == 0, output(result)
     stem = osp.splitext(osp.basename(image))[0]
-    assert sorted(
-        os.listdir(tmp_path)) == [f'{stem}_labels.png', f'{stem}_overlay.png']
-    labels = cv2.imread(str(tmp_path / f'{stem}_labels.png'))
-    engine = SegmentationEngine(str(out))
-    expected = engine.predict(cv2.imread(image))
-    palette = np.asarray(engine.info.palette, np.uint8)[:, ::-1]
-    assert np.array_equal(labels, palette[expected])
-    overlay = cv2.imread(str(tmp_path / f'{stem}_overlay.png'))
+    assert sorted(os.listdir(tmp_path)) == ['pred', 'vis']
+    assert os.listdir(tmp_path / 'pred') == [f'{stem}.png']
+    assert os.listdir(tmp_path / 'vis') == [f'{stem}.png']
+    labels = cv2.imread(
+        str(tmp_path / 'pred' / f'{stem}.png'), cv2.IMREAD_UNCHANGED)
+    segmenter = Segmenter(str(out))
+    expected = segmenter(cv2.imread(image))
+    assert np.array_equal(labels, expected)
+    palette = np.asarray(segmenter.info.palette, np.uint8)[:, ::-1]
+    overlay = cv2.imread(str(tmp_path / 'vis' / f'{stem}.png'))
     blend = (cv2.imread(image) * 0.5 + palette[expected] * 0.5 + 0.5)
     assert np.array_equal(overlay, blend.astype(np.uint8))
 
     again = run_tool_here('infer.py', out, image, '--out-dir', tmp_path)
     assert again.returncode == 1
     assert again.stderr.strip().endswith(
-        '_labels.png: already exists; pass --force to overwrite it')
+        f'pred/{stem}.png: already exists; pass --force to overwrite it')
 
 
 def test_engine_refuses_what_it_cannot_run(exported, tmp_path):

@@ -56,13 +56,13 @@ def test_an_image_to_check_on_is_never_the_output(trained_pspnet, folder, tool,
 
 def test_infer_never_writes_over_an_image(exported, folder):
     model, _ = exported
-    # x_labels.png would be written for x.png: it is an input too.
-    shutil.copy(folder / 'x.png', folder / 'x_labels.png')
+    # pred/x.png would be written for pred/x.png itself.
+    (folder / 'pred').mkdir()
+    shutil.copy(folder / 'x.png', folder / 'pred' / 'x.png')
     before = snapshot(folder)
-    result = run_tool_here('infer.py', model, folder / 'x.png',
-                           folder / 'x_labels.png', '--out-dir', folder,
-                           '--force')
-    assert_refused(result, 'x_labels.png: is an input', folder, before)
+    result = run_tool_here('infer.py', model, folder / 'pred' / 'x.png',
+                           '--out-dir', folder, '--force')
+    assert_refused(result, 'pred/x.png: is an input', folder, before)
 
 
 def test_convert_pretrained_never_writes_over_its_source(folder):

@@ -1,11 +1,10 @@
 """mmrepvgg installed from a wheel works outside the repository."""
 import os.path as osp
-import shutil
 import sys
 
 import pytest
 
-from helpers import REPO_ROOT, output, run
+from helpers import copy_of_the_sources, output, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,19 +34,8 @@ print('installed at', osp.dirname(mmrepvgg.__file__))
 '''
 
 
-def _copy_of_the_sources(target):
-    """The repository without what builds and tests leave in it: building
-    a wheel writes ``mmrepvgg/.mim`` into the source tree."""
-    shutil.copytree(
-        REPO_ROOT,
-        target,
-        ignore=shutil.ignore_patterns('.git', '__pycache__', '*.egg-info',
-                                      'build', 'work_dirs', '.mim', '*.pth'))
-    return target
-
-
 def test_wheel_install_imports_converts_and_trains_a_shipped_config(tmp_path):
-    source = _copy_of_the_sources(tmp_path / 'source')
+    source = copy_of_the_sources(tmp_path / 'source')
     venv = tmp_path / 'venv'
     # The toolboxes come from the system; mmrepvgg itself from the wheel.
     created = run(sys.executable, '-m', 'venv', '--system-site-packages', venv)

@@ -28,7 +28,7 @@ from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
 from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.convert import equalize_checked
-from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
+from mmrepvgg.deploy.engines import EngineSettings
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
 from mmrepvgg.deploy.logits import run_on_images
@@ -39,6 +39,7 @@ from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
                           Distillation, activation_quantizers, fold_conv_norms,
                           use_qat)
 from mmrepvgg.runner import build_runner
+from mmrepvgg.runtime import Segmenter
 
 QAT_ITERS = 4
 # QAT fine-tunes: at the toy config's training rate (1e-2) the fake-quantized
@@ -211,13 +212,13 @@ def test_openvino_runs_the_qat_model_in_int8(trained_qarepvgg, qat_export,
         for op in compiled.get_runtime_model().get_ordered_ops()
         if op.get_rt_info()['layerType'].astype(str) == 'Convolution')
     assert precisions['u8'] + precisions['i8'] >= 22, precisions
-    engines = [
-        SegmentationEngine(exported, EngineSettings(backend))
+    segmenters = [
+        Segmenter(exported, EngineSettings(backend))
         for backend in ('onnxruntime', 'openvino')
     ]
     for path in trained_qarepvgg.val_images:
         image = cv2.imread(path)
-        labels = [engine.predict(image) for engine in engines]
+        labels = [segmenter(image) for segmenter in segmenters]
         assert (labels[0] == labels[1]).mean() >= AGREEMENT_FLOOR
 
 

@@ -72,3 +72,16 @@ print(p.dirname(p.dirname(p.realpath(spec.origin))) if spec else "")')
 if [ "$installed_at" != "$ROOT" ]; then
     pip_install --no-deps --no-build-isolation -e "$ROOT"
 fi
+
+# Wheels of the runtime extra (pip install "mmrepvgg[runtime]"), kept in a
+# wheelhouse outside the checkout: tests/test_runtime_venv.py installs the
+# runtime from it into a fresh virtual environment with no network.
+WHEELHOUSE=${MMREPVGG_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheelhouse}
+RUNTIME=("numpy==$("$PYTHON" -c 'import numpy; print(numpy.__version__)')"
+         'onnxruntime==1.32.0' 'opencv-python-headless')
+if ! "$PYTHON" -m pip download --disable-pip-version-check --no-index \
+        --find-links "$WHEELHOUSE" --only-binary :all: -d "$WHEELHOUSE" \
+        "${RUNTIME[@]}" >/dev/null 2>&1; then
+    "$PYTHON" -m pip download --disable-pip-version-check --only-binary :all: \
+        -d "$WHEELHOUSE" "${RUNTIME[@]}"
+fi

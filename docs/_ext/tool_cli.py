@@ -10,6 +10,7 @@ import functools
 import glob
 import importlib.util
 import os.path as osp
+import re
 import signal
 
 from docutils import nodes
@@ -20,6 +21,8 @@ from sphinx.util.docutils import SphinxDirective
 TOOLS = osp.join(
     osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'tools')
 WIDTH = 79
+# A tool's own build_parser, or the library's that it runs.
+DEFINES_PARSER = re.compile(r'^(def|from .* import) build_parser\b', re.M)
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +31,7 @@ def tool_names():
     names = []
     for path in sorted(glob.glob(osp.join(TOOLS, '*.py'))):
         with open(path) as f:
-            if '\ndef build_parser(' in f.read():
+            if DEFINES_PARSER.search(f.read()):
                 names.append(osp.splitext(osp.basename(path))[0])
     return names
 

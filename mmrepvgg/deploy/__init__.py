@@ -15,12 +15,12 @@ One module per concept:
 - :mod:`.graph`: a segmentor as an ONNX graph, with its metadata;
 - :mod:`.export`: ONNX export (fp32, int8, or a QAT checkpoint's int8),
   verified on the engines;
-- :mod:`.model_info`: an exported model's metadata and checks;
+- :mod:`.model_info`: writing an exported model's metadata (reading it
+  and running the model are :mod:`mmrepvgg.runtime`'s);
 - :mod:`.quantize`: calibrated int8;
 - :mod:`.mixed_precision`: each conv's int8 sensitivity, and the convs
   kept in fp32;
-- :mod:`.engines`: ONNX Runtime and OpenVINO;
-- :mod:`.infer`: coloured label maps of image files;
+- :mod:`.engines`: exported models evaluated by mmengine's Runner;
 - :mod:`.folded_psp`: PSPNet's pyramid pooling folded, for inference;
 - :mod:`.modules`: replacing modules, and float64 convolutions within
   memory.
@@ -48,7 +48,6 @@ _HOMES = dict(
     EngineSettings='engines',
     SegmentationEngine='engines',
     EngineSegmentor='engines',
-    segment_images='infer',
     FoldedPSPHead='folded_psp',
     fold_psp_heads='folded_psp',
 )

@@ -30,6 +30,7 @@ from .images import (TestPipeline, as_batch, check_input_size, fit_within,
 from .loading import DEFAULT_CHECK_SIZE, deploy_model
 from .logits import ImageSegmentor
 from .model_info import ExportedModelInfo, read_model
+from .test_settings import slide_crop_size
 
 __all__ = ['ExportSettings', 'ExportResult', 'check_on_engines', 'export_onnx']
 
@@ -46,8 +47,9 @@ class ExportSettings:
 
     Attributes:
         shape (tuple[int], optional): ``(height, width)`` of the input;
-            None: what the config's test pipeline makes of a Cityscapes
-            frame (1024x2048 for the shipped configs).
+            None: a slide-mode config's crop size, else what the config's
+            test pipeline makes of a Cityscapes frame (1024x2048 for the
+            shipped configs).
         dynamic (bool): Take any input size; the checks run at ``shape``
             and at 3/4 of it.
     """
@@ -55,8 +57,9 @@ class ExportSettings:
         default=None,
         metadata=dict(
             metavar=('H', 'W'),
-            help="input height and width (default: what the config's test "
-            'pipeline makes of a 1024x2048 Cityscapes frame)'))
+            help="input height and width (default: a slide-mode config's "
+            "crop size, else what the config's test pipeline makes of a "
+            '1024x2048 Cityscapes frame)'))
     dynamic: bool = field(
         default=False,
         metadata=dict(help='take any input size (checked at the shape and '
@@ -69,8 +72,9 @@ class ExportSettings:
             UsageError: A size the exporter cannot take, or larger than
                 :data:`~mmrepvgg.deploy.images.MAX_INPUT_PIXELS`.
         """
-        size = tuple(self.shape) if self.shape else TestPipeline(
-            cfg).output_size(CITYSCAPES_FRAME)
+        size = tuple(self.shape) if self.shape else (
+            slide_crop_size(cfg)
+            or TestPipeline(cfg).output_size(CITYSCAPES_FRAME))
         check_input_size(size, minimum=_MIN_DYNAMIC if self.dynamic else 1)
         if self.dynamic and max(size) > MAX_DYNAMIC:
             raise UsageError(f'a free height or width is at most '

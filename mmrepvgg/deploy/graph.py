@@ -15,6 +15,7 @@ from .loading import dataset_meta
 from .logits import ImageSegmentor
 from .model_info import INPUT, OUTPUTS, ExportedModelInfo, set_info
 from .modules import replace_modules
+from .test_settings import test_mode, test_resize
 
 __all__ = [
     'OPSET', 'MAX_DYNAMIC', 'SlicedAdaptiveAvgPool2d', 'exportable', 'to_onnx',
@@ -153,10 +154,12 @@ def exported_model_info(cfg, loaded, config, size):
 
     Returns:
         ExportedModelInfo: Classes and palette (from the checkpoint's meta,
-        or the config's test dataset), input size and source.
+        or the config's test dataset), input size, the test pipeline's
+        resize and the test mode, and source.
 
     Raises:
-        ConfigError: Neither names the classes.
+        ConfigError: Neither names the classes, or the test pipeline or
+            mode is one the runtime does not reproduce.
     """
     dataset = dataset_meta(cfg, loaded.checkpoint)
     if dataset is None:
@@ -167,6 +170,8 @@ def exported_model_info(cfg, loaded, config, size):
         palette=[list(c) for c in dataset.palette],
         input_size=list(size) if size else None,
         align_corners=bool(loaded.model.align_corners),
+        resize=test_resize(cfg),
+        test_mode=test_mode(cfg),
         source=osp.basename(loaded.checkpoint.path),
         source_sha256=loaded.checkpoint.sha256,
         config=osp.basename(config))

@@ -1,22 +1,22 @@
-"""Images: reading and checking files, the size limits, batches as the
-exported model takes them, and a config's test pipeline.
+"""Images: the size limits, batches as the exported model takes them, and
+a config's test pipeline.
 
-Every image a tool reads goes through :func:`read_image`, which checks the
-size in the file's header before decoding it; every model input a tool
-checks or runs stays within :data:`MAX_INPUT_PIXELS`.
+Every image a tool reads goes through the runtime's :func:`read_image`
+(:mod:`mmrepvgg.runtime.images`), which checks the size in the file's
+header before decoding it; every model input a tool checks or runs stays
+within :data:`MAX_INPUT_PIXELS`.
 """
-import os.path as osp
 
-import cv2
 import mmcv
 import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, TRANSFORMS
-from PIL import Image
 
 from ..errors import ConfigError, UsageError, first_line
+from ..runtime.images import (MAX_IMAGE_PIXELS, fit_within, image_size,
+                              read_image)
 
 __all__ = [
     'MAX_IMAGE_PIXELS', 'MAX_INPUT_PIXELS', 'image_size', 'read_image',
@@ -24,54 +24,9 @@ __all__ = [
     'TestPipeline', 'dataset_image_paths', 'split_images'
 ]
 
-# A larger image file is not decoded: its header says how large it is.
-MAX_IMAGE_PIXELS = 8192 * 8192
 # The largest input a model is checked or run on: a 2048x2048 input checks
 # PSPNet-RepVGG-B2 in a few GB.
 MAX_INPUT_PIXELS = 2048 * 2048
-# Errors of decoders on files that are no images, or broken ones.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, cv2.error,
-                  Image.DecompressionBombError)
-
-
-def image_size(path):
-    """``(height, width)`` of an image file, from its header.
-
-    Raises:
-        UsageError: The file is missing, no readable image, or larger than
-            :data:`MAX_IMAGE_PIXELS`.
-    """
-    if not osp.isfile(path):
-        raise UsageError(f'{path}: no such file')
-    try:
-        with Image.open(path) as image:  # reads the header only
-            width, height = image.size
-    except _DECODE_ERRORS as error:
-        raise UsageError(
-            f'{path}: not a readable image '
-            f'({type(error).__name__}: {first_line(error)})') from error
-    if width * height > MAX_IMAGE_PIXELS:
-        raise UsageError(f'{path}: {width}x{height} is larger than the '
-                         f'{MAX_IMAGE_PIXELS:,} pixels read at most')
-    return height, width
-
-
-def read_image(path):
-    """An image file as ``mmcv.imread`` reads it: ``(H, W, 3)`` BGR uint8,
-    its size checked first (:func:`image_size`).
-
-    Raises:
-        UsageError: The file is missing, unreadable or too large.
-    """
-    image_size(path)
-    try:
-        image = mmcv.imread(path)
-    except _DECODE_ERRORS as error:
-        raise UsageError(
-            f'{path}: not a readable image ({first_line(error)})') from error
-    if image is None:
-        raise UsageError(f'{path}: not a readable image')
-    return image
 
 
 def as_batch(image, size=None):
@@ -93,16 +48,6 @@ def check_input_size(size, limit=MAX_INPUT_PIXELS, minimum=1):
     if size[0] * size[1] > limit:
         raise UsageError(f'an input of {size[0]}x{size[1]} is larger than '
                          f'the {limit:,} pixels a model is run on at most')
-
-
-def fit_within(size, pixels):
-    """``size`` (height, width), scaled down with its aspect ratio to at
-    most ``pixels``; unchanged if it fits."""
-    height, width = size
-    if height * width <= pixels:
-        return tuple(size)
-    scale = (pixels / (height * width))**0.5
-    return max(1, int(height * scale)), max(1, int(width * scale))
 
 
 def interpolation_matrix(size, length, align_corners, dtype=torch.float64):

@@ -4,88 +4,30 @@ deploy form, with the class names and palette it predicts.
 """
 import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
-import numpy as np
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import DATASETS
 from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from ..config import build_model
-from ..errors import CheckpointError, MetadataError, VerificationError
+from ..errors import CheckpointError, VerificationError
 from ..models.weight_layouts import is_deploy_form
+from ..runtime.metadata import DatasetMeta
 from .compare import Fp32Tolerance
 from .convert import (ConversionCheck, ConversionComparison, deploy_roots,
                       random_input, switch_to_deploy)
 from .images import check_input_size
 
 __all__ = [
-    'DEFAULT_CHECK_SIZE', 'DatasetMeta', 'dataset_meta', 'LoadedModel',
-    'load_model', 'deploy_model'
+    'DEFAULT_CHECK_SIZE', 'dataset_meta', 'LoadedModel', 'load_model',
+    'deploy_model'
 ]
 
 # Small enough to be quick on a CPU, large enough that every tap of a
 # dilation-4 kernel at output stride 8 reads the image.
 DEFAULT_CHECK_SIZE = (64, 128)
-# More classes than any dataset has; a longer list is not metadata.
-_MAX_CLASSES = 65536
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    """The classes a model predicts, and the colour of each.
-
-    Attributes:
-        classes (tuple[str]): Class names, one per logit channel.
-        palette (tuple[tuple[int]]): An RGB colour (0-255) per class, or
-            none at all.
-    """
-    classes: Tuple[str, ...]
-    palette: Tuple[Tuple[int, int, int], ...] = ()
-
-    @classmethod
-    def parse(cls, value, source):
-        """Check mmseg's ``dataset_meta`` (``classes``, optional
-        ``palette``) and make a record of it.
-
-        Raises:
-            MetadataError: Anything else; ``source`` names the file.
-        """
-        if not isinstance(value, dict):
-            raise MetadataError(f'{source}: its dataset metadata is a '
-                                f'{type(value).__name__}, not a dict')
-        classes = value.get('classes')
-        if not (isinstance(classes,
-                           (list, tuple)) and 0 < len(classes) <= _MAX_CLASSES
-                and all(isinstance(c, str) for c in classes)):
-            raise MetadataError(f'{source}: its classes are not a list of '
-                                f'1 to {_MAX_CLASSES} names')
-        palette = value.get('palette') or ()
-        return cls(
-            tuple(classes), _parse_palette(palette, len(classes), source))
-
-
-def _parse_palette(palette, count, source):
-    if not palette:
-        return ()
-    if not (isinstance(palette, (list, tuple)) and len(palette) == count):
-        raise MetadataError(f'{source}: its palette does not hold one colour '
-                            f'for each of its {count} classes')
-    colours = []
-    for colour in palette:
-        if not (isinstance(colour,
-                           (list, tuple, np.ndarray)) and len(colour) == 3
-                and all(_is_byte(value) for value in colour)):
-            raise MetadataError(f'{source}: its palette holds {colour!r:.40},'
-                                ' not an RGB colour of three integers 0-255')
-        colours.append(tuple(int(value) for value in colour))
-    return tuple(colours)
-
-
-def _is_byte(value):
-    return (isinstance(value, (int, np.integer))
-            and not isinstance(value, bool) and 0 <= value <= 255)
 
 
 def dataset_meta(cfg, checkpoint=None):
