@@ -1,16 +1,14 @@
 """Segmentors as ONNX graphs: the form that exports well, the exporter's
 call, and the metadata the graph carries."""
 import copy
-import logging
 import os.path as osp
-import warnings
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..errors import ConfigError, VerificationError
+from ..logs import quiet
 from .loading import dataset_meta
 from .logits import ImageSegmentor
 from .model_info import INPUT, OUTPUTS, ExportedModelInfo, set_info
@@ -76,19 +74,6 @@ def exportable(segmentor):
     return module
 
 
-@contextmanager
-def _quiet_exporter():
-    logger = logging.getLogger('torch.onnx')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def to_onnx(module, size, dynamic=False, info=None):
     """Export an :class:`ImageSegmentor` to ONNX bytes.
 
@@ -111,7 +96,7 @@ def to_onnx(module, size, dynamic=False, info=None):
         })
     # Two images: a batch of one would be specialized to one.
     example = torch.zeros(2, 3, *size)
-    with _quiet_exporter(), torch.no_grad():
+    with quiet('torch.onnx', ignore_warnings=True), torch.no_grad():
         program = torch.onnx.export(
             module, (example, ),
             dynamo=True,

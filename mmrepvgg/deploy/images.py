@@ -11,7 +11,6 @@ import cv2
 import mmcv
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, TRANSFORMS
 from PIL import Image
@@ -20,8 +19,8 @@ from ..errors import ConfigError, UsageError, first_line
 
 __all__ = [
     'MAX_IMAGE_PIXELS', 'MAX_INPUT_PIXELS', 'image_size', 'read_image',
-    'as_batch', 'check_input_size', 'fit_within', 'interpolation_matrix',
-    'TestPipeline', 'dataset_image_paths', 'split_images'
+    'as_batch', 'check_input_size', 'fit_within', 'TestPipeline',
+    'dataset_image_paths', 'split_images'
 ]
 
 # A larger image file is not decoded: its header says how large it is.
@@ -103,14 +102,6 @@ def fit_within(size, pixels):
         return tuple(size)
     scale = (pixels / (height * width))**0.5
     return max(1, int(height * scale)), max(1, int(width * scale))
-
-
-def interpolation_matrix(size, length, align_corners, dtype=torch.float64):
-    """``(size, length)`` weights of linear interpolation from ``length`` to
-    ``size`` samples, as ``F.interpolate`` computes them."""
-    basis = torch.eye(length, dtype=dtype).unsqueeze(0)
-    return F.interpolate(
-        basis, size=size, mode='linear', align_corners=align_corners)[0].T
 
 
 class TestPipeline:

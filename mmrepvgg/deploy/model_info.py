@@ -30,9 +30,10 @@ MAX_MODEL_BYTES = 2**31 - 1
 # Limits of the metadata: far above what an export writes.
 _MAX_VALUE_CHARS = 1 << 20
 _MAX_DEPTH = 16
-_MAX_SIZE = 16384
+# The input sizes an exported model may have (its height and width).
+MIN_SIZE, MAX_SIZE = 8, 16384
 _PRECISIONS = ('fp32', 'int8')
-# How int8 activations are stored: see mmrepvgg.deploy.quantize.
+# How int8 activations are stored: see mmrepvgg.quantization.ptq.
 INT8_SCHEMES = ('cpu', 'tensorrt')
 # Far above the convolutions of any model we export.
 _MAX_CONVS = 4096
@@ -85,7 +86,7 @@ class ExportedModelInfo:
         calibration (dict): For int8 models: the split and number of the
             images its activation ranges were calibrated on.
         agreement (dict): For int8 models: its agreement with the fp32
-            model (:class:`mmrepvgg.deploy.quantize.Agreement`).
+            model (:class:`mmrepvgg.quantization.agreement.Agreement`).
         int8_scheme (str): For int8 models: how activations are stored,
             one of :data:`INT8_SCHEMES`.
         float_convs (list[str]): For int8 models: the convs kept in fp32,
@@ -150,7 +151,7 @@ class ExportedModelInfo:
             ('input_size', self.input_size is None or
              (isinstance(self.input_size, list) and len(self.input_size) == 2
               and all(
-                  type(s) is int and 8 <= s <= _MAX_SIZE
+                  type(s) is int and MIN_SIZE <= s <= MAX_SIZE
                   for s in self.input_size))),
             ('precision', self.precision in _PRECISIONS),
             ('calibration', isinstance(self.calibration, dict)),

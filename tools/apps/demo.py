@@ -5,8 +5,9 @@
 2. ``mim train mmsegmentation`` trains the segmentor (its log is shown).
 3. ``mim test mmsegmentation`` evaluates it; :func:`mmrepvgg.reparameterize`
    converts it; ``mim test`` evaluates the deploy checkpoint and config.
-4. :func:`mmrepvgg.deploy.export_onnx` exports the deploy pair to ONNX (and
-   calibrated int8 if asked), and each engine evaluates it with mmseg's
+4. :func:`mmrepvgg.deploy.export_onnx` exports the deploy pair to ONNX
+   (:func:`mmrepvgg.quantization.ptq.export_int8` in calibrated int8, if
+   asked), and each engine evaluates it with mmseg's
    metrics.
 5. :func:`apps.benchmark.run_benchmark` times train form, deploy form and
    the engines; a summary table and a PNG chart are written.
@@ -25,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from mmrepvgg.deploy.engines import BACKENDS
-from mmrepvgg.deploy.export import ExportSettings, export_onnx
+from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
 from mmrepvgg.deploy.pair import deploy_config_path, reparameterize
-from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
+from mmrepvgg.quantization.ptq import Int8Settings, export_int8
 from mmrepvgg.runner import evaluate
 from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
                               write_toy_config)
@@ -240,18 +241,18 @@ def _convert(settings, train_config, checkpoint, log):
 
 def _export(settings, train_config, checkpoint, precision, log):
     out = osp.join(settings.work_dir, 'onnx', f'model_{precision}.onnx')
-    log(f'exporting with mmrepvgg.deploy.export_onnx, as tools/export.py '
-        f'does{" with --int8" if precision == "int8" else ""}: {out}')
+    log(f'exporting as tools/export.py does'
+        f'{" with --int8" if precision == "int8" else ""}: {out}')
     # The demo reports the int8 agreement rather than refusing a model.
     int8 = Int8Settings(settings.calib_num, settings.num_val,
                         0) if precision == 'int8' else None
-    result = export_onnx(
+    job = ExportJob.checked(
         train_config,
         checkpoint,
         out,
         ExportSettings(None if settings.data_root else settings.image_size),
-        force=settings.force,
-        int8=int8)
+        force=settings.force)
+    result = export_onnx(job) if int8 is None else export_int8(job, int8)
     log(f'the engines vs PyTorch: {result.check.describe()}')
     return out, result.info.agreement
 

@@ -17,8 +17,8 @@ from mmrepvgg.deploy.graph import OPSET, exportable, to_onnx
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import dataset_meta
 from mmrepvgg.deploy.model_info import INPUT, ExportedModelInfo
-from mmrepvgg.deploy.quantize import quantize_int8
 from mmrepvgg.errors import UsageError
+from mmrepvgg.quantization.ptq import quantize_int8
 
 FORM_PRECISIONS = (*PRECISIONS, 'int8')
 # The engines' int8 ceiling is timed on one 3x3 conv of 256 channels with
