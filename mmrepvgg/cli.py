@@ -14,9 +14,10 @@ import signal
 import sys
 import traceback
 import typing
-import warnings
 
 from .errors import MMRepVGGError
+from .fileio import signals_handled
+from .logs import quiet
 
 __all__ = ['tool_parser', 'add_settings', 'settings_from', 'run_cli']
 
@@ -121,33 +122,6 @@ def settings_from(args, settings_cls, prefix='', **overrides):
     return settings_cls(**values)
 
 
-def _show_on_stdout(message, category, filename, lineno, file=None, line=None):
-    sys.stdout.write(
-        warnings.formatwarning(message, category, filename, lineno, line))
-
-
-class _Quiet:
-    """Third-party warnings and log lines go to stdout, so that stderr
-    holds the tool's own error line alone."""
-
-    def __enter__(self):
-        self._showwarning = warnings.showwarning
-        warnings.showwarning = _show_on_stdout
-        self._handler = logging.StreamHandler(sys.stdout)
-        root = logging.getLogger()
-        self._level = root.level
-        root.addHandler(self._handler)
-        root.setLevel(logging.INFO if '--verbose' in
-                      sys.argv else logging.WARNING)
-        return self
-
-    def __exit__(self, *exc_info):
-        warnings.showwarning = self._showwarning
-        root = logging.getLogger()
-        root.removeHandler(self._handler)
-        root.setLevel(self._level)
-
-
 def run_cli(main):
     """Run a tool's ``main()``: a user mistake exits 1 with one line on
     stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any moment.
@@ -163,25 +137,21 @@ def run_cli(main):
     """
     received = []
 
-    def interrupt(signum, frame):
+    def interrupt(signum):
         received.append(signum)
         raise KeyboardInterrupt
 
-    handlers = {
-        s: signal.signal(s, interrupt)
-        for s in (signal.SIGINT, signal.SIGTERM)
-    }
+    # Third-party warnings and log lines go to stdout, so that stderr holds
+    # the tool's own error line alone.
+    level = logging.INFO if '--verbose' in sys.argv else logging.WARNING
     try:
-        with _Quiet():
+        with signals_handled(interrupt), quiet(level=level, to=sys.stdout):
             main()
     except BaseException as error:  # reported below, or raised again
         code = _report(error, received)
         if code is None:
             raise
         sys.exit(code)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
 
 
 def _report(error, received):

@@ -105,25 +105,36 @@ _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
+def signals_handled(handler):
+    """Call ``handler(signum)`` on Ctrl-C and SIGTERM instead of their
+    handlers (in the main thread, which alone receives Python signals; an
+    ignored signal stays ignored), and put those back on the way out.
+    Yields the handlers replaced, by signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield {}
+        return
+    handlers = {
+        signum: signal.signal(signum, lambda s, frame: handler(s))
+        for signum in _HELD_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
+    try:
+        yield handlers
+    finally:
+        for signum, replaced in handlers.items():
+            signal.signal(signum, replaced)
+
+
+@contextmanager
 def _signals_held():
     """Record Ctrl-C and SIGTERM instead of acting on them, and deliver the
     first one recorded to its own handler on the way out (which usually
     exits). Yields the list of signals received so far."""
     received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # only the main thread receives Python signals
-        return
-    # An ignored signal stays ignored.
-    handlers = {
-        signum: signal.signal(signum, lambda s, frame: received.append(s))
-        for signum in _HELD_SIGNALS
-        if signal.getsignal(signum) is not signal.SIG_IGN
-    }
     try:
-        yield received
+        with signals_handled(received.append) as handlers:
+            yield received
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
         if received:
             _deliver(received[0], handlers[received[0]])
 

@@ -19,8 +19,8 @@ from torch import nn
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import switch_to_deploy
 from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_fp32,
-                                     compare_labels, exact_outputs,
-                                     fp32_and_exact, tensors_of)
+                                     compare_labels, tensors_of)
+from mmrepvgg.deploy.exact import exact_outputs, fp32_and_exact
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.dirname(osp.abspath(__file__))

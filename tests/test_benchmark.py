@@ -17,8 +17,8 @@ from helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
                      run_tool_here)
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import read_config
-from mmrepvgg.deploy.compare import fp32_and_exact
 from mmrepvgg.deploy.engines import bf16_available
+from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import ConfigError, UsageError
 

@@ -14,7 +14,7 @@ import torch
 
 import mmrepvgg.runner as runner
 from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool_here
-from mmrepvgg.qat import is_qat_checkpoint
+from mmrepvgg.quantization.training import is_qat_checkpoint
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

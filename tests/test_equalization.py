@@ -10,14 +10,13 @@ from torch import nn
 
 from helpers import (PSPNET_A0, assert_computes_as, random_checkpoint,
                      randomize_batch_norms)
-from mmrepvgg.deploy import export_onnx
-from mmrepvgg.deploy.export import ExportSettings
-from mmrepvgg.deploy.quantize import Int8Settings
+from mmrepvgg.deploy.export import ExportJob, ExportSettings
 from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.models import RepVGG, equalization
 from mmrepvgg.models.equalization import (SETTLED, activation_ranges,
                                           equalization_pairs,
                                           equalize_backbone, equalize_pair)
+from mmrepvgg.quantization.ptq import Int8Settings, export_int8
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 # Small, with grouped convs (blocks 2 and 4, counted from the stem) and
@@ -172,14 +171,12 @@ def test_pairs_leave_a_users_blocks_alone():
 
 
 def export_equalized(config, checkpoint, folder, **int8):
-    """``export_onnx`` of a checkpoint in int8, equalized first unless
-    ``int8`` says otherwise."""
-    return export_onnx(
-        config,
-        checkpoint,
-        str(folder / 'out.onnx'),
-        ExportSettings((64, 128)),
-        int8=Int8Settings(**dict(dict(equalize='always'), **int8)))
+    """``export_int8`` of a checkpoint, equalized first unless ``int8`` says
+    otherwise."""
+    return export_int8(
+        ExportJob.checked(config, checkpoint, str(folder / 'out.onnx'),
+                          ExportSettings((64, 128))),
+        Int8Settings(**dict(dict(equalize='always'), **int8)))
 
 
 def test_export_refuses_to_equalize_another_backbone(tmp_path):

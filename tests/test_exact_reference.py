@@ -11,7 +11,8 @@ from helpers import PSPNET_A0, randomize_batch_norms
 from mmrepvgg import switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import FoldedPSPHead
-from mmrepvgg.deploy.compare import exact_outputs, relative_error
+from mmrepvgg.deploy.compare import relative_error
+from mmrepvgg.deploy.exact import exact_outputs
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.deploy.modules import ChunkedFloat64Convs
 

@@ -16,9 +16,10 @@ from helpers import (REPO_ROOT, assert_fp32_close, logged_metrics, output,
                      random_checkpoint, run_tool_here)
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy import deploy_model, export_onnx
-from mmrepvgg.deploy.compare import compare_labels, fp32_and_exact
+from mmrepvgg.deploy.compare import compare_labels
 from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
-from mmrepvgg.deploy.export import ExportSettings
+from mmrepvgg.deploy.exact import fp32_and_exact
+from mmrepvgg.deploy.export import ExportJob, ExportSettings
 from mmrepvgg.deploy.images import as_batch, read_image
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import read_model
@@ -83,7 +84,8 @@ def test_segmentors_export_and_run_on_both_engines(config, tmp_path):
     config = config if '::' in config else osp.join(REPO_ROOT, config)
     checkpoint = random_checkpoint(config, tmp_path / 'model.pth', True)
     out = tmp_path / 'model.onnx'
-    result = export_onnx(config, checkpoint, str(out), ExportSettings(SIZE))
+    result = export_onnx(
+        ExportJob.checked(config, checkpoint, str(out), ExportSettings(SIZE)))
     assert result.check.passed and result.conversion is None
     assert result.backends == ['onnxruntime', 'openvino']
     assert read_model(str(out)).info.input_size == list(SIZE)
@@ -105,8 +107,10 @@ def test_export_refuses_an_engine_that_computes_otherwise(
             match=r'onnxruntime differs from PyTorch \(max relative '
             r'difference (9\.9.e-05|1\.0.e-04) from the exact .* nothing '
             r'written'):
-        export_onnx(trained_pspnet.config, trained_pspnet.checkpoint,
-                    str(tmp_path / 'out.onnx'), ExportSettings(SIZE))
+        export_onnx(
+            ExportJob.checked(trained_pspnet.config, trained_pspnet.checkpoint,
+                              str(tmp_path / 'out.onnx'),
+                              ExportSettings(SIZE)))
     assert os.listdir(tmp_path) == []
 
 
@@ -117,8 +121,9 @@ def test_dynamic_export_runs_at_any_size(config, tmp_path, monkeypatch):
     config = osp.join(REPO_ROOT, config)
     checkpoint = random_checkpoint(config, tmp_path / 'model.pth')
     out = tmp_path / 'model.onnx'
-    result = export_onnx(config, checkpoint, str(out),
-                         ExportSettings(SIZE, dynamic=True))
+    result = export_onnx(
+        ExportJob.checked(config, checkpoint, str(out),
+                          ExportSettings(SIZE, dynamic=True)))
     assert result.check.passed and result.conversion is not None
     assert result.backends == ['onnxruntime', 'openvino']
     assert result.dynamic and result.num_inputs == 2
@@ -255,14 +260,15 @@ def test_a_detector_is_refused(tmp_path):
             ConfigError,
             match='exports mmseg EncoderDecoder segmentors, not '
             'a RetinaNet'):
-        export_onnx(config, checkpoint, str(tmp_path / 'out.onnx'),
-                    ExportSettings(SIZE))
+        export_onnx(
+            ExportJob.checked(config, checkpoint, str(tmp_path / 'out.onnx'),
+                              ExportSettings(SIZE)))
     assert sorted(os.listdir(tmp_path)) == ['retinanet.pth']
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize('arguments, message', [
-    (['--shape', '0', '64'], 'an input size is two integers of at least 1'),
+    (['--shape', '0', '64'], 'an input size is two integers of at least 8'),
     (['--img', 'missing.png'], 'missing.png: no such file'),
 ])
 def test_export_tool_refuses_bad_input(trained_pspnet, tmp_path, arguments,

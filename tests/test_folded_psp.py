@@ -11,8 +11,8 @@ from helpers import PSPNET_A0, REPO_ROOT, randomize_batch_norms
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import relative_error
-from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_fp32,
-                                     compare_labels, fp32_and_exact)
+from mmrepvgg.deploy.compare import Fp32Tolerance, compare_fp32, compare_labels
+from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import UsageError
 

@@ -220,11 +220,22 @@ def _derived_config(tmp_path, base, text):
     return config
 
 
-@pytest.mark.parametrize('arguments, message', [
-    (['--dynamic', '--shape', '4', '4'], 'two integers of at least 11'),
-    (['--dynamic', '--shape', '64', '20000'], 'at most 16384'),
-    (['--shape', '20000', '20000'], 'larger than the 4,194,304 pixels'),
-])
+@pytest.mark.parametrize(
+    'arguments, message',
+    [
+        (['--dynamic', '--shape', '4', '4'], 'two integers of at least 11'),
+        (['--dynamic', '--shape', '64', '20000'], 'at most 16384'),
+        (['--shape', '20000', '20000'], 'larger than the 4,194,304 pixels'),
+        # The metadata reader's limit, not one the reader refuses after export.
+        (['--shape', '7', '9'], 'two integers of at least 8'),
+        (['--shape', '8', '16385'], 'at most 16384'),
+        # An int8 option without --int8 is a contradiction.
+        (['--min-agreement', '-1'], '--min-agreement given without --int8'),
+        (['--int8-scheme', 'bogus'], '--int8-scheme given without --int8'),
+        (['--int8-report'], '--int8-report given without --int8'),
+        # Options of a QAT checkpoint's check, for another checkpoint.
+        (['--int8', '--qat-eval-num', '2'], 'is not a QAT checkpoint'),
+    ])
 def test_export_checks_sizes_before_any_work(trained_pspnet, tmp_path,
                                              monkeypatch, arguments, message):
     # Before the checkpoint is read: loading is not even reached.

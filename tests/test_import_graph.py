@@ -1,6 +1,7 @@
 """The package stands alone: it never imports the repository's tools, its
-modules import each other without cycles, and importing it (as every
-training run does) loads no deployment code."""
+modules import each other in layers, without cycles (imports inside
+functions included), and importing it (as every training run does) loads
+no deployment code."""
 import ast
 import os.path as osp
 import pkgutil
@@ -79,6 +80,37 @@ def test_no_import_cycles():
     for name in sorted(edges):
         if name not in state:
             visit(name, [name])
+
+
+# The package's layers, lowest first: a module imports only modules of its
+# own layer or of a lower one, inside functions too.
+LAYERS = (
+    ('mmrepvgg.errors', 'mmrepvgg.version', 'mmrepvgg.logs'),
+    # Without torch: what the runtime's install has.
+    ('mmrepvgg.fileio', 'mmrepvgg.cli', 'mmrepvgg.runtime'),
+    ('mmrepvgg.checkpoint', 'mmrepvgg.config'),
+    ('mmrepvgg.models', 'mmrepvgg.pretrained'),
+    ('mmrepvgg.deploy', ),
+    ('mmrepvgg.quantization', ),
+    ('mmrepvgg.runner', 'mmrepvgg.testing', 'mmrepvgg.qat', 'mmrepvgg'),
+)
+
+
+def _layer(module):
+    """The index in :data:`LAYERS` of the longest prefix of ``module``."""
+    found = [(len(prefix), index) for index, layer in enumerate(LAYERS)
+             for prefix in layer
+             if module == prefix or module.startswith(prefix + '.')]
+    assert found, f'{module}: in no layer of LAYERS'
+    return max(found)[1]
+
+
+def test_no_module_imports_a_higher_layer():
+    edges, _ = _graph()
+    assert _layer('mmrepvgg.quantization.ptq') > _layer('mmrepvgg.deploy')
+    upward = [(name, dep) for name, deps in sorted(edges.items())
+              for dep in sorted(deps) if _layer(dep) > _layer(name)]
+    assert upward == []
 
 
 def test_import_mmrepvgg_loads_no_export_quantization_or_engines():

@@ -16,10 +16,10 @@ from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.deploy.model_info import ExportedModelInfo, read_model
-from mmrepvgg.deploy.quantize import (Agreement, _Candidate, _candidates,
-                                      _fewest_float, measure_agreement,
-                                      quantize_int8)
 from mmrepvgg.errors import MetadataError
+from mmrepvgg.quantization.agreement import Agreement, measure_agreement
+from mmrepvgg.quantization.ptq import (_Candidate, _candidates, _fewest_float,
+                                       quantize_int8)
 from mmrepvgg.testing import HOSTILE_BLOCKS, make_quantization_hostile
 
 pytestmark = pytest.mark.integration

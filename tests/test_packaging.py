@@ -14,7 +14,8 @@ import importlib, os.path as osp, pkgutil, sys
 import torch
 import mmrepvgg
 from mmrepvgg.config import shipped_config
-from mmrepvgg.deploy.compare import compare_fp32, fp32_and_exact
+from mmrepvgg.deploy.compare import compare_fp32
+from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
 
 assert mmrepvgg.__file__.startswith(sys.prefix), mmrepvgg.__file__

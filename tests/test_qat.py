@@ -33,11 +33,13 @@ from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
 from mmrepvgg.deploy.logits import run_on_images
 from mmrepvgg.deploy.model_info import read_model
-from mmrepvgg.deploy.quantize import Agreement, check_agreement
 from mmrepvgg.errors import VerificationError
-from mmrepvgg.qat import (CALIBRATION_IMAGES, MIN_QAT_AGREEMENT, QAT_META_KEY,
-                          Distillation, activation_quantizers, fold_conv_norms,
-                          use_qat)
+from mmrepvgg.quantization.agreement import Agreement, check_agreement
+from mmrepvgg.quantization.calibration import CALIBRATION_IMAGES
+from mmrepvgg.quantization.fake_quant import (activation_quantizers,
+                                              fold_conv_norms)
+from mmrepvgg.quantization.qat_export import MIN_QAT_AGREEMENT
+from mmrepvgg.quantization.training import QAT_META_KEY, Distillation, use_qat
 from mmrepvgg.runner import build_runner
 from mmrepvgg.runtime import Segmenter
 
@@ -235,12 +237,20 @@ def test_qat_export_below_the_agreement_is_refused():
         Agreement(MIN_QAT_AGREEMENT, 0.01, 4, 'val'), MIN_QAT_AGREEMENT)
 
 
-@pytest.mark.parametrize('arguments, message', [
-    (['--qat-eval-num', '0'], '--qat-eval-num must be at least 1'),
-    (['--qat-min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
-    ([], 'export it with --int8'),
-    (['--img'], "checked on the config's validation images, not on --img"),
-])
+@pytest.mark.parametrize(
+    'arguments, message',
+    [
+        (['--qat-eval-num', '0'], '--qat-eval-num must be at least 1'),
+        (['--qat-min-agreement', '1.5'], 'a share of pixels, from 0 to 1'),
+        ([], 'export it with --int8'),
+        (['--img'], "checked on the config's validation images, not on --img"),
+        # Its scales were trained for the cpu scheme: no other is written.
+        (['--int8-scheme', 'tensorrt'],
+         '--int8-scheme: not for a QAT checkpoint, exported in the cpu scheme'
+         ),
+        (['--min-agreement', '0.5'
+          ], '--min-agreement: not for a QAT checkpoint'),
+    ])
 def test_qat_export_refuses_bad_arguments(trained_qarepvgg, qat_run, tmp_path,
                                           arguments, message):
     int8 = ['--int8'] if arguments else []
@@ -354,14 +364,14 @@ def test_distillation_from_the_model_itself_is_zero(trained_qarepvgg):
     # In training mode, as QAT's (its norms folded): the student's heads
     # lose their dropout.
     fold_conv_norms(model)
-    losses = Distillation(model.train(), copy.deepcopy(model))(inputs)
+    losses = Distillation(model.train(), copy.deepcopy(model)).loss(inputs)
     assert set(losses) == {'decode.loss_distill', 'aux.loss_distill'}
     assert all(float(v) == 0 for v in losses.values())
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.decode_head.conv_seg.bias.add_(
             1e-3 * torch.arange(other.decode_head.conv_seg.bias.numel()))
-    losses = Distillation(other, model)(inputs)
+    losses = Distillation(other, model).loss(inputs)
     assert float(losses['decode.loss_distill']) > 0
     assert float(losses['aux.loss_distill']) == 0
 

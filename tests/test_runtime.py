@@ -15,7 +15,7 @@ import torch
 from helpers import (assert_refused, logged_metrics, output, run_tool_here,
                      snapshot)
 from mmrepvgg.deploy import reparameterize
-from mmrepvgg.deploy.export import ExportSettings, export_onnx
+from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
 from mmrepvgg.deploy.pair import deploy_config_path
 from mmrepvgg.errors import MetadataError
 from mmrepvgg.runtime import ExportedModelInfo, Segmenter, read_model
@@ -67,8 +67,9 @@ def resizing(deploy_pair, tmp_path_factory):
     folder = tmp_path_factory.mktemp('resizing')
     config = _derived(deploy_pair, folder, RESIZING_CONFIG)
     out = str(folder / 'model.onnx')
-    export_onnx(config, deploy_pair[1], out,
-                ExportSettings((80, 160), dynamic=True))
+    export_onnx(
+        ExportJob.checked(config, deploy_pair[1], out,
+                          ExportSettings((80, 160), dynamic=True)))
     return config, out
 
 
@@ -79,7 +80,7 @@ def sliding(deploy_pair, tmp_path_factory):
     folder = tmp_path_factory.mktemp('sliding')
     config = _derived(deploy_pair, folder, SLIDING_CONFIG)
     out = str(folder / 'model.onnx')
-    export_onnx(config, deploy_pair[1], out)
+    export_onnx(ExportJob.checked(config, deploy_pair[1], out))
     return config, out
 
 

@@ -17,7 +17,8 @@ from mmpretrain_repvgg import load_mmpretrain_repvgg
 from helpers import (D2SE, assert_computes_as, assert_fp32_close,
                      randomize_batch_norms, run_tool_here)
 from mmrepvgg import RepVGG, switch_to_deploy
-from mmrepvgg.deploy.compare import fp32_and_exact, relative_error
+from mmrepvgg.deploy.compare import relative_error
+from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.errors import CheckpointError
 from mmrepvgg.pretrained import convert_pretrained
 

@@ -90,14 +90,15 @@ def _frames(folder, count, size):
 
 
 def _deploy_and_export(config, checkpoint, work_dir):
-    from mmrepvgg.deploy import export_onnx, reparameterize
+    from mmrepvgg.deploy import ExportJob, export_onnx, reparameterize
     from mmrepvgg.deploy.pair import deploy_config_path
     deploy = osp.join(work_dir, 'deploy.pth')
     model = osp.join(work_dir, 'model.onnx')
     if not osp.exists(deploy):
         reparameterize(config, checkpoint, deploy)
     if not osp.exists(model):
-        export_onnx(deploy_config_path(deploy), deploy, model)
+        export_onnx(
+            ExportJob.checked(deploy_config_path(deploy), deploy, model))
     return deploy_config_path(deploy), deploy, model
 
 

@@ -6,12 +6,16 @@ The model takes float32 NCHW images of BGR values 0-255 (as mmcv.imread
 gives them) named `images` and returns `logits` and `labels`; classes,
 palette and the source checkpoint's SHA-256 are in its metadata.
 """
+import dataclasses
+
 import apps.interrupts  # noqa: F401  (before the heavy imports)
 from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
 from mmrepvgg.deploy.compare import Fp32Tolerance
-from mmrepvgg.deploy.export import ExportSettings, export_onnx
-from mmrepvgg.deploy.quantize import Int8Settings
-from mmrepvgg.qat import QATExportSettings
+from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
+from mmrepvgg.errors import CheckpointError, UsageError
+from mmrepvgg.quantization.ptq import Int8Settings, export_int8
+from mmrepvgg.quantization.qat_export import QATExportSettings, export_qat
+from mmrepvgg.quantization.training import is_qat_checkpoint
 
 
 def build_parser():
@@ -19,7 +23,8 @@ def build_parser():
     parser.add_argument('config', help='the model config')
     parser.add_argument(
         'checkpoint',
-        help='trained checkpoint (converted on the fly) or deploy checkpoint')
+        help='trained checkpoint (converted on the fly), deploy checkpoint '
+        'or QAT checkpoint (exported in int8 with the scales it trained)')
     parser.add_argument('out', help='the ONNX file to write')
     add_settings(parser, ExportSettings, 'input size')
     parser.add_argument(
@@ -34,11 +39,6 @@ def build_parser():
         "fp32 model's on the validation set; if they do not, equalizing "
         "the backbone's channels (see --int8-equalize), then keeping the "
         'convs that move its logits most in fp32 (see --max-float)')
-    int8.add_argument(
-        '--int8-report',
-        action='store_true',
-        help='print every conv, ranked by how much it alone moves the logits '
-        'in int8 (the ranking is in the metadata too)')
     add_settings(
         parser, QATExportSettings, 'int8 of a QAT checkpoint', prefix='qat')
     parser.add_argument(
@@ -46,19 +46,62 @@ def build_parser():
     return parser
 
 
+def _given(args, settings_cls, prefix=''):
+    """The options of ``settings_cls`` given other values than their
+    defaults."""
+    given = settings_from(args, settings_cls, prefix)
+    return [
+        f.metadata.get(
+            'flag',
+            '--' + '-'.join(filter(None, (prefix, f.name))).replace('_', '-'))
+        for f in dataclasses.fields(settings_cls)
+        if getattr(given, f.name) != getattr(settings_cls(), f.name)
+    ]
+
+
+def _is_qat(checkpoint):
+    try:
+        return is_qat_checkpoint(checkpoint)
+    except CheckpointError:
+        return False  # the model's loading reports it
+
+
 def main():
+    """Decide what to export from the flags and the checkpoint, before any
+    model is built: an fp32 model, calibrated int8, or a QAT checkpoint's
+    int8."""
     args = build_parser().parse_args()
-    result = export_onnx(
-        args.config,
-        args.checkpoint,
-        args.out,
-        settings=settings_from(args, ExportSettings),
-        imgs=args.img,
-        force=args.force,
-        tolerance=settings_from(args, Fp32Tolerance, 'tolerance'),
-        int8=settings_from(args, Int8Settings) if args.int8 else None,
-        qat=settings_from(args, QATExportSettings, 'qat'))
-    report(result, args.verbose, args.int8_report)
+    int8_options = _given(args, Int8Settings)
+    if int8_options and not args.int8:
+        raise UsageError(f'{", ".join(int8_options)} given without --int8')
+    settings_from(args, ExportSettings).check()
+    int8 = settings_from(args, Int8Settings)
+    int8.check()
+    qat = settings_from(args, QATExportSettings, 'qat')
+    qat.check()
+    qat_checkpoint = _is_qat(args.checkpoint)
+    qat_options = _given(args, QATExportSettings, 'qat')
+    if qat_options and not qat_checkpoint:
+        raise UsageError(f'{", ".join(qat_options)}: {args.checkpoint} is '
+                         'not a QAT checkpoint')
+    if qat_checkpoint and not args.int8:
+        raise UsageError(f'{args.checkpoint}: is a QAT checkpoint; export '
+                         'it with --int8')
+    if qat_checkpoint and int8_options:
+        raise UsageError(f'{", ".join(int8_options)}: not for a QAT '
+                         'checkpoint, exported in the cpu scheme with the '
+                         f'scales it trained ({args.checkpoint})')
+    job = ExportJob.checked(args.config, args.checkpoint, args.out,
+                            settings_from(args, ExportSettings), args.img,
+                            args.force)
+    tolerance = settings_from(args, Fp32Tolerance, 'tolerance')
+    if qat_checkpoint:
+        result = export_qat(job, qat)
+    elif args.int8:
+        result = export_int8(job, int8, tolerance)
+    else:
+        result = export_onnx(job, tolerance)
+    report(result, args.verbose, int8.report)
 
 
 def report(result, verbose, int8_report=False):
@@ -103,8 +146,8 @@ def report_int8(info, ranking):
           f'{agreement["max_rel_error"]:.1e} relative)')
     kept = ', '.join(info.float_convs) or 'none'
     every = agreement.get('all_int8_labels')
-    print(f'convs kept in fp32: {len(info.float_convs)} of '
-          f'{len(info.sensitivity)} ({kept})' +
+    of = f' of {len(info.sensitivity)}' if info.sensitivity else ''
+    print(f'convs kept in fp32: {len(info.float_convs)}{of} ({kept})' +
           (f'; with every conv in int8, {every:.2%} agreed' if every else ''))
     if ranking:
         print('rank  logits error alone in int8  conv')

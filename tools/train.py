@@ -47,7 +47,7 @@ def main():
     if args.amp:
         enable_amp(cfg)
     if args.qat:
-        from mmrepvgg.qat import use_qat
+        from mmrepvgg.quantization.training import use_qat
         use_qat(cfg, args.qat, args.config, args.qat_equalize,
                 args.qat_distill)
     cfg.resume = args.resume

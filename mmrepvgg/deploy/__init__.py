@@ -5,7 +5,8 @@ One module per concept:
 - :mod:`.convert`: whole-model conversion to the plain-conv form, and the
   check that it computes what the trained model did;
 - :mod:`.compare`: comparing outputs (fp32 tolerances derived from the
-  model's own float error, labels, agreement);
+  model's own float error, labels);
+- :mod:`.exact`: a model's exact (float64) outputs, the reference;
 - :mod:`.images`: reading and checking images, size limits, batches, the
   config's test pipeline, dataset images;
 - :mod:`.loading`: models built offline with their checkpoint's weights,
@@ -13,13 +14,12 @@ One module per concept:
 - :mod:`.pair`: the verified deploy checkpoint and config;
 - :mod:`.logits`: a segmentor as a function from images to logits;
 - :mod:`.graph`: a segmentor as an ONNX graph, with its metadata;
-- :mod:`.export`: ONNX export (fp32, int8, or a QAT checkpoint's int8),
-  verified on the engines;
+- :mod:`.export`: the fp32 ONNX export, verified on the engines (int8 is
+  :mod:`mmrepvgg.quantization`'s);
+- :mod:`.test_settings`: what mmseg does around a model at test time, as
+  the runtime's records;
 - :mod:`.model_info`: writing an exported model's metadata (reading it
   and running the model are :mod:`mmrepvgg.runtime`'s);
-- :mod:`.quantize`: calibrated int8;
-- :mod:`.mixed_precision`: each conv's int8 sensitivity, and the convs
-  kept in fp32;
 - :mod:`.engines`: exported models evaluated by mmengine's Runner;
 - :mod:`.folded_psp`: PSPNet's pyramid pooling folded, for inference;
 - :mod:`.modules`: replacing modules, and float64 convolutions within
@@ -41,10 +41,10 @@ _HOMES = dict(
     deploy_config_path='pair',
     reparameterize='pair',
     ExportResult='export',
+    ExportJob='export',
     ExportSettings='export',
     export_onnx='export',
     ExportedModelInfo='model_info',
-    Int8Settings='quantize',
     EngineSettings='engines',
     SegmentationEngine='engines',
     EngineSegmentor='engines',

@@ -12,20 +12,16 @@ magnitude more.
 
 Lower precisions (bf16, int8) are judged by how many labels they keep.
 """
-import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UsageError
-from .folded_psp import foldable_psp_head
-from .modules import ChunkedFloat64Convs, replace_modules
 
 __all__ = [
     'relative_error', 'Fp32Tolerance', 'Fp32Comparison', 'compare_fp32',
-    'exact_outputs', 'fp32_and_exact', 'LabelComparison', 'compare_labels',
-    'label_agreement', 'tensors_of'
+    'LabelComparison', 'compare_labels', 'tensors_of'
 ]
 
 # Elements compared at a time: float64 temporaries of whole 1024x2048
@@ -156,53 +152,6 @@ def tensors_of(output):
     return []
 
 
-def _in_float64(data):
-    if isinstance(data, torch.Tensor):
-        return data.double() if data.is_floating_point() else data
-    if isinstance(data, dict):
-        return {k: _in_float64(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_in_float64(v) for v in data)
-    return data
-
-
-def _outputs(module, inputs, run):
-    with torch.no_grad():
-        return [t for data in inputs for t in tensors_of(run(module, data))]
-
-
-def exact_outputs(module, inputs, run=None):
-    """What a model computes from its weights, exactly: its outputs computed
-    by a float64 copy of it, which folds its PSP heads
-    (:func:`~mmrepvgg.deploy.folded_psp.foldable_psp_head`) and sums its
-    convolutions' input channels in chunks
-    (:class:`~mmrepvgg.deploy.modules.ChunkedFloat64Convs`): the same
-    function up to float64 rounding, in a fraction of the memory.
-
-    Args:
-        module (nn.Module): The model; left unchanged.
-        inputs (Sequence): Its inputs, one call each.
-        run (callable, optional): ``run(module, input)`` returns an output;
-            defaults to ``module(input)``.
-
-    Returns:
-        list[Tensor]: The output tensors of every input, flattened in order.
-    """
-    run = run or (lambda m, x: m(x))
-    exact_module = copy.deepcopy(module).double()
-    replace_modules(exact_module, foldable_psp_head)
-    with ChunkedFloat64Convs():
-        return _outputs(exact_module, [_in_float64(x) for x in inputs], run)
-
-
-def fp32_and_exact(module, inputs, run=None):
-    """A model's fp32 outputs and its exact outputs
-    (:func:`exact_outputs`), flattened in order; see there for the
-    arguments."""
-    own = _outputs(module, inputs, run or (lambda m, x: m(x)))
-    return own, exact_outputs(module, inputs, run)
-
-
 @dataclass(frozen=True)
 class LabelComparison:
     """Pixels whose labels differ from the reference's.
@@ -236,8 +185,3 @@ def compare_labels(labels, exact_logits, limit):
     scale = torch.maximum(exact_logits.amax(), -exact_logits.amin())
     tie = (top2[:, 0] - top2[:, 1]) <= (2 * limit * scale)
     return LabelComparison(int(differ.sum()), int((differ & ~tie).sum()))
-
-
-def label_agreement(labels, reference):
-    """The share of pixels whose labels equal the reference's."""
-    return float((labels == reference).double().mean())

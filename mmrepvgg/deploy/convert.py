@@ -18,8 +18,8 @@ from torch import nn
 from ..errors import UsageError, VerificationError, first_line
 from ..models.equalization import equalization_pairs, equalize_backbone
 from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
-                      exact_outputs, fp32_and_exact, relative_error,
-                      tensors_of)
+                      relative_error, tensors_of)
+from .exact import exact_outputs, fp32_and_exact
 from .images import MAX_INPUT_PIXELS, read_image
 from .logits import run_on_images
 

@@ -8,31 +8,32 @@ know (classes, palette, input size) is in its metadata
 """
 import copy
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
 from mmseg.models.segmentors import EncoderDecoder
 
 from ..config import read_config
-from ..errors import (CheckpointError, ConfigError, MMRepVGGError, UsageError,
-                      VerificationError)
+from ..errors import ConfigError, MMRepVGGError, UsageError, VerificationError
 from ..fileio import check_output_path, write_files
-from ..models.equalization import equalizable
-from ..qat import QATExportSettings, is_qat_checkpoint, qat_onnx
+from ..runtime.metadata import MAX_SIZE, MIN_SIZE
 from .compare import (Fp32Comparison, Fp32Tolerance, LabelComparison,
-                      compare_labels, fp32_and_exact, relative_error)
+                      compare_labels, relative_error)
 from .convert import ConversionComparison, equalize_checked
 from .engines import BACKENDS, EngineSettings, SegmentationEngine
-from .graph import MAX_DYNAMIC, exportable, exported_model_info, to_onnx
+from .exact import fp32_and_exact
+from .graph import exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
-                     image_size, read_image, split_images)
+                     image_size, read_image)
 from .loading import DEFAULT_CHECK_SIZE, deploy_model
 from .logits import ImageSegmentor
 from .model_info import ExportedModelInfo, read_model
 from .test_settings import slide_crop_size
 
-__all__ = ['ExportSettings', 'ExportResult', 'check_on_engines', 'export_onnx']
+__all__ = [
+    'ExportSettings', 'ExportJob', 'ExportResult', 'Fp32Export',
+    'check_on_engines', 'export_fp32', 'export_onnx'
+]
 
 # The frame the default export size is derived from: Cityscapes'.
 CITYSCAPES_FRAME = (1024, 2048)
@@ -65,6 +66,11 @@ class ExportSettings:
         metadata=dict(help='take any input size (checked at the shape and '
                       'at 3/4 of it)'))
 
+    def check(self):
+        """Raise UsageError for a shape the exported model cannot take."""
+        if self.shape is not None:
+            _check_size(tuple(self.shape), self.dynamic)
+
     def input_size(self, cfg):
         """The checked export size for ``cfg``.
 
@@ -75,16 +81,20 @@ class ExportSettings:
         size = tuple(self.shape) if self.shape else (
             slide_crop_size(cfg)
             or TestPipeline(cfg).output_size(CITYSCAPES_FRAME))
-        check_input_size(size, minimum=_MIN_DYNAMIC if self.dynamic else 1)
-        if self.dynamic and max(size) > MAX_DYNAMIC:
-            raise UsageError(f'a free height or width is at most '
-                             f'{MAX_DYNAMIC}, got {size[0]}x{size[1]}')
+        _check_size(size, self.dynamic)
         return size
+
+
+def _check_size(size, dynamic):
+    check_input_size(size, minimum=_MIN_DYNAMIC if dynamic else MIN_SIZE)
+    if max(size) > MAX_SIZE:
+        raise UsageError(f'an exported height or width is at most '
+                         f'{MAX_SIZE}, got {size[0]}x{size[1]}')
 
 
 @dataclass
 class ExportResult:
-    """What :func:`export_onnx` wrote and how closely it matches PyTorch.
+    """What an export wrote and how closely it matches PyTorch.
 
     Attributes:
         out (str): The ONNX file.
@@ -212,65 +222,24 @@ def _segmentor(cfg, checkpoint, config):
     return loaded
 
 
-def export_onnx(config,
-                checkpoint,
-                out,
-                settings=ExportSettings(),
-                imgs=(),
-                force=False,
-                tolerance=Fp32Tolerance(),
-                int8=None,
-                qat=QATExportSettings()):
-    """Export a segmentor to a verified, self-contained ONNX model.
+@dataclass(frozen=True)
+class ExportJob:
+    """A request to export, checked before any model is built.
 
-    A QAT checkpoint (which ``tools/train.py --qat`` writes) is exported in
-    int8 with the scales it trained, and checked against the QAT model as
-    ``qat`` says (:func:`mmrepvgg.qat.qat_onnx`); it needs ``int8``, whose
-    calibration it does not use, and takes no ``imgs``.
-
-    Args:
-        config (str): An mmseg ``EncoderDecoder`` config (RepVGG or not).
+    Attributes:
+        cfg (Config): The config read.
+        config (str): Its file: an mmseg ``EncoderDecoder`` config
+            (RepVGG or not).
         checkpoint (str): A trained checkpoint (converted to deploy form
             and checked, as :func:`reparameterize` does), a deploy
-            checkpoint or a QAT one.
+            checkpoint or, for :mod:`mmrepvgg.quantization`, a QAT one.
         out (str): The ONNX file to write.
-        settings (ExportSettings): Its input size.
-        imgs (Sequence[str]): Images to check on too (resized to the size,
+        size (tuple[int]): The size to export and check at.
+        dynamic (bool): Whether the model takes any input size.
+        imgs (tuple[str]): Images to check on too (resized to the size,
             or within its pixels if dynamic).
-        force (bool): Overwrite ``out``. Defaults to False.
-        tolerance (Fp32Tolerance): How close the engines' logits must be
-            to the exact ones.
-        int8 (Int8Settings, optional): Write an int8 model, calibrated
-            and checked as these settings say, instead of the fp32 one
-            (which is checked first all the same). Defaults to None.
-        qat (QATExportSettings): How a QAT checkpoint's model is checked.
-
-    Returns:
-        ExportResult: What was written.
-
-    Raises:
-        MMRepVGGError: Bad input, or a model that an engine does not
-            compute as PyTorch does; nothing is written.
+        force (bool): Overwrite ``out``.
     """
-    if int8 is not None:
-        int8.check()
-    qat.check()
-    files = []
-    cfg = read_config(config, files)
-    check_output_path(out, [config, checkpoint, *imgs, *files], force)
-    size = settings.input_size(cfg)
-    for img in imgs:
-        image_size(img)
-    job = _ExportJob(cfg, config, checkpoint, out, size, settings.dynamic,
-                     tuple(imgs), tolerance, int8, qat)
-    data, result = (_qat_model if _is_qat(checkpoint) else _model)(job)
-    write_files({out: data}, force)
-    return result
-
-
-@dataclass(frozen=True)
-class _ExportJob:
-    """What :func:`export_onnx` was asked to do, its arguments checked."""
     cfg: object
     config: str
     checkpoint: str
@@ -278,55 +247,76 @@ class _ExportJob:
     size: Tuple[int, int]
     dynamic: bool
     imgs: Tuple[str, ...]
+    force: bool
+
+    @classmethod
+    def checked(cls,
+                config,
+                checkpoint,
+                out,
+                settings=ExportSettings(),
+                imgs=(),
+                force=False):
+        """The job, its config read and its arguments checked.
+
+        Raises:
+            MMRepVGGError: A config, size, image or output path that
+                cannot be used.
+        """
+        settings.check()
+        files = []
+        cfg = read_config(config, files)
+        check_output_path(out, [config, checkpoint, *imgs, *files], force)
+        size = settings.input_size(cfg)
+        for img in imgs:
+            image_size(img)
+        return cls(cfg, config, checkpoint, out, size, settings.dynamic,
+                   tuple(imgs), force)
+
+    def info(self, loaded):
+        """The :class:`ExportedModelInfo` of a model loaded for it."""
+        return exported_model_info(self.cfg, loaded, self.config,
+                                   None if self.dynamic else self.size)
+
+    def write(self, data):
+        """Write the model ``data`` to ``out``."""
+        write_files({self.out: data}, self.force)
+
+
+@dataclass
+class Fp32Export:
+    """An fp32 ONNX model checked on the engines, not written yet.
+
+    Attributes:
+        data (bytes): The model, with its metadata.
+        model (nn.Module): The deploy-form segmentor it was exported from.
+        inputs (list[Tensor]): The image batches it was checked on.
+        tolerance (Fp32Tolerance): How close its logits had to be.
+        result (ExportResult): What it is and how closely it matches.
+    """
+    data: bytes
+    model: torch.nn.Module
+    inputs: list
     tolerance: Fp32Tolerance
-    int8: Optional[object]
-    qat: QATExportSettings
+    result: ExportResult
 
+    def equalized(self, job, read_images):
+        """The fp32 model with its RepVGG backbone equalized, its activation
+        ranges measured on the images ``read_images()`` gives, checked on
+        the engines as this one was.
 
-def _is_qat(checkpoint):
-    try:
-        return is_qat_checkpoint(checkpoint)
-    except CheckpointError:
-        return False  # the model's loading reports it
-
-
-def _model(job):
-    """The fp32 model, checked on the engines; in int8 if asked."""
-    loaded = _segmentor(job.cfg, job.checkpoint, job.config)
-    info = exported_model_info(job.cfg, loaded, job.config,
-                               None if job.dynamic else job.size)
-    model = loaded.model
-    equalize = job.int8.equalize if job.int8 is not None else 'never'
-    if equalize == 'always':
-        model, info.equalized_pairs = _equalized(
-            model, job,
-            partial(split_images, job.cfg, 'train', job.int8.calib_num,
-                    job.size))
-    inputs = _check_inputs(job.size, job.imgs, job.dynamic)
-    data, check, labels = _checked_onnx(model, info, inputs, job)
-    if job.int8 is not None:
-        from .quantize import int8_model
-        auto = (
-            partial(_auto_equalized, model, info, inputs, job)
-            if equalize == 'auto' and equalizable(model) else None)
-        data = int8_model(job.cfg, data, info, job.size, job.int8, auto)
-    return data, ExportResult(job.out, job.size,
-                              job.dynamic, check, labels.differ, len(inputs),
-                              list(BACKENDS), loaded.conversion, info)
-
-
-def _checked_onnx(model, info, inputs, job):
-    """The fp32 ONNX model of a segmentor, checked on the engines, and the
-    check's :class:`Fp32Comparison` and :class:`LabelComparison`."""
-    data = to_onnx(exportable(model), job.size, job.dynamic, info)
-    check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
-                                     job.tolerance)
-    return data, check, labels
+        Raises:
+            MMRepVGGError: A backbone that cannot be equalized, or an
+                equalized model that computes otherwise.
+        """
+        model, pairs = _equalized(self.model, job, read_images)
+        info = replace(self.result.info, equalized_pairs=pairs)
+        return _checked(model, info, self.inputs, job, self.tolerance,
+                        self.result.conversion)
 
 
 def _equalized(model, job, read_images):
-    """An equalized copy of a deploy-form segmentor, its activation ranges
-    measured on the images ``read_images()`` gives, checked, and its number
+    """An equalized copy of a deploy-form segmentor, checked, and its number
     of equalized conv pairs."""
     equalized = copy.deepcopy(model)
     try:
@@ -337,25 +327,61 @@ def _equalized(model, job, read_images):
     return equalized, pairs
 
 
-def _auto_equalized(model, info, inputs, job, calibration):
-    """The fp32 ONNX model of the equalized segmentor, checked on the
-    engines as the model was, and its number of equalized conv pairs."""
-    equalized, pairs = _equalized(model, job, lambda: calibration)
-    data, _, _ = _checked_onnx(equalized, replace(info, equalized_pairs=pairs),
-                               inputs, job)
-    return data, pairs
+def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
+    """A segmentor's fp32 ONNX model, checked on ONNX Runtime and OpenVINO
+    against its PyTorch form's exact logits; not written.
+
+    Args:
+        job (ExportJob): What to export.
+        tolerance (Fp32Tolerance): How close the engines' logits must be
+            to the exact ones.
+        equalize_on (callable, optional): Equalize the RepVGG backbone
+            first (see :meth:`Fp32Export.equalized`), on the images it
+            returns.
+
+    Returns:
+        Fp32Export: The model, checked.
+
+    Raises:
+        MMRepVGGError: Bad input, or a model that an engine does not
+            compute as PyTorch does.
+    """
+    loaded = _segmentor(job.cfg, job.checkpoint, job.config)
+    model, info = loaded.model, job.info(loaded)
+    if equalize_on is not None:
+        model, info.equalized_pairs = _equalized(model, job, equalize_on)
+    return _checked(model, info, _check_inputs(job.size, job.imgs,
+                                               job.dynamic), job, tolerance,
+                    loaded.conversion)
 
 
-def _qat_model(job):
-    """A QAT checkpoint's int8 model, checked against the QAT model."""
-    if job.int8 is None:
-        raise UsageError(f'{job.checkpoint}: is a QAT checkpoint; export it '
-                         'with --int8')
-    if job.imgs:
-        raise UsageError(f'{job.checkpoint}: is a QAT checkpoint, checked '
-                         "on the config's validation images, not on --img")
-    exported = qat_onnx(job.config, job.checkpoint, job.size, job.dynamic,
-                        job.qat)
-    return exported.data, ExportResult(job.out, job.size, job.dynamic, None, 0,
-                                       exported.agreement.images,
-                                       ['onnxruntime'], None, exported.info)
+def _checked(model, info, inputs, job, tolerance, conversion):
+    data = to_onnx(exportable(model), job.size, job.dynamic, info)
+    check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
+                                     tolerance)
+    return Fp32Export(
+        data, model, inputs, tolerance,
+        ExportResult(job.out, job.size, job.dynamic, check, labels.differ,
+                     len(inputs), list(BACKENDS), conversion, info))
+
+
+def export_onnx(job, tolerance=Fp32Tolerance()):
+    """Export a segmentor to a verified, self-contained fp32 ONNX model
+    (:func:`export_fp32`) and write it; :mod:`mmrepvgg.quantization`
+    exports int8 ones alike.
+
+    Args:
+        job (ExportJob): What to export: a trained or deploy checkpoint.
+        tolerance (Fp32Tolerance): How close the engines' logits must be
+            to the exact ones.
+
+    Returns:
+        ExportResult: What was written.
+
+    Raises:
+        MMRepVGGError: Bad input, or a model that an engine does not
+            compute as PyTorch does; nothing is written.
+    """
+    fp32 = export_fp32(job, tolerance)
+    job.write(fp32.data)
+    return fp32.result

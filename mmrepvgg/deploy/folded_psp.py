@@ -24,10 +24,17 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..models.fusion import fuse_conv_bn, is_batch_norm
-from .images import interpolation_matrix
 from .modules import replace_modules
 
 __all__ = ['FoldedPSPHead', 'fold_psp_heads', 'foldable_psp_head']
+
+
+def _interpolation_matrix(size, length, align_corners, dtype=torch.float64):
+    """``(size, length)`` weights of linear interpolation from ``length`` to
+    ``size`` samples, as ``F.interpolate`` computes them."""
+    basis = torch.eye(length, dtype=dtype).unsqueeze(0)
+    return F.interpolate(
+        basis, size=size, mode='linear', align_corners=align_corners)[0].T
 
 
 def _pooling_matrix(length, bins):
@@ -155,10 +162,10 @@ class FoldedPSPHead(nn.Module):
                         _pooling_matrix(width, bins_w)))
                 rows.append(
                     _shifted_rows(
-                        interpolation_matrix(height, bins_h, align_corners),
+                        _interpolation_matrix(height, bins_h, align_corners),
                         taps[0], dilation[0], padding[0]))
                 tap_columns = _shifted_rows(
-                    interpolation_matrix(width, bins_w, align_corners),
+                    _interpolation_matrix(width, bins_w, align_corners),
                     taps[1], dilation[1], padding[1])
                 columns.append(tap_columns.transpose(1, 2).flatten(0, 1))
             placed = dict(dtype=dtype, device=device)

@@ -1,16 +1,15 @@
 """Segmentors as ONNX graphs: the form that exports well, the exporter's
 call, and the metadata the graph carries."""
 import copy
-import logging
 import os.path as osp
-import warnings
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..errors import ConfigError, VerificationError
+from ..logs import quiet
+from ..runtime.metadata import MAX_SIZE, MIN_SIZE
 from .loading import dataset_meta
 from .logits import ImageSegmentor
 from .model_info import INPUT, OUTPUTS, ExportedModelInfo, set_info
@@ -18,13 +17,11 @@ from .modules import replace_modules
 from .test_settings import test_mode, test_resize
 
 __all__ = [
-    'OPSET', 'MAX_DYNAMIC', 'SlicedAdaptiveAvgPool2d', 'exportable', 'to_onnx',
+    'OPSET', 'SlicedAdaptiveAvgPool2d', 'exportable', 'to_onnx',
     'exported_model_info'
 ]
 
 OPSET = 18
-# The exporter's bound of a free height or width.
-MAX_DYNAMIC = 16384
 
 
 class SlicedAdaptiveAvgPool2d(nn.Module):
@@ -77,19 +74,6 @@ def exportable(segmentor):
     return module
 
 
-@contextmanager
-def _quiet_exporter():
-    logger = logging.getLogger('torch.onnx')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def to_onnx(module, size, dynamic=False, info=None):
     """Export an :class:`ImageSegmentor` to ONNX bytes.
 
@@ -107,12 +91,12 @@ def to_onnx(module, size, dynamic=False, info=None):
     shapes = {0: torch.export.Dim('batch', min=1, max=1024)}
     if dynamic:
         shapes.update({
-            2: torch.export.Dim('height', min=8, max=MAX_DYNAMIC),
-            3: torch.export.Dim('width', min=8, max=MAX_DYNAMIC)
+            2: torch.export.Dim('height', min=MIN_SIZE, max=MAX_SIZE),
+            3: torch.export.Dim('width', min=MIN_SIZE, max=MAX_SIZE)
         })
     # Two images: a batch of one would be specialized to one.
     example = torch.zeros(2, 3, *size)
-    with _quiet_exporter(), torch.no_grad():
+    with quiet('torch.onnx', ignore_warnings=True), torch.no_grad():
         program = torch.onnx.export(
             module, (example, ),
             dynamo=True,

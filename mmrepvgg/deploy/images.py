@@ -10,7 +10,6 @@ within :data:`MAX_INPUT_PIXELS`.
 import mmcv
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, TRANSFORMS
 
@@ -20,8 +19,8 @@ from ..runtime.images import (MAX_IMAGE_PIXELS, fit_within, image_size,
 
 __all__ = [
     'MAX_IMAGE_PIXELS', 'MAX_INPUT_PIXELS', 'image_size', 'read_image',
-    'as_batch', 'check_input_size', 'fit_within', 'interpolation_matrix',
-    'TestPipeline', 'dataset_image_paths', 'split_images'
+    'as_batch', 'check_input_size', 'fit_within', 'TestPipeline',
+    'dataset_image_paths', 'split_images'
 ]
 
 # The largest input a model is checked or run on: a 2048x2048 input checks
@@ -48,14 +47,6 @@ def check_input_size(size, limit=MAX_INPUT_PIXELS, minimum=1):
     if size[0] * size[1] > limit:
         raise UsageError(f'an input of {size[0]}x{size[1]} is larger than '
                          f'the {limit:,} pixels a model is run on at most')
-
-
-def interpolation_matrix(size, length, align_corners, dtype=torch.float64):
-    """``(size, length)`` weights of linear interpolation from ``length`` to
-    ``size`` samples, as ``F.interpolate`` computes them."""
-    basis = torch.eye(length, dtype=dtype).unsqueeze(0)
-    return F.interpolate(
-        basis, size=size, mode='linear', align_corners=align_corners)[0].T
 
 
 class TestPipeline:

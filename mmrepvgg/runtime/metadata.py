@@ -14,16 +14,17 @@ from ..errors import MetadataError, first_line
 from ..version import __version__
 
 __all__ = [
-    'INT8_SCHEMES', 'INTERPOLATIONS', 'plain_data_problem', 'DatasetMeta',
+    'MIN_SIZE', 'MAX_SIZE', 'INT8_SCHEMES', 'INTERPOLATIONS', 'plain_data_problem', 'DatasetMeta',
     'ConvSensitivity', 'ResizeStep', 'InferenceMode', 'ExportedModelInfo'
 ]
 
 # Limits of the metadata: far above what an export writes.
 _MAX_VALUE_CHARS = 1 << 20
 _MAX_DEPTH = 16
-_MAX_SIZE = 16384
+# The input sizes an exported model may have (its height and width).
+MIN_SIZE, MAX_SIZE = 8, 16384
 _PRECISIONS = ('fp32', 'int8')
-# How int8 activations are stored: see mmrepvgg.deploy.quantize.
+# How int8 activations are stored: see mmrepvgg.quantization.ptq.
 INT8_SCHEMES = ('cpu', 'tensorrt')
 # Far above the convolutions of any model we export.
 _MAX_CONVS = 4096
@@ -116,7 +117,7 @@ def _is_byte(value):
 
 def _size_pair(value):
     return (isinstance(value, list) and len(value) == 2
-            and all(type(s) is int and 1 <= s <= _MAX_SIZE for s in value))
+            and all(type(s) is int and 1 <= s <= MAX_SIZE for s in value))
 
 
 @dataclass
@@ -228,7 +229,7 @@ class ExportedModelInfo:
         calibration (dict): For int8 models: the split and number of the
             images its activation ranges were calibrated on.
         agreement (dict): For int8 models: its agreement with the fp32
-            model (:class:`mmrepvgg.deploy.quantize.Agreement`).
+            model (:class:`mmrepvgg.quantization.agreement.Agreement`).
         int8_scheme (str): For int8 models: how activations are stored,
             one of :data:`INT8_SCHEMES`.
         float_convs (list[str]): For int8 models: the convs kept in fp32,
@@ -293,7 +294,7 @@ class ExportedModelInfo:
         checks = (
             ('align_corners', isinstance(self.align_corners, bool)),
             ('input_size', self.input_size is None or
-             (_size_pair(self.input_size) and min(self.input_size) >= 8)),
+             (_size_pair(self.input_size) and min(self.input_size) >= MIN_SIZE)),
             ('precision', self.precision in _PRECISIONS),
             ('calibration', isinstance(self.calibration, dict)),
             ('agreement', isinstance(self.agreement, dict)),

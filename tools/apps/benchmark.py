@@ -21,16 +21,16 @@ from mmengine.model import revert_sync_batchnorm
 
 from mmrepvgg.checkpoint import Checkpoint
 from mmrepvgg.config import build_model, read_config
-from mmrepvgg.deploy.compare import (compare_fp32, compare_labels,
-                                     exact_outputs, tensors_of)
+from mmrepvgg.deploy.compare import compare_fp32, compare_labels, tensors_of
 from mmrepvgg.deploy.convert import switch_to_deploy
 from mmrepvgg.deploy.engines import BACKENDS
+from mmrepvgg.deploy.exact import exact_outputs
 from mmrepvgg.deploy.folded_psp import fold_psp_heads
 from mmrepvgg.deploy.images import as_batch, read_image, split_images
 from mmrepvgg.deploy.loading import LoadedModel, load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
-from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import UsageError
+from mmrepvgg.quantization.ptq import Int8Settings
 from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines, conv_models,
                       engine_forms, engine_runner, exported_models,
                       model_precision)

@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 
 from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.deploy.model_info import read_model
-from mmrepvgg.deploy.quantize import Int8Settings
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
+from mmrepvgg.quantization.ptq import Int8Settings
 from mmrepvgg.runner import check_work_dir
 from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
                               write_toy_config)

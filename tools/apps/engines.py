@@ -14,8 +14,8 @@ from mmrepvgg.deploy.graph import (OPSET, exportable, exported_model_info,
                                    to_onnx)
 from mmrepvgg.deploy.model_info import (INPUT, OUTPUTS, ExportedModelInfo,
                                         set_info)
-from mmrepvgg.deploy.quantize import quantize_int8
 from mmrepvgg.errors import UsageError
+from mmrepvgg.quantization.ptq import quantize_int8
 
 FORM_PRECISIONS = (*PRECISIONS, 'int8')
 # One 3x3 conv of 256 channels with its ReLU, at 64x128: the bulk of a

@@ -1,7 +1,7 @@
 """Which convolutions of an int8 model cost labels, and an int8 model with
 those kept in fp32.
 
-A QDQ model from :func:`mmrepvgg.deploy.quantize.quantize_int8` and the
+A QDQ model from :func:`mmrepvgg.quantization.ptq.quantize_int8` and the
 fp32 model it came from name their operators alike, so any operator of the
 int8 model can be given back its fp32 inputs (the tensor before the
 QuantizeLinear/DequantizeLinear pair, its fp32 weights and bias): it then
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engines import onnxruntime_session
-from .model_info import INPUT, ConvSensitivity
+from ..deploy.engines import onnxruntime_session
+from ..deploy.model_info import INPUT, ConvSensitivity
 
 __all__ = ['Conv', 'convs_of', 'keep_float', 'sensitivities']
 

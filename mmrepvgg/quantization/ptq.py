@@ -1,6 +1,7 @@
 """Calibrated post-training INT8 of exported segmentors.
 
-An fp32 model written by :func:`mmrepvgg.deploy.export.to_onnx` becomes a
+An fp32 model exported and checked by
+:func:`mmrepvgg.deploy.export.export_fp32` becomes a
 QDQ model with per-channel 8-bit weights, in one of two schemes: ``cpu``
 (unsigned 8-bit activations with zero points, which ONNX Runtime and
 OpenVINO both run in int8) or ``tensorrt`` (signed 8-bit activations with
@@ -20,26 +21,25 @@ and runs unsigned weights in fp32, so activations are unsigned and weights
 signed; the image normalization before the first conv and the resize and
 argmax after the last one stay in fp32.
 """
-import logging
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
-from typing import Optional
 
-import torch
-
-from ..errors import UsageError, VerificationError
-from .compare import relative_error
-from .engines import onnxruntime_session
-from .images import split_images
+from ..deploy.compare import Fp32Tolerance
+from ..deploy.export import export_fp32
+from ..deploy.images import split_images
+from ..deploy.model_info import INPUT, INT8_SCHEMES, set_info
+from ..errors import UsageError
+from ..logs import quiet
+from ..models.equalization import equalizable
+from .agreement import Agreement, check_agreement, measure_agreement, run_onnx
 from .mixed_precision import convs_of, keep_float, sensitivities
-from .model_info import INPUT, INT8_SCHEMES, set_info
 
 __all__ = [
-    'EQUALIZE_MODES', 'Agreement', 'Int8Settings', 'quantize_int8',
-    'measure_agreement', 'check_agreement', 'int8_model'
+    'EQUALIZE_MODES', 'Int8Settings', 'quantize_int8', 'int8_model',
+    'export_int8'
 ]
 
 # When the backbone is equalized before int8: when full int8 of the model
@@ -49,40 +49,8 @@ EQUALIZE_MODES = ('auto', 'always', 'never')
 
 
 @dataclass
-class Agreement:
-    """How an int8 model's predictions compare with its fp32 model's.
-
-    Attributes:
-        labels (float): The share of pixels with the same label.
-        max_rel_error (float): The largest ``max|int8 - fp32| / max|fp32|``
-            of the logits.
-        images (int): The images compared on.
-        split (str): The dataset split they came from.
-        all_int8_labels (float, optional): For a model with convs kept in
-            fp32, the share of labels kept with every conv in int8.
-        unequalized_labels (float, optional): For a model equalized
-            because full int8 of the model as it was missed the agreement
-            asked, the share of labels that full int8 kept.
-        equalized_labels (float, optional): For a model not equalized
-            although its equalized model was tried (and kept fewer labels
-            or needed more convs in fp32), the share of labels that the
-            equalized model's full int8 kept.
-    """
-    labels: float
-    max_rel_error: float
-    images: int
-    split: str
-    all_int8_labels: Optional[float] = None
-    unequalized_labels: Optional[float] = None
-    equalized_labels: Optional[float] = None
-
-    def to_dict(self):
-        return asdict(self)
-
-
-@dataclass
 class Int8Settings:
-    """How :func:`export_onnx` quantizes to int8.
+    """How :func:`export_int8` quantizes to int8.
 
     Attributes:
         calib_num (int): Images of the config's training set that the
@@ -100,6 +68,9 @@ class Int8Settings:
             calibrating: one of :data:`EQUALIZE_MODES`. The equalized fp32
             model computes the same function with other weights; it is
             exported and checked on the engines as the model is.
+        report (bool): Measure every conv's sensitivity for the metadata
+            even when no conv is kept in fp32 (one ONNX Runtime run of the
+            calibration images per conv).
     """
     calib_num: int = field(
         default=16, metadata=dict(help='training images to calibrate on'))
@@ -132,6 +103,13 @@ class Int8Settings:
             'channels far wider than the rest): auto, when full int8 misses '
             '--min-agreement, before any conv is kept in fp32; always; '
             'never'))
+    report: bool = field(
+        default=False,
+        metadata=dict(
+            flag='--int8-report',
+            help='rank every conv by how much it alone moves the logits in '
+            'int8, print the ranking and keep it in the metadata (measured '
+            'anyway when a conv is kept in fp32)'))
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -227,65 +205,15 @@ def _quiet_quantizer():
     """ONNX Runtime's quantizer logs advice on every run; a full temporary
     folder becomes one line."""
     import onnxruntime
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
     onnxruntime.set_default_logger_severity(3)
     try:
-        yield
+        with quiet():
+            yield
     except OSError as error:
         raise UsageError(f'cannot quantize in {tempfile.gettempdir()} '
                          f'({error.strerror or error})') from error
     finally:
-        logger.setLevel(level)
         onnxruntime.set_default_logger_severity(2)  # its default
-
-
-def _run(model, images):
-    """(logits, labels) of a model on ONNX Runtime for each batch."""
-    session = onnxruntime_session(model)
-    return [session.run(None, {INPUT: b.numpy()}) for b in images]
-
-
-def measure_agreement(int8, fp32, images, split):
-    """:class:`Agreement` of two models on ONNX Runtime over ``images``.
-
-    Args:
-        int8 (bytes): The model compared.
-        fp32 (bytes | list): The reference model, or its outputs on
-            ``images`` (as it gives them, for each batch).
-        images (Sequence[Tensor]): Image batches.
-        split (str): The dataset split they came from.
-    """
-    reference = _run(fp32, images) if isinstance(fp32, bytes) else fp32
-    same, total, error = 0, 0, 0.0
-    for (logits, labels), (ref_logits,
-                           ref_labels) in zip(_run(int8, images), reference):
-        same += int((labels == ref_labels).sum())
-        total += labels.size
-        error = max(
-            error,
-            relative_error(
-                torch.from_numpy(logits), torch.from_numpy(ref_logits)))
-    return Agreement(same / total, error, len(images), split)
-
-
-def check_agreement(agreement, min_agreement, float_convs=0, reference='fp32'):
-    """Raise VerificationError if fewer labels agree than asked.
-
-    Args:
-        agreement (Agreement): The int8 model's agreement.
-        min_agreement (float): The share of labels asked for.
-        float_convs (int): The convs the model keeps in fp32.
-        reference (str): What it was compared with.
-    """
-    if not agreement.labels >= min_agreement:
-        kept = f' with {float_convs} conv(s) in fp32' if float_convs else ''
-        raise VerificationError(
-            f'INT8 labels agree with {reference} on {agreement.labels:.2%} '
-            f'of the pixels of {agreement.images} {agreement.split} '
-            f'image(s){kept}, below the {min_agreement:.2%} asked; '
-            'nothing written')
 
 
 @dataclass(frozen=True)
@@ -410,8 +338,9 @@ def _fewest_float(ladders, min_agreement, max_float):
 
 def int8_model(cfg, fp32, info, size, settings, equalize=None):
     """An int8 model of an fp32 one, calibrated and checked as ``settings``
-    say, with its calibration, the sensitivity of its convs, the convs kept
-    in fp32 and its agreement in its metadata.
+    say, with its calibration, the convs kept in fp32, their sensitivity
+    (measured only to keep a conv or for ``settings.report``) and its
+    agreement in its metadata.
 
     When full int8 misses ``settings.min_agreement``, the equalized model
     (if ``equalize`` gives one) is quantized too; then the most sensitive
@@ -439,7 +368,7 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     held_out = split_images(cfg, 'val', settings.eval_num, size)
     measure = _Measure(
         split_images(cfg, 'train', settings.calib_num, size), held_out,
-        _run(fp32, held_out), settings.scheme)
+        run_onnx(fp32, held_out), settings.scheme)
     ladders = [
         _Ladder(c, measure)
         for c in _candidates(measure, fp32, info.equalized_pairs, equalize,
@@ -452,7 +381,45 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     info.calibration = dict(split='train', images=len(measure.calibration))
     info.agreement = best.agreement.to_dict()
     info.float_convs = best.kept
-    info.sensitivity = best.ranking()
+    # One ONNX Runtime session per conv: measured when needed or asked.
+    info.sensitivity = best.ranking() if best.kept or settings.report else []
     info.equalized_pairs = best.candidate.equalized_pairs
     set_info(best.model, info)
     return best.model.SerializeToString()
+
+
+def export_int8(job, settings, tolerance=Fp32Tolerance()):
+    """Export a segmentor in int8 and write it: its fp32 model exported and
+    checked on the engines (:func:`~mmrepvgg.deploy.export.export_fp32`),
+    equalized first if ``settings`` say so, then quantized
+    (:func:`int8_model`).
+
+    Args:
+        job (ExportJob): What to export; a trained or deploy checkpoint.
+        settings (Int8Settings): How to quantize.
+        tolerance (Fp32Tolerance): How close the fp32 model's logits must
+            be to the exact ones on the engines.
+
+    Returns:
+        ExportResult: What was written; ``check`` is the fp32 model's.
+
+    Raises:
+        MMRepVGGError: Bad input, an fp32 model that an engine does not
+            compute as PyTorch does, or int8 labels that agree less than
+            asked; nothing is written.
+    """
+    settings.check()
+    calibration = partial(split_images, job.cfg, 'train', settings.calib_num,
+                          job.size)
+    fp32 = export_fp32(job, tolerance,
+                       calibration if settings.equalize == 'always' else None)
+    auto = settings.equalize == 'auto' and equalizable(fp32.model)
+    data = int8_model(job.cfg, fp32.data, fp32.result.info, job.size, settings,
+                      partial(_equalized, fp32, job) if auto else None)
+    job.write(data)
+    return fp32.result
+
+
+def _equalized(fp32, job, calibration):
+    equalized = fp32.equalized(job, lambda: calibration)
+    return equalized.data, equalized.result.info.equalized_pairs

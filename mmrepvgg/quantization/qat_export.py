@@ -1,0 +1,206 @@
+"""Exporting a QAT checkpoint: each fake quantizer becomes a
+QuantizeLinear/DequantizeLinear pair with the scale and zero point it
+trained, and the model's labels on ONNX Runtime are checked against the QAT
+model's own."""
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+# Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
+from torch.ao.quantization.fx import _decomposed  # noqa: F401
+
+from ..deploy.export import ExportResult
+from ..deploy.graph import exportable, to_onnx
+from ..deploy.images import split_images
+from ..deploy.loading import LoadedModel
+from ..deploy.logits import ImageSegmentor
+from ..deploy.model_info import set_info
+from ..deploy.modules import replace_modules
+from ..errors import UsageError
+from .agreement import check_agreement, measure_agreement
+from .fake_quant import QATConv2d, QuantizedOutput
+from .training import QAT_META_KEY, QAT_SCHEME, load_qat_model
+
+__all__ = [
+    'MIN_QAT_AGREEMENT', 'QATExportSettings', 'FrozenFakeQuantize',
+    'FrozenQATConv2d', 'frozen_for_export', 'export_qat'
+]
+
+# The share of pixels whose exported labels must equal the QAT model's own.
+MIN_QAT_AGREEMENT = 0.999
+
+
+@dataclass
+class QATExportSettings:
+    """How :func:`export_qat` checks an exported QAT model.
+
+    Attributes:
+        eval_num (int): Images of the config's validation set to compare
+            on.
+        min_agreement (float): The share of their pixels whose ONNX Runtime
+            label must equal the QAT model's own, or nothing is written.
+    """
+    eval_num: int = field(
+        default=8,
+        metadata=dict(help='validation images to compare the exported QAT '
+                      'model with the QAT model on'))
+    min_agreement: float = field(
+        default=MIN_QAT_AGREEMENT,
+        metadata=dict(help='share of pixels whose ONNX Runtime label must '
+                      "equal the QAT model's own"))
+
+    def check(self):
+        """Raise UsageError for settings that cannot be met."""
+        if self.eval_num < 1:
+            raise UsageError('--qat-eval-num must be at least 1')
+        if not 0 <= self.min_agreement <= 1:
+            raise UsageError('--qat-min-agreement is a share of pixels, from '
+                             f'0 to 1; got {self.min_agreement}')
+
+
+class FrozenFakeQuantize(nn.Module):
+    """A fake quantizer's eval-mode computation with its scale and zero
+    point fixed, as PyTorch's own PT2E flow represents it (its
+    ``quantized_decomposed`` quantize and dequantize ops), which the ONNX
+    exporter writes as QuantizeLinear and DequantizeLinear.
+    ``torch.export`` traces neither the run-time switches of
+    ``FakeQuantize`` (branches on its buffers) nor its kernel at a free
+    batch size.
+
+    Args:
+        quantizer (FakeQuantizeBase): The trained fake quantizer.
+    """
+
+    def __init__(self, quantizer):
+        super().__init__()
+        self.bounds = (quantizer.quant_min, quantizer.quant_max,
+                       torch.uint8 if quantizer.quant_min == 0 else torch.int8)
+        self.axis = quantizer.ch_axis if quantizer.is_per_channel else None
+        # The scale and zero point it computes with, as last observed.
+        scale, zero_point = quantizer.scale, quantizer.zero_point
+        if self.axis is None:
+            # Python numbers: constants to the exporter.
+            self.qparams = (float(scale), int(zero_point))
+        else:
+            self.register_buffer('scale', scale.detach().float().clone())
+            self.register_buffer('zero_point',
+                                 zero_point.detach().int().clone())
+
+    def _qparams(self):
+        if self.axis is None:
+            return self.qparams
+        return self.scale, self.zero_point, self.axis
+
+    def quantize(self, x):
+        """The integers ``x`` rounds to."""
+        ops = torch.ops.quantized_decomposed
+        op = ops.quantize_per_tensor if self.axis is None else \
+            ops.quantize_per_channel
+        return op(x, *self._qparams(), *self.bounds)
+
+    def dequantize(self, q):
+        """The values of integers ``q``."""
+        ops = torch.ops.quantized_decomposed
+        op = ops.dequantize_per_tensor if self.axis is None else \
+            ops.dequantize_per_channel
+        return op(q, *self._qparams(), *self.bounds)
+
+    def forward(self, x):
+        return self.dequantize(self.quantize(x))
+
+
+class FrozenQATConv2d(nn.Module):
+    """A trained :class:`QATConv2d` for export: its input fake-quantized
+    with fixed parameters, its weights stored as the int8 values they round
+    to, so that the ONNX model holds int8 weights behind a
+    DequantizeLinear, as OpenVINO and ONNX Runtime take int8 convs.
+
+    Args:
+        conv (QATConv2d): The trained conv.
+    """
+
+    def __init__(self, conv):
+        super().__init__()
+        if conv.padding_mode != 'zeros':
+            raise UsageError(f'cannot export a conv with {conv.padding_mode} '
+                             'padding in int8')
+        self.input_fake_quant = FrozenFakeQuantize(conv.input_fake_quant)
+        self.weight_fake_quant = FrozenFakeQuantize(conv.weight_fake_quant)
+        self.register_buffer(
+            'int_weight',
+            self.weight_fake_quant.quantize(conv.weight.detach()))
+        self.register_buffer(
+            'bias', None if conv.bias is None else conv.bias.detach().clone())
+        self.conv_args = (conv.stride, conv.padding, conv.dilation,
+                          conv.groups)
+
+    def forward(self, x):
+        weight = self.weight_fake_quant.dequantize(self.int_weight)
+        return F.conv2d(
+            self.input_fake_quant(x), weight, self.bias, *self.conv_args)
+
+
+def frozen_for_export(module):
+    """The export form of a trained QAT module (a :class:`QATConv2d` or
+    :class:`QuantizedOutput`), or None for another (for
+    :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
+    if isinstance(module, QATConv2d):
+        return FrozenQATConv2d(module)
+    if isinstance(module, QuantizedOutput):
+        return nn.Sequential(module.act,
+                             FrozenFakeQuantize(module.output_fake_quant))
+    return None
+
+
+def export_qat(job, settings=QATExportSettings()):
+    """Export a QAT checkpoint as a QDQ ONNX model, checked on ONNX
+    Runtime, and write it.
+
+    Each fake quantizer becomes a QuantizeLinear/DequantizeLinear pair with
+    the scale and zero point it trained: uint8 activations with zero
+    points, int8 weights per output channel, as the cpu int8 scheme has
+    them. The model's labels on ONNX Runtime are compared with the QAT
+    model's own (PyTorch, fake-quantized) on images of the config's
+    validation set.
+
+    Args:
+        job (ExportJob): What to export: the config QAT trained (the
+            model's own, or the one written to the work dir) and a QAT
+            checkpoint, without images (it is checked on the config's).
+        settings (QATExportSettings): How it is checked.
+
+    Returns:
+        ExportResult: What was written; its ``info.agreement`` is the
+        check.
+
+    Raises:
+        UsageError: Images to check on, or not a QAT checkpoint.
+        VerificationError: Fewer labels agree than asked; nothing is
+            written.
+    """
+    settings.check()
+    if job.imgs:
+        raise UsageError(f'{job.checkpoint}: is a QAT checkpoint, checked '
+                         "on the config's validation images, not on --img")
+    model, loaded = load_qat_model(job.cfg, job.checkpoint, job.config)
+    module = exportable(model)
+    replace_modules(module, frozen_for_export)
+    info = job.info(LoadedModel(model, loaded, True))
+    info.precision, info.int8_scheme = 'int8', QAT_SCHEME
+    info.calibration = dict(qat=loaded.meta[QAT_META_KEY])
+    data = to_onnx(module, job.size, job.dynamic)
+    images = split_images(job.cfg, 'val', settings.eval_num, job.size)
+    with torch.no_grad():
+        reference = ImageSegmentor(model).eval()
+        outputs = [[t.numpy() for t in reference(b)] for b in images]
+    agreement = measure_agreement(data, outputs, images, 'val')
+    check_agreement(
+        agreement, settings.min_agreement, reference='the QAT model')
+    info.agreement = dict(asdict(agreement), reference='qat')
+    proto = onnx.load_from_string(data)
+    set_info(proto, info)
+    job.write(proto.SerializeToString())
+    return ExportResult(job.out, job.size, job.dynamic, None, 0,
+                        agreement.images, ['onnxruntime'], None, info)

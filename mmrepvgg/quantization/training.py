@@ -1,0 +1,357 @@
+"""Quantization-aware training (QAT) of RepVGG segmentors in deploy form.
+
+A trained (training-form) checkpoint is converted to deploy form and
+checked (:func:`mmrepvgg.deploy.loading.deploy_model`) and made
+quantization-aware (:mod:`.fake_quant`). Module names stay those of the
+deploy model, so checkpoints, ``--resume`` and the mmengine Runner work as
+for any model: :class:`QATRunner` (a config's ``runner_type='QATRunner'``
+with ``qat = dict(checkpoint=...)``, which ``tools/train.py --qat
+CHECKPOINT`` sets) trains it with the config's own dataset, optimizer
+wrapper, hooks and launchers, and marks the checkpoints it saves
+(:data:`QAT_META_KEY`). :mod:`.qat_export` exports them.
+"""
+import copy
+import os.path as osp
+from collections import OrderedDict
+from functools import cache, partial
+
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.dist import get_world_size
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel, is_model_wrapper
+from mmengine.registry import HOOKS, MODELS, RUNNERS
+from mmengine.runner import Runner, find_latest_checkpoint
+from torch import nn
+
+from ..checkpoint import load_checkpoint, load_weights
+from ..config import build_model, config_dicts, is_repvgg_node
+from ..deploy.convert import equalize_checked
+from ..deploy.images import split_images
+from ..deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
+from ..errors import ConfigError, MMRepVGGError, UsageError
+from ..models.weight_layouts import is_deploy_form
+from .calibration import (CALIBRATION_IMAGES, average_activation_ranges,
+                          calibrate_activation_ranges)
+from .fake_quant import prepare_qat, set_observers
+
+__all__ = [
+    'QAT_META_KEY', 'QAT_SCHEME', 'is_qat_checkpoint', 'check_qat_start',
+    'use_qat', 'build_qat_model', 'load_qat_model', 'Distillation', 'QATHook',
+    'QATRunner'
+]
+
+# The key under a checkpoint's meta that marks it as a QAT checkpoint.
+QAT_META_KEY = 'mmrepvgg_qat'
+# The int8 scheme trained for: the one ``tools/export.py --int8`` writes.
+QAT_SCHEME = 'cpu'
+
+
+def is_qat_checkpoint(checkpoint):
+    """Whether a checkpoint carries the QAT marker.
+
+    Args:
+        checkpoint (str | Checkpoint): Its file, or the file loaded.
+
+    Raises:
+        CheckpointError: The file is missing or unreadable.
+    """
+    if isinstance(checkpoint, str):
+        checkpoint = load_checkpoint(checkpoint)
+    return QAT_META_KEY in checkpoint.meta
+
+
+def _check_repvgg_config(cfg, config):
+    if not any(is_repvgg_node(node) for node in config_dicts(cfg.model)):
+        raise ConfigError(f'{config}: QAT fine-tunes RepVGG models in deploy '
+                          'form; this config builds no RepVGG backbone')
+
+
+def check_qat_start(cfg, checkpoint, config='config'):
+    """Check that QAT of ``cfg``'s model can start from ``checkpoint``.
+
+    Raises:
+        ConfigError: The config builds no RepVGG model.
+        CheckpointError: The file is missing or unreadable.
+        UsageError: It is a deploy or a QAT checkpoint, not a trained one.
+    """
+    if not isinstance(cfg.get('model'), dict):
+        raise ConfigError(f'{config}: has no model to build')
+    _check_repvgg_config(cfg, config)
+    loaded = load_checkpoint(checkpoint)
+    if is_qat_checkpoint(loaded):
+        raise UsageError(f'{checkpoint}: is a QAT checkpoint already; '
+                         'continue its training with --resume')
+    if is_deploy_form(loaded.weights):
+        raise UsageError(f'{checkpoint}: is a deploy checkpoint; QAT starts '
+                         'from a trained (training-form) checkpoint')
+
+
+def use_qat(cfg, checkpoint, config='config', equalize=False, distill=False):
+    """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint,
+    after checking that it can (:func:`check_qat_start`); with
+    ``equalize``, from its backbone equalized first
+    (:mod:`mmrepvgg.models.equalization`); with ``distill``, learning the
+    trained model's predictions instead of the labels (:class:`Distillation`).
+
+    Sets ``qat = dict(checkpoint=..., equalize=..., distill=...)`` and
+    ``runner_type='QATRunner'`` and imports this module with the config,
+    so that the config written to the work dir resumes, tests and trains
+    the same way, with mmseg's tools and ``mim`` too.
+    """
+    check_qat_start(cfg, checkpoint, config)
+    cfg.qat = dict(checkpoint=checkpoint, equalize=equalize, distill=distill)
+    cfg.runner_type = 'QATRunner'
+    imports = dict(cfg.get('custom_imports') or {})
+    modules = list(imports.get('imports') or [])
+    if __name__ not in modules:
+        modules.append(__name__)
+    cfg.custom_imports = dict(imports, imports=modules)
+
+
+def build_qat_model(cfg,
+                    checkpoint,
+                    config='config',
+                    equalize=False,
+                    distill=False,
+                    calibrate=False):
+    """The QAT model of a trained checkpoint: converted to deploy form,
+    checked, its backbone equalized if asked
+    (:func:`~mmrepvgg.deploy.convert.equalize_checked`, checked too), and
+    made quantization-aware (:func:`prepare_qat`), its activation ranges
+    calibrated if asked (:func:`calibrate_activation_ranges`); with
+    ``distill``, it is the student of a :class:`Distillation` from the
+    model before.
+    Equalization and calibration measure the model on
+    :data:`CALIBRATION_IMAGES` training images through the test pipeline.
+
+    Returns:
+        nn.Module: The model (or its :class:`Distillation`), in training
+        mode.
+
+    Raises:
+        MMRepVGGError: ``equalize`` for a model without a RepVGG backbone,
+            or an equalized model that computes otherwise.
+    """
+    check_qat_start(cfg, checkpoint, config)
+    model = deploy_model(cfg, checkpoint, config).model
+    images = cache(
+        partial(split_images, cfg, 'train', CALIBRATION_IMAGES, None))
+    if equalize:
+        try:
+            equalize_checked(model, images, DEFAULT_CHECK_SIZE)
+        except MMRepVGGError as error:
+            raise type(error)(f'{config}: qat.equalize: {error}') from None
+    teacher = copy.deepcopy(model) if distill else None
+    model = prepare_qat(model).train()
+    if calibrate:
+        calibrate_activation_ranges(model, images())
+    return Distillation(model, teacher).train() if distill else model
+
+
+def _heads(segmentor):
+    """A segmentor's decode head and auxiliary heads, by the prefix of
+    their losses."""
+    heads = dict(decode=segmentor.decode_head)
+    auxiliary = getattr(segmentor, 'auxiliary_head', None)
+    if isinstance(auxiliary, nn.ModuleList):
+        heads.update((f'aux_{i}', head) for i, head in enumerate(auxiliary))
+    elif auxiliary is not None:
+        heads['aux'] = auxiliary
+    return heads
+
+
+@MODELS.register_module()
+class Distillation(BaseModel):
+    """A QAT segmentor (the student) that learns the fp32 model it started
+    from (the teacher) rather than the labels, as one model: its loss is,
+    for each head, the KL divergence of the student's class probabilities
+    from the teacher's, averaged over the pixels (``{head}.loss_distill``);
+    it predicts as the student does.
+
+    The student's heads lose their dropout: the target is the fp32 model's
+    deterministic output, and dropout's noise would be half the loss
+    (the decode head's KL over QAT's first iterations on a trained toy
+    PSPNet: 0.012 with dropout, 0.007 without). The teacher stays frozen
+    and in eval mode, and its checkpoints hold the student's weights
+    alone, under the student's own names: they load into a QAT model as
+    any QAT checkpoint does, and back into a Distillation.
+
+    Args:
+        student (BaseModel): The QAT segmentor.
+        teacher (nn.Module): The fp32 segmentor.
+    """
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.data_preprocessor = student.data_preprocessor
+        for head in _heads(student).values():
+            head.dropout = None
+        self._register_state_dict_hook(_student_state)
+        self._register_load_state_dict_pre_hook(self._as_own_state)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        return self.student(inputs, data_samples, mode)
+
+    def loss(self, inputs, data_samples=None):
+        """The distillation losses of a batch of ``inputs``."""
+        features = self.student.extract_feat(inputs)
+        with torch.no_grad():
+            teacher_features = self.teacher.extract_feat(inputs)
+        teacher_heads = _heads(self.teacher)
+        losses = {}
+        for name, head in _heads(self.student).items():
+            with torch.no_grad():
+                target = teacher_heads[name].forward(teacher_features)
+            losses[f'{name}.loss_distill'] = F.kl_div(
+                F.log_softmax(head.forward(features), 1),
+                F.log_softmax(target, 1),
+                reduction='none',
+                log_target=True).sum(1).mean()
+        return losses
+
+    def _as_own_state(self, state_dict, prefix, *args):
+        """Give a checkpoint's student weights their names in this module,
+        and the teacher its own weights."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[f'{prefix}student.{key[len(prefix):]}'] = \
+                state_dict.pop(key)
+        state_dict.update(self.teacher.state_dict(prefix=prefix + 'teacher.'))
+
+
+def _student_state(module, state_dict, prefix, local_metadata):
+    """A :class:`Distillation`'s state: its student's, under the student's
+    own names."""
+    student = prefix + 'student.'
+    return OrderedDict((prefix + key[len(student):], value)
+                       for key, value in state_dict.items()
+                       if key.startswith(student))
+
+
+def load_qat_model(cfg, checkpoint, config='config'):
+    """A QAT checkpoint's model, for inference: in eval mode, with its
+    observers off (the ranges it trained stay as they are).
+
+    Returns:
+        tuple[nn.Module, Checkpoint]: The model and its checkpoint.
+
+    Raises:
+        UsageError: The checkpoint carries no QAT marker.
+        CheckpointError: It does not fit the config's model.
+    """
+    _check_repvgg_config(cfg, config)
+    loaded = load_checkpoint(checkpoint)
+    if not is_qat_checkpoint(loaded):
+        raise UsageError(f'{checkpoint}: is not a QAT checkpoint (its meta '
+                         f'has no {QAT_META_KEY!r} marker)')
+    model = prepare_qat(build_model(cfg, deploy=True))
+    load_weights(model, loaded.weights, checkpoint, config)
+    set_observers(model, False)
+    return model.eval(), loaded
+
+
+@HOOKS.register_module()
+class QATHook(Hook):
+    """Marks the checkpoints of a QAT run, keeps the observers still while
+    the model is evaluated, and makes a resumed run continue as the
+    uninterrupted one would.
+
+    Checkpoints get :data:`QAT_META_KEY` in their meta (the scheme and the
+    trained checkpoint QAT started from) and PyTorch's random state (for
+    dropout): mmengine re-seeds a resumed run and replays the data loader,
+    but not the random numbers that the skipped iterations drew. In a
+    distributed run the observed input ranges are averaged over the
+    processes after each iteration (:func:`average_activation_ranges`).
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self, source=''):
+        self.source = source
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        checkpoint.setdefault('meta', {})[QAT_META_KEY] = dict(
+            scheme=QAT_SCHEME, source=osp.basename(self.source))
+        checkpoint['torch_rng_state'] = torch.get_rng_state()
+
+    def after_load_checkpoint(self, runner, checkpoint):
+        state = checkpoint.get('torch_rng_state')
+        if isinstance(state, torch.Tensor):
+            torch.set_rng_state(state)
+
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
+                         outputs=None):
+        if get_world_size() > 1:
+            average_activation_ranges(_unwrapped(runner.model))
+
+    def before_val_epoch(self, runner):
+        set_observers(_unwrapped(runner.model), False)
+
+    def after_val_epoch(self, runner, metrics=None):
+        set_observers(_unwrapped(runner.model), True)
+
+    def before_test_epoch(self, runner):
+        set_observers(_unwrapped(runner.model), False)
+
+
+def _unwrapped(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+@RUNNERS.register_module()
+class QATRunner(Runner):
+    """An mmengine Runner that fine-tunes a config's RepVGG model with QAT
+    from the trained checkpoint named by the config's
+    ``qat = dict(checkpoint=...)``; otherwise the config's own Runner.
+
+    The model starts from that checkpoint's weights (converted when it is
+    built), not from its initializers; ``load_from`` and ``resume`` then
+    load QAT checkpoints over it (with nothing equalized first: the
+    checkpoint holds the weights that equalization gave).
+    """
+
+    def build_model(self, model):
+        if isinstance(model, nn.Module):
+            return model
+        qat = self.cfg.get('qat') or {}
+        if not qat.get('checkpoint'):
+            raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
+                              'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
+        # The whole config: equalization and calibration read its training
+        # images. A QAT checkpoint loaded over the model next replaces
+        # every weight and range that they would compute.
+        cfg = Config(dict(self.cfg.to_dict(), model=model))
+        fresh = not self._loads_checkpoint()
+        return build_qat_model(
+            cfg,
+            qat['checkpoint'],
+            self.cfg.filename,
+            equalize=qat.get('equalize', False) and fresh,
+            distill=qat.get('distill', False),
+            calibrate=fresh)
+
+    def _loads_checkpoint(self):
+        """Whether :meth:`load_or_resume` will load a checkpoint."""
+        return self._load_from is not None or bool(
+            self._resume and find_latest_checkpoint(self.work_dir))
+
+    def register_hooks(self, default_hooks=None, custom_hooks=None):
+        super().register_hooks(default_hooks, custom_hooks)
+        self.register_hook(
+            QATHook((self.cfg.get('qat') or {}).get('checkpoint', '')))
+
+    def _init_model_weights(self):
+        """Nothing to initialize: the weights come from the trained
+        checkpoint."""
