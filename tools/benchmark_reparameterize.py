@@ -80,8 +80,7 @@ def build_parser():
     return parser
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     with tempfile.TemporaryDirectory() as folder:
         tasks = _tasks(args.config, folder)
         # One untimed round warms caches and lazy imports.
@@ -102,4 +101,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)
