@@ -27,6 +27,7 @@ from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.pair import reparameterize
+from mmrepvgg.errors import UsageError
 from mmrepvgg.fileio import serialize, write_files
 
 DEFAULT_CONFIG = osp.join(
@@ -81,6 +82,8 @@ def build_parser():
 
 
 def main(args):
+    if args.rounds < 1:
+        raise UsageError(f'rounds must be at least 1, got {args.rounds}')
     with tempfile.TemporaryDirectory() as folder:
         tasks = _tasks(args.config, folder)
         # One untimed round warms caches and lazy imports.
