@@ -122,9 +122,11 @@ def settings_from(args, settings_cls, prefix='', **overrides):
     return settings_cls(**values)
 
 
-def run_cli(main):
-    """Run a tool's ``main()``: a user mistake exits 1 with one line on
-    stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any moment.
+def run_cli(main, build_parser, intermixed=False):
+    """Run a tool: parse its command line (a mistake there is argparse's
+    usage and exit 2), then ``main(args)``: a user mistake exits 1 with one
+    line on stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any
+    moment.
 
     Interrupts unwind the stack, so that no temporary file stays; one that
     a library turned into another exception on its way up is still
@@ -133,8 +135,17 @@ def run_cli(main):
     printed above its line.
 
     Args:
-        main (callable): The tool's entry point.
+        main (callable): The tool's entry point, given the parsed
+            arguments.
+        build_parser (callable): Returns the tool's parser, made with
+            :func:`tool_parser`.
+        intermixed (bool): Parse with ``parse_intermixed_args``, which
+            takes positional arguments after options too.
     """
+    parser = build_parser()
+    args = (
+        parser.parse_intermixed_args() if intermixed else parser.parse_args())
+    debug = args.debug or os.environ.get(_DEBUG) == '1'
     received = []
 
     def interrupt(signum):
@@ -143,20 +154,21 @@ def run_cli(main):
 
     # Third-party warnings and log lines go to stdout, so that stderr holds
     # the tool's own error line alone.
-    level = logging.INFO if '--verbose' in sys.argv else logging.WARNING
+    level = logging.INFO if args.verbose else logging.WARNING
     try:
         with signals_handled(interrupt), quiet(level=level, to=sys.stdout):
-            main()
+            main(args)
     except BaseException as error:  # reported below, or raised again
-        code = _report(error, received)
+        code = _report(error, received, debug)
         if code is None:
             raise
         sys.exit(code)
 
 
-def _report(error, received):
-    """Print an interrupt or a user error as one line on stderr and return
-    the exit status; None for anything else."""
+def _report(error, received, debug):
+    """Print an interrupt or a user error (with its traceback if
+    ``debug``) as one line on stderr and return the exit status; None for
+    anything else."""
     sys.stdout.flush()
     if received or isinstance(error, KeyboardInterrupt):
         signum = received[0] if received else signal.SIGINT
@@ -165,7 +177,7 @@ def _report(error, received):
             file=sys.stderr)
         return 128 + signum
     if isinstance(error, MMRepVGGError):
-        if '--debug' in sys.argv or os.environ.get(_DEBUG) == '1':
+        if debug:
             traceback.print_exception(
                 type(error), error, error.__traceback__, file=sys.stderr)
         print(f'error: {error}', file=sys.stderr)

@@ -31,8 +31,7 @@ def check_outputs(args):
         check_output_path(out, inputs, args.force)
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     settings = settings_from(args, BenchmarkSettings)
     settings.check()
     check_outputs(args)
@@ -47,4 +46,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

@@ -30,7 +30,7 @@ import torch
 from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
-from mmrepvgg.errors import VerificationError
+from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.quantization.ptq import Int8Settings, export_int8
 from mmrepvgg.testing import (make_quantization_hostile, make_toy_cityscapes,
                               write_toy_config)
@@ -97,7 +97,7 @@ def _tasks(config, shape, folder):
         mixed=mixed)
 
 
-def main():
+def build_parser():
     parser = tool_parser(__doc__)
     parser.add_argument(
         '--config', default=DEFAULT_CONFIG, help='training-form config')
@@ -110,7 +110,19 @@ def main():
         help='export size (default: 512 1024)')
     parser.add_argument(
         '--rounds', type=int, default=1, help='timed rounds of each')
-    args = parser.parse_args()
+    return parser
+
+
+def _check(args):
+    """Refuse what cannot run, before any work."""
+    ExportSettings(tuple(args.shape)).check()
+    if args.rounds < 1:
+        raise UsageError(f'rounds must be at least 1, got {args.rounds}')
+    read_config(args.config)
+
+
+def main(args):
+    _check(args)
     times = {}
     with tempfile.TemporaryDirectory() as folder:
         tasks = _tasks(args.config, tuple(args.shape), folder)
@@ -128,4 +140,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

@@ -27,6 +27,7 @@ from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.pair import reparameterize
+from mmrepvgg.errors import UsageError
 from mmrepvgg.fileio import serialize, write_files
 
 DEFAULT_CONFIG = osp.join(
@@ -80,8 +81,9 @@ def build_parser():
     return parser
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
+    if args.rounds < 1:
+        raise UsageError(f'rounds must be at least 1, got {args.rounds}')
     with tempfile.TemporaryDirectory() as folder:
         tasks = _tasks(args.config, folder)
         # One untimed round warms caches and lazy imports.
@@ -102,4 +104,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

@@ -10,7 +10,7 @@ Example::
     python tools/benchmark_runtime.py CONFIG CHECKPOINT WORK_DIR \\
         --runtime-python RUNTIME_VENV/bin/python --images 64
 """
-import argparse
+import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os
 import os.path as osp
 import re
@@ -21,7 +21,8 @@ import time
 import cv2
 import numpy as np
 
-import apps.interrupts  # noqa: F401  (before the heavy imports)
+from mmrepvgg.cli import run_cli, tool_parser
+from mmrepvgg.errors import UsageError
 
 # A fresh process to the first label map, each way.
 RUNTIME_FIRST = '''
@@ -102,8 +103,8 @@ def _deploy_and_export(config, checkpoint, work_dir):
     return deploy_config_path(deploy), deploy, model
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def build_parser():
+    parser = tool_parser(__doc__.split('\n\n')[0])
     parser.add_argument('config', help='a segmentor config')
     parser.add_argument('checkpoint', help='its trained checkpoint')
     parser.add_argument('work_dir', help='for the models, frames and labels')
@@ -111,9 +112,40 @@ def main():
         '--runtime-python',
         required=True,
         help='the Python of an environment with mmrepvgg[runtime] only')
-    parser.add_argument('--images', type=int, default=64)
-    parser.add_argument('--size', type=int, nargs=2, default=(1024, 2048))
-    args = parser.parse_args()
+    parser.add_argument(
+        '--images',
+        type=int,
+        default=64,
+        help='frames to segment, the first untimed (default: 64)')
+    parser.add_argument(
+        '--size',
+        type=int,
+        nargs=2,
+        default=(1024, 2048),
+        metavar=('H', 'W'),
+        help='of the frames (default: 1024 2048)')
+    return parser
+
+
+def _check(args):
+    """Refuse what cannot run, before any work."""
+    if args.images < 2 or min(args.size) < 64:
+        raise UsageError('images must be at least 2 and the size at least '
+                         f'64 64, got {args.images} and {args.size[0]} '
+                         f'{args.size[1]}')
+    if osp.exists(args.work_dir) and not osp.isdir(args.work_dir):
+        raise UsageError(f'{args.work_dir}: is not a folder')
+    try:
+        subprocess.run([args.runtime_python, '-c', 'import mmrepvgg.runtime'],
+                       capture_output=True,
+                       check=True)
+    except (OSError, subprocess.CalledProcessError):
+        raise UsageError(f'{args.runtime_python}: is not a Python that can '
+                         'import mmrepvgg.runtime') from None
+
+
+def main(args):
+    _check(args)
     os.makedirs(args.work_dir, exist_ok=True)
     config, deploy, model = _deploy_and_export(args.config, args.checkpoint,
                                                args.work_dir)
@@ -163,4 +195,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main, build_parser)

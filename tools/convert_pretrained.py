@@ -18,8 +18,7 @@ def build_parser():
     return parser
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     count, arch, deploy = convert_pretrained(
         args.src, args.dst, arch=args.arch, force=args.force)
     form = 'deploy' if deploy else 'training'
@@ -28,4 +27,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

@@ -12,9 +12,9 @@ def build_parser():
     return parser
 
 
-def main():
-    run_demo(settings_from(build_parser().parse_args(), DemoSettings))
+def main(args):
+    run_demo(settings_from(args, DemoSettings))
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

@@ -66,11 +66,10 @@ def _is_qat(checkpoint):
         return False  # the model's loading reports it
 
 
-def main():
+def main(args):
     """Decide what to export from the flags and the checkpoint, before any
     model is built: an fp32 model, calibrated int8, or a QAT checkpoint's
     int8."""
-    args = build_parser().parse_args()
     int8_options = _given(args, Int8Settings)
     if int8_options and not args.int8:
         raise UsageError(f'{", ".join(int8_options)} given without --int8')
@@ -157,4 +156,4 @@ def report_int8(info, ranking):
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

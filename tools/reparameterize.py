@@ -34,8 +34,7 @@ def build_parser():
     return parser
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     result = reparameterize(
         args.config,
         args.checkpoint,
@@ -51,4 +50,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

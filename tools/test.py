@@ -19,8 +19,7 @@ def build_parser():
     return add_launch_arguments(parser)
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     cfg = load_launch_config(args)
     use_checkpoint_or_engine(cfg, args.checkpoint,
                              settings_from(args, EngineSettings))
@@ -31,4 +30,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

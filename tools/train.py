@@ -38,8 +38,7 @@ def build_parser():
     return add_launch_arguments(parser)
 
 
-def main():
-    args = build_parser().parse_args()
+def main(args):
     for flag in ('qat_equalize', 'qat_distill'):
         if getattr(args, flag) and not args.qat:
             raise UsageError(f"--{flag.replace('_', '-')} needs --qat")
@@ -55,4 +54,4 @@ def main():
 
 
 if __name__ == '__main__':
-    run_cli(main)
+    run_cli(main, build_parser)

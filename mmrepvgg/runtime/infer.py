@@ -436,9 +436,9 @@ def _check(args, files, outputs):
     return settings
 
 
-def main(argv=None):
-    """The ``mmrepvgg-infer`` command (and ``tools/infer.py``)."""
-    args = build_parser().parse_intermixed_args(argv)
+def main(args):
+    """The ``mmrepvgg-infer`` command (and ``tools/infer.py``), given its
+    parsed arguments."""
     files = collect_inputs(args.inputs, args.recursive)
     outputs = _Outputs(args.out_dir, args.opacity, args.force, not args.no_vis)
     settings = _check(args, files, outputs)
@@ -462,7 +462,7 @@ def main(argv=None):
 
 def console():
     """Entry point of the ``mmrepvgg-infer`` console script."""
-    run_cli(main)
+    run_cli(main, build_parser, intermixed=True)
 
 
 if __name__ == '__main__':
