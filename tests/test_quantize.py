@@ -15,11 +15,11 @@ import torch
 import mmrepvgg.quantization.ptq as quantize
 from helpers import logged_metrics, output, run_tool_here
 from mmrepvgg.deploy import export_onnx
-from mmrepvgg.deploy.engines import EngineSettings, SegmentationEngine
 from mmrepvgg.deploy.export import ExportJob, ExportSettings
 from mmrepvgg.deploy.images import as_batch
 from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.quantization.ptq import Int8Settings, export_int8
+from mmrepvgg.runtime import EngineSettings, Segmenter
 from mmrepvgg.testing import majority_class_miou
 
 SIZE = (64, 128)
@@ -116,14 +116,14 @@ def test_int8_model_keeps_the_fp32_labels_on_both_engines(
     export_onnx(
         ExportJob.checked(trained_qarepvgg.config, trained_qarepvgg.checkpoint,
                           str(fp32), ExportSettings(SIZE)))
-    reference = SegmentationEngine(str(fp32))
+    reference = Segmenter(str(fp32))
     for backend in ('onnxruntime', 'openvino'):
-        engine = SegmentationEngine(str(out), EngineSettings(backend))
+        segmenter = Segmenter(str(out), EngineSettings(backend))
         same = total = 0
         for path in trained_qarepvgg.val_images:
             image = cv2.imread(path)
-            labels = engine.predict(image)
-            same += int((labels == reference.predict(image)).sum())
+            labels = segmenter(image)
+            same += int((labels == reference(image)).sum())
             total += labels.size
         assert same / total >= AGREEMENT_FLOOR, backend
 

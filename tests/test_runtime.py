@@ -275,7 +275,7 @@ def test_malformed_inference_metadata_is_refused(props, message):
 # What the runtime may import: the standard library aside, these.
 _RUNTIME_IMPORTS = ('numpy', 'cv2', 'onnxruntime', 'openvino', 'mmrepvgg')
 _RUNTIME_PACKAGE_MODULES = ('mmrepvgg', 'mmrepvgg.errors', 'mmrepvgg.version',
-                            'mmrepvgg.cli', 'mmrepvgg.fileio')
+                            'mmrepvgg.logs', 'mmrepvgg.cli', 'mmrepvgg.fileio')
 
 
 def _imports(module):
