@@ -66,8 +66,7 @@ def markdown_files():
 def current_markdown_files():
     """The pages that describe the code as it is, not its history."""
     return [
-        p for p in markdown_files()
-        if not HISTORY.match(osp.relpath(p, DOCS))
+        p for p in markdown_files() if not HISTORY.match(osp.relpath(p, DOCS))
     ]
 
 

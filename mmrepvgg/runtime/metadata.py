@@ -14,8 +14,9 @@ from ..errors import MetadataError, first_line
 from ..version import __version__
 
 __all__ = [
-    'MIN_SIZE', 'MAX_SIZE', 'INT8_SCHEMES', 'INTERPOLATIONS', 'plain_data_problem', 'DatasetMeta',
-    'ConvSensitivity', 'ResizeStep', 'InferenceMode', 'ExportedModelInfo'
+    'MIN_SIZE', 'MAX_SIZE', 'INT8_SCHEMES', 'INTERPOLATIONS',
+    'plain_data_problem', 'DatasetMeta', 'ConvSensitivity', 'ResizeStep',
+    'InferenceMode', 'ExportedModelInfo'
 ]
 
 # Limits of the metadata: far above what an export writes.
@@ -294,7 +295,8 @@ class ExportedModelInfo:
         checks = (
             ('align_corners', isinstance(self.align_corners, bool)),
             ('input_size', self.input_size is None or
-             (_size_pair(self.input_size) and min(self.input_size) >= MIN_SIZE)),
+             (_size_pair(self.input_size)
+              and min(self.input_size) >= MIN_SIZE)),
             ('precision', self.precision in _PRECISIONS),
             ('calibration', isinstance(self.calibration, dict)),
             ('agreement', isinstance(self.agreement, dict)),
