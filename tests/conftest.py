@@ -9,9 +9,9 @@ import pytest
 import torch
 from xdist.scheduler import LoadFileScheduling
 
-from helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TOY_SIZE, mim, output,
-                     run_tool)
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
+from tests.helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TOY_SIZE, mim,
+                           output, run_tool)
 
 TRAIN_ITERS = 4
 QAREPVGG_ITERS = 60

@@ -75,6 +75,9 @@ def run_tool_here(name, *args):
     without the seconds a new Python takes to import torch and the
     toolboxes; returns a completed process with text stdout and stderr."""
     path = osp.join(REPO_ROOT, 'tools', name)
+    # Python puts a script's folder first on sys.path: the tools import
+    # their applications as ``apps``.
+    sys.path.insert(0, osp.dirname(path))
     argv, handlers = sys.argv, {
         s: signal.getsignal(s)
         for s in (signal.SIGINT, signal.SIGTERM)
@@ -90,6 +93,7 @@ def run_tool_here(name, *args):
             exit.code is not None)
     finally:
         sys.argv = argv
+        sys.path.remove(osp.dirname(path))
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(),

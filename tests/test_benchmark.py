@@ -10,17 +10,18 @@ import os.path as osp
 import pytest
 import torch
 
-from apps.benchmark import (PARTS, BenchmarkSettings, compare_outputs,
-                            load_segmentor, run_benchmark)
-from apps.report import BenchmarkResult, format_report, plot_chart, write_json
-from helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
-                     run_tool_here)
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.engines import bf16_available
 from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import ConfigError, UsageError
+from tests.helpers import (PSPNET_A0, REPO_ROOT, output, randomize_batch_norms,
+                           run_tool_here)
+from tools.apps.benchmark import (PARTS, BenchmarkSettings, compare_outputs,
+                                  load_segmentor, run_benchmark)
+from tools.apps.report import (BenchmarkResult, format_report, plot_chart,
+                               write_json)
 
 PSPNET_R18 = 'mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py'
 SIZE = (64, 128)

@@ -10,9 +10,9 @@ from mmengine.runner import Runner, load_checkpoint
 from mmseg.apis import init_model
 
 import mmrepvgg  # noqa: F401  (allow-lists mmengine's checkpoint classes)
-from helpers import CarriesCode, run
 from mmrepvgg.checkpoint import load_checkpoint as load_safely
 from mmrepvgg.errors import CheckpointError
+from tests.helpers import CarriesCode, run
 
 
 class IterationCounter(Hook):

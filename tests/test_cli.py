@@ -5,10 +5,10 @@ import argparse
 
 import pytest
 
-from helpers import TOY_SIZE, assert_refused, run_tool_here
 from mmrepvgg.cli import add_settings, settings_from
 from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportSettings
+from tests.helpers import TOY_SIZE, assert_refused, run_tool_here
 
 
 def test_a_bug_keeps_its_traceback(trained_pspnet, tmp_path, monkeypatch):

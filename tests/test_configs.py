@@ -9,8 +9,8 @@ import torch
 from mmengine.config import Config
 from mmengine.runner.checkpoint import get_mmcls_models
 
-from helpers import REPO_ROOT
 from mmrepvgg import QARepVGGBlock, RepVGGBlock
+from tests.helpers import REPO_ROOT
 
 CONFIGS = sorted(
     osp.relpath(path, REPO_ROOT)

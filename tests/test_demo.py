@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from mmengine.config import Config
 
-from apps.demo import (DEFAULT_CONFIG, DemoError, DemoSettings,
-                       majority_class_miou, run_demo, write_cityscapes_config)
-from helpers import REPO_ROOT, output, run_tool
 from mmrepvgg.errors import UsageError
 from mmrepvgg.testing import make_toy_cityscapes
+from tests.helpers import REPO_ROOT, output, run_tool
+from tools.apps.demo import (DEFAULT_CONFIG, DemoError, DemoSettings,
+                             majority_class_miou, run_demo,
+                             write_cityscapes_config)
 
 ITERS = 2
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

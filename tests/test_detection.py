@@ -5,9 +5,9 @@ import os.path as osp
 import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
-from toy_coco import make_toy_coco
 
-from helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT
+from tests.toy_coco import make_toy_coco
 
 RETINANET = osp.join(REPO_ROOT, 'configs', 'retinanet',
                      'retinanet_repvgg-a0_fpn_1x_coco.py')

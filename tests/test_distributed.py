@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import mmrepvgg.runner as runner
-from helpers import PSPNET_A0, REPO_ROOT, TESTS, output, run, run_tool_here
 from mmrepvgg.quantization.training import is_qat_checkpoint
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
+from tests.helpers import (PSPNET_A0, REPO_ROOT, TESTS, output, run,
+                           run_tool_here)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROBE = """

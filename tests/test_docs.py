@@ -11,8 +11,8 @@ import sys
 import pytest
 
 import mmrepvgg
-from helpers import REPO_ROOT, output, run
 from mmrepvgg.config import build_model, read_config
+from tests.helpers import REPO_ROOT, output, run
 
 DOCS = osp.join(REPO_ROOT, 'docs')
 # History: the changelog, and the dated benchmark records

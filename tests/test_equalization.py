@@ -8,8 +8,6 @@ import torch
 from mmengine.registry import DefaultScope
 from torch import nn
 
-from helpers import (PSPNET_A0, assert_computes_as, random_checkpoint,
-                     randomize_batch_norms)
 from mmrepvgg.deploy.export import ExportJob, ExportSettings
 from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.models import RepVGG, equalization
@@ -18,6 +16,8 @@ from mmrepvgg.models.equalization import (SETTLED, activation_ranges,
                                           equalize_backbone, equalize_pair)
 from mmrepvgg.quantization.ptq import Int8Settings, export_int8
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
+from tests.helpers import (PSPNET_A0, assert_computes_as, random_checkpoint,
+                           randomize_batch_norms)
 
 # Small, with grouped convs (blocks 2 and 4, counted from the stem) and
 # every stage's output read by the head.

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from mmseg.models.decode_heads import PSPHead
 
-from helpers import PSPNET_A0, randomize_batch_norms
 from mmrepvgg import switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import FoldedPSPHead
@@ -15,6 +14,7 @@ from mmrepvgg.deploy.compare import relative_error
 from mmrepvgg.deploy.exact import exact_outputs
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.deploy.modules import ChunkedFloat64Convs
+from tests.helpers import PSPNET_A0, randomize_batch_norms
 
 pytestmark = pytest.mark.numerics
 

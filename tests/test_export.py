@@ -12,8 +12,6 @@ import onnx
 import pytest
 import torch
 
-from helpers import (REPO_ROOT, assert_fp32_close, logged_metrics, output,
-                     random_checkpoint, run_tool_here)
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy import deploy_model, export_onnx
 from mmrepvgg.deploy.compare import compare_labels
@@ -27,6 +25,8 @@ from mmrepvgg.errors import (ConfigError, MetadataError, UsageError,
                              VerificationError)
 from mmrepvgg.runtime import Segmenter
 from mmrepvgg.runtime import segmenter as segmenter_module
+from tests.helpers import (REPO_ROOT, assert_fp32_close, logged_metrics,
+                           output, random_checkpoint, run_tool_here)
 
 SEGMENTORS = sorted(
     osp.relpath(path, REPO_ROOT)

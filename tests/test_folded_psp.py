@@ -6,8 +6,6 @@ import pytest
 import torch
 from mmseg.models.decode_heads import FCNHead, PSPHead
 
-from apps.benchmark import BenchmarkSettings
-from helpers import PSPNET_A0, REPO_ROOT, randomize_batch_norms
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import relative_error
@@ -15,6 +13,8 @@ from mmrepvgg.deploy.compare import Fp32Tolerance, compare_fp32, compare_labels
 from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import UsageError
+from tests.helpers import PSPNET_A0, REPO_ROOT, randomize_batch_norms
+from tools.apps.benchmark import BenchmarkSettings
 
 DEEPLABV3_A0 = osp.join(
     REPO_ROOT, 'configs', 'deeplabv3',

@@ -21,8 +21,8 @@ import onnx
 import pytest
 import torch
 
-from helpers import (PSPNET_A0, REPO_ROOT, TOY_SIZE, assert_refused, output,
-                     run_tool_here, snapshot)
+from tests.helpers import (PSPNET_A0, REPO_ROOT, TOY_SIZE, assert_refused,
+                           output, run_tool_here, snapshot)
 
 pytestmark = pytest.mark.integration
 
@@ -360,6 +360,8 @@ def test_an_out_name_of_255_bytes_is_written(trained_pspnet, tmp_path):
 ])
 def test_benchmark_checks_its_arguments_first(tmp_path, arguments, message,
                                               monkeypatch):
+    # The module that tools/benchmark.py imports, as a script does.
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, 'tools'))
     import apps.benchmark
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(apps.benchmark, 'run_benchmark', None)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (PSPNET_A0, REPO_ROOT, CarriesCode, assert_refused, output,
-                     run, run_tool_here, snapshot)
 from mmrepvgg.checkpoint import checkpoint_meta, load_checkpoint
 from mmrepvgg.deploy import deploy_config_path, reparameterize
 from mmrepvgg.errors import CheckpointError, UsageError, VerificationError
 from mmrepvgg.fileio import write_files
+from tests.helpers import (PSPNET_A0, REPO_ROOT, CarriesCode, assert_refused,
+                           output, run, run_tool_here, snapshot)
 
 MULTIARRAY = getattr(np, '_core', None) or np.core
 RECONSTRUCT = MULTIARRAY.multiarray._reconstruct
@@ -608,6 +608,8 @@ def test_sigterm_to_the_tool_leaves_no_temporary_files(trained_pspnet,
 
 
 def test_benchmark_refuses_int8_without_an_engine(tmp_path, monkeypatch):
+    # The module that tools/benchmark.py imports, as a script does.
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, 'tools'))
     import apps.benchmark
     monkeypatch.chdir(tmp_path)
     # Were the request not checked first, the tool would call this.

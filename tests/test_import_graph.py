@@ -8,7 +8,7 @@ import pkgutil
 import sys
 
 import mmrepvgg
-from helpers import output, run
+from tests.helpers import output, run
 
 PACKAGE_ROOT = osp.dirname(mmrepvgg.__file__)
 

@@ -7,7 +7,7 @@ import os.path as osp
 
 import pytest
 
-from helpers import mim, output
+from tests.helpers import mim, output
 
 pytestmark = pytest.mark.integration
 

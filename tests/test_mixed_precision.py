@@ -9,8 +9,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from helpers import (TOY_SIZE, assert_computes_as, assert_refused, output,
-                     run_tool_here, snapshot)
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.images import split_images
 from mmrepvgg.deploy.loading import load_model
@@ -21,6 +19,8 @@ from mmrepvgg.quantization.agreement import Agreement, measure_agreement
 from mmrepvgg.quantization.ptq import (_Candidate, _candidates, _fewest_float,
                                        quantize_int8)
 from mmrepvgg.testing import HOSTILE_BLOCKS, make_quantization_hostile
+from tests.helpers import (TOY_SIZE, assert_computes_as, assert_refused,
+                           output, run_tool_here, snapshot)
 
 pytestmark = pytest.mark.integration
 # The acceptance: plain PTQ of the hostile model keeps < 97% of the

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import copy_of_the_sources, output, run
+from tests.helpers import copy_of_the_sources, output, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 import mmrepvgg.deploy.convert as convert
-from helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
-                     run_tool_here, snapshot)
 from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.config import read_config
 from mmrepvgg.deploy.convert import equalize_checked
@@ -42,6 +40,8 @@ from mmrepvgg.quantization.qat_export import MIN_QAT_AGREEMENT
 from mmrepvgg.quantization.training import QAT_META_KEY, Distillation, use_qat
 from mmrepvgg.runner import build_runner
 from mmrepvgg.runtime import Segmenter
+from tests.helpers import (TOY_SIZE, assert_refused, logged_metrics, output,
+                           run_tool_here, snapshot)
 
 QAT_ITERS = 4
 # QAT fine-tunes: at the toy config's training rate (1e-2) the fake-quantized

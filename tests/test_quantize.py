@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import mmrepvgg.quantization.ptq as quantize
-from helpers import logged_metrics, output, run_tool_here
 from mmrepvgg.deploy import export_onnx
 from mmrepvgg.deploy.export import ExportJob, ExportSettings
 from mmrepvgg.deploy.images import as_batch
@@ -21,6 +20,7 @@ from mmrepvgg.errors import UsageError, VerificationError
 from mmrepvgg.quantization.ptq import Int8Settings, export_int8
 from mmrepvgg.runtime import EngineSettings, Segmenter
 from mmrepvgg.testing import majority_class_miou
+from tests.helpers import logged_metrics, output, run_tool_here
 
 SIZE = (64, 128)
 # What a toy QARepVGG trained for 60 iterations keeps of its fp32 labels

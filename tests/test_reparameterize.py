@@ -13,11 +13,6 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
-from helpers import (PSPNET_A0, REPO_ROOT, CarriesCode,
-                     assert_converts_exactly, assert_fp32_close,
-                     assert_labels_match, exact_seg_logits, logged_metrics,
-                     output, randomize_batch_norms, run, run_tool,
-                     run_tool_here)
 from mmrepvgg import fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, config_dicts, read_config
 from mmrepvgg.deploy import deploy_config_path, deploy_model, reparameterize
@@ -26,6 +21,11 @@ from mmrepvgg.deploy.convert import ConversionCheck, image_input, random_input
 from mmrepvgg.deploy.images import TestPipeline
 from mmrepvgg.deploy.loading import DEFAULT_CHECK_SIZE, load_model
 from mmrepvgg.errors import CheckpointError, UsageError, VerificationError
+from tests.helpers import (PSPNET_A0, REPO_ROOT, CarriesCode,
+                           assert_converts_exactly, assert_fp32_close,
+                           assert_labels_match, exact_seg_logits,
+                           logged_metrics, output, randomize_batch_norms, run,
+                           run_tool, run_tool_here)
 
 RETINANET_A0 = osp.join(REPO_ROOT, 'configs', 'retinanet',
                         'retinanet_repvgg-a0_fpn_1x_coco.py')

@@ -5,9 +5,9 @@ import torch
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from helpers import D2SE, assert_converts_exactly, randomize_batch_norms
 from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, switch_to_deploy
 from mmrepvgg.deploy import relative_error
+from tests.helpers import D2SE, assert_converts_exactly, randomize_batch_norms
 
 ALL_ARCHS = sorted(RepVGG.arch_settings)
 # Parameter counts (M) of the deployed nets with a 1000-class linear head,

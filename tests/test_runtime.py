@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_refused, logged_metrics, output, run_tool_here,
-                     snapshot)
 from mmrepvgg.deploy import reparameterize
 from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
 from mmrepvgg.deploy.pair import deploy_config_path
@@ -21,6 +19,8 @@ from mmrepvgg.errors import MetadataError
 from mmrepvgg.runtime import ExportedModelInfo, Segmenter, read_model
 from mmrepvgg.runtime.metadata import InferenceMode, ResizeStep
 from mmrepvgg.runtime.segmenter import resize_logits, resized_size
+from tests.helpers import (assert_refused, logged_metrics, output,
+                           run_tool_here, snapshot)
 
 # What must agree with mmseg: near-ties of fp32 logits may move a pixel.
 MIN_AGREEMENT = 0.9999

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import copy_of_the_sources, output, run
 from mmrepvgg.runtime import Segmenter
+from tests.helpers import copy_of_the_sources, output, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

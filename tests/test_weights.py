@@ -12,15 +12,15 @@ import re
 
 import pytest
 import torch
-from mmpretrain_repvgg import load_mmpretrain_repvgg
 
-from helpers import (D2SE, assert_computes_as, assert_fp32_close,
-                     randomize_batch_norms, run_tool_here)
 from mmrepvgg import RepVGG, switch_to_deploy
 from mmrepvgg.deploy.compare import relative_error
 from mmrepvgg.deploy.exact import fp32_and_exact
 from mmrepvgg.errors import CheckpointError
 from mmrepvgg.pretrained import convert_pretrained
+from tests.helpers import (D2SE, assert_computes_as, assert_fp32_close,
+                           randomize_batch_norms, run_tool_here)
+from tests.mmpretrain_repvgg import load_mmpretrain_repvgg
 
 ARCHS = ['A0', 'B1g2', D2SE]
 # mmpretrain's module names and the official release's (DingXiaoH/RepVGG,
