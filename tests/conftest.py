@@ -10,7 +10,7 @@ import torch
 from xdist.scheduler import LoadFileScheduling
 
 from mmrepvgg.testing import make_toy_cityscapes, write_toy_config
-from tests.helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TOY_SIZE, mim,
+from tests.helpers import (PSPNET_A0, PSPNET_QAREPVGG_A0, TESTS, TOY_SIZE, mim,
                            output, run_tool)
 
 TRAIN_ITERS = 4
@@ -56,6 +56,14 @@ class SharedFixtureScheduling(LoadFileScheduling):
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption('dist') == 'loadfile':
         return SharedFixtureScheduling(config, log)
+
+
+@pytest.fixture
+def users_modules(monkeypatch):
+    """``tests/`` on ``sys.path``, as a user's own modules are on theirs:
+    configs import ``user_block`` and ``training_probe`` through
+    ``custom_imports`` (the tools' processes get it in PYTHONPATH)."""
+    monkeypatch.syspath_prepend(TESTS)
 
 
 @dataclass

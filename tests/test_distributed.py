@@ -118,7 +118,7 @@ def test_dist_test_evaluates_the_checkpoint(two_process_run, tmp_path):
 
 
 def test_only_rank_0_writes_the_test_metrics(two_process_run, tmp_path,
-                                             monkeypatch):
+                                             monkeypatch, users_modules):
     # mmengine's LoggerHook writes them in every process, to one file.
     config, work_dir, _ = two_process_run
     for rank in (1, 0):
@@ -131,7 +131,8 @@ def test_only_rank_0_writes_the_test_metrics(two_process_run, tmp_path,
         assert len(written) == (rank == 0), rank
 
 
-def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path):
+def test_dist_checkpoint_converts_to_deploy_form(two_process_run, tmp_path,
+                                                 users_modules):
     config, work_dir, _ = two_process_run
     out = tmp_path / 'deploy.pth'
     result = run_tool_here('reparameterize.py', config,

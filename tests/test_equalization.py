@@ -160,7 +160,7 @@ def test_equalization_needs_a_deploy_form_repvgg():
         equalize_backbone(Model(nn.Conv2d(3, 3, 3)), lambda: None)
 
 
-def test_pairs_leave_a_users_blocks_alone():
+def test_pairs_leave_a_users_blocks_alone(users_modules):
     import user_block  # noqa: F401  (registers UserRepBlock in mmseg's)
 
     # Whatever scope an earlier test in this process left.

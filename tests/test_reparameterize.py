@@ -477,7 +477,7 @@ def test_retinanet_detections_match_after_conversion(tmp_path):
 
 
 @pytest.mark.numerics
-def test_a_segmentor_of_a_users_own_block_converts(tmp_path):
+def test_a_segmentor_of_a_users_own_block_converts(tmp_path, users_modules):
     config = tmp_path / 'user_block.py'
     config.write_text(
         f'_base_ = {PSPNET_A0!r}\n'
