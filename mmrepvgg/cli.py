@@ -19,7 +19,9 @@ from .errors import MMRepVGGError
 from .fileio import signals_handled
 from .logs import quiet
 
-__all__ = ['tool_parser', 'add_settings', 'settings_from', 'run_cli']
+__all__ = [
+    'tool_parser', 'add_settings', 'settings_from', 'given_options', 'run_cli'
+]
 
 _DEBUG = 'MMREPVGG_DEBUG'
 
@@ -79,7 +81,8 @@ def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
             group.add_argument(dest, **meta)
             continue
         default = _default(setting)
-        flag = meta.pop('flag', '--' + dest.replace('_', '-'))
+        flag = _flag(setting, prefix)
+        meta.pop('flag', None)
         help_text = meta.get('help', '')
         if '(default' not in help_text:
             meta['help'] = f'{help_text} (default: {_shown(default)})'
@@ -108,6 +111,11 @@ def _dest(prefix, name):
     return f'{prefix}_{name}' if prefix else name
 
 
+def _flag(setting, prefix):
+    return setting.metadata.get(
+        'flag', '--' + _dest(prefix, setting.name).replace('_', '-'))
+
+
 def settings_from(args, settings_cls, prefix='', **overrides):
     """The settings record of ``args`` parsed with the options of
     :func:`add_settings` (sequences as tuples)."""
@@ -120,6 +128,18 @@ def settings_from(args, settings_cls, prefix='', **overrides):
                 tuple(value) if isinstance(value, list) else value)
     values.update(overrides)
     return settings_cls(**values)
+
+
+def given_options(args, settings_cls, prefix=''):
+    """The options of :func:`add_settings` that ``args`` gives other
+    values than their defaults, as the user wrote them (``--int8-scheme``).
+    """
+    given = settings_from(args, settings_cls, prefix)
+    return [
+        _flag(setting, prefix) for setting in dataclasses.fields(settings_cls)
+        if not _required(setting)
+        and getattr(given, setting.name) != _default(setting)
+    ]
 
 
 def run_cli(main, build_parser, intermixed=False):

@@ -6,10 +6,10 @@ The model takes float32 NCHW images of BGR values 0-255 (as mmcv.imread
 gives them) named `images` and returns `logits` and `labels`; classes,
 palette and the source checkpoint's SHA-256 are in its metadata.
 """
-import dataclasses
 
 import apps.interrupts  # noqa: F401  (before the heavy imports)
-from mmrepvgg.cli import add_settings, run_cli, settings_from, tool_parser
+from mmrepvgg.cli import (add_settings, given_options, run_cli, settings_from,
+                          tool_parser)
 from mmrepvgg.deploy.compare import Fp32Tolerance
 from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
 from mmrepvgg.errors import CheckpointError, UsageError
@@ -46,19 +46,6 @@ def build_parser():
     return parser
 
 
-def _given(args, settings_cls, prefix=''):
-    """The options of ``settings_cls`` given other values than their
-    defaults."""
-    given = settings_from(args, settings_cls, prefix)
-    return [
-        f.metadata.get(
-            'flag',
-            '--' + '-'.join(filter(None, (prefix, f.name))).replace('_', '-'))
-        for f in dataclasses.fields(settings_cls)
-        if getattr(given, f.name) != getattr(settings_cls(), f.name)
-    ]
-
-
 def _is_qat(checkpoint):
     try:
         return is_qat_checkpoint(checkpoint)
@@ -70,16 +57,17 @@ def main(args):
     """Decide what to export from the flags and the checkpoint, before any
     model is built: an fp32 model, calibrated int8, or a QAT checkpoint's
     int8."""
-    int8_options = _given(args, Int8Settings)
+    int8_options = given_options(args, Int8Settings)
     if int8_options and not args.int8:
         raise UsageError(f'{", ".join(int8_options)} given without --int8')
-    settings_from(args, ExportSettings).check()
+    export = settings_from(args, ExportSettings)
+    export.check()
     int8 = settings_from(args, Int8Settings)
     int8.check()
     qat = settings_from(args, QATExportSettings, 'qat')
     qat.check()
     qat_checkpoint = _is_qat(args.checkpoint)
-    qat_options = _given(args, QATExportSettings, 'qat')
+    qat_options = given_options(args, QATExportSettings, 'qat')
     if qat_options and not qat_checkpoint:
         raise UsageError(f'{", ".join(qat_options)}: {args.checkpoint} is '
                          'not a QAT checkpoint')
@@ -90,9 +78,8 @@ def main(args):
         raise UsageError(f'{", ".join(int8_options)}: not for a QAT '
                          'checkpoint, exported in the cpu scheme with the '
                          f'scales it trained ({args.checkpoint})')
-    job = ExportJob.checked(args.config, args.checkpoint, args.out,
-                            settings_from(args, ExportSettings), args.img,
-                            args.force)
+    job = ExportJob.checked(args.config, args.checkpoint, args.out, export,
+                            args.img, args.force)
     tolerance = settings_from(args, Fp32Tolerance, 'tolerance')
     if qat_checkpoint:
         result = export_qat(job, qat)
