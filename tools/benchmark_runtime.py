@@ -21,7 +21,9 @@ import time
 import cv2
 import numpy as np
 
+from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.cli import run_cli, tool_parser
+from mmrepvgg.config import read_config
 from mmrepvgg.errors import UsageError
 
 # A fresh process to the first label map, each way.
@@ -135,6 +137,8 @@ def _check(args):
                          f'{args.size[1]}')
     if osp.exists(args.work_dir) and not osp.isdir(args.work_dir):
         raise UsageError(f'{args.work_dir}: is not a folder')
+    read_config(args.config)
+    load_checkpoint(args.checkpoint)
     try:
         subprocess.run([args.runtime_python, '-c', 'import mmrepvgg.runtime'],
                        capture_output=True,
