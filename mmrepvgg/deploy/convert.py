@@ -1,10 +1,7 @@
-"""Whole-model conversion from training form to deploy form (and of the
-deploy form to its equalized one, before int8), and the check that the
-converted model computes what the model before it did.
-
-The block contract: a module converts if it has ``switch_to_deploy()``
-(RepVGG's and QARepVGG's blocks, the RepVGG backbone, or any block of a
-user's that ``block_cfg`` names).
+"""Whole-model conversion to deploy form (and of the deploy form to its
+equalized one, before int8), and the check that the converted model
+computes what the model before it did. A module converts if it has
+``switch_to_deploy()`` (docs/design/block_contract.md).
 """
 from dataclasses import dataclass
 from functools import partial
@@ -30,8 +27,11 @@ __all__ = [
 ]
 
 
-def _converts(module):
-    return callable(getattr(module, 'switch_to_deploy', None))
+def _converting(model):
+    """``(name, module)`` of each module of ``model`` that offers
+    ``switch_to_deploy()``, outer ones first."""
+    return [(name, module) for name, module in model.named_modules()
+            if callable(getattr(module, 'switch_to_deploy', None))]
 
 
 def switch_to_deploy(model):
@@ -48,19 +48,18 @@ def switch_to_deploy(model):
     Returns:
         nn.Module: ``model``.
     """
-    for module in list(model.modules()):
-        if _converts(module):
-            module.switch_to_deploy()
+    for _, module in _converting(model):
+        module.switch_to_deploy()
     return model
 
 
 def convertible_blocks(model):
     """The innermost modules of ``model`` that offer ``switch_to_deploy``:
     its blocks (not the backbone that holds them)."""
-    names = [name for name, m in model.named_modules() if _converts(m)]
+    found = _converting(model)
     return [
-        model.get_submodule(name) for name in names
-        if not any(other.startswith(name + '.') for other in names)
+        module for name, module in found
+        if not any(other.startswith(name + '.') for other, _ in found)
     ]
 
 
@@ -68,12 +67,11 @@ def deploy_roots(model):
     """Names of the outermost modules of ``model`` that
     :func:`switch_to_deploy` changes: those that offer ``switch_to_deploy``
     and lie inside no other such module."""
-    roots = []
-    for name, module in model.named_modules():
-        if _converts(module) and not any(
-                name.startswith(root + '.') for root in roots):
-            roots.append(name)
-    return roots
+    names = [name for name, _ in _converting(model)]
+    return [
+        name for name in names
+        if not any(name.startswith(root + '.') for root in names)
+    ]
 
 
 class _RootsDone(Exception):
@@ -136,13 +134,10 @@ def random_input(model, size, seed=0):
                        if isinstance(m, nn.Conv2d)).in_channels
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(1, in_channels, *size, generator=generator)
-    shape = tuple(size)
-    meta = dict(
-        img_shape=shape,
-        ori_shape=shape,
-        pad_shape=shape,
-        batch_input_shape=shape,
-        scale_factor=(1.0, 1.0))
+    meta = dict.fromkeys(
+        ('img_shape', 'ori_shape', 'pad_shape', 'batch_input_shape'),
+        tuple(size))
+    meta['scale_factor'] = (1.0, 1.0)
     return dict(inputs=inputs, data_samples=[BaseDataElement(metainfo=meta)])
 
 
@@ -211,15 +206,9 @@ class ConversionComparison:
 
 
 class ConversionCheck:
-    """What a model's converted modules compute before conversion, to check
-    its converted form against.
-
-    The trained model's exact (float64) outputs are the reference, and its
-    own fp32 outputs on the same inputs say how exact fp32 can be for it
-    (see :mod:`mmrepvgg.deploy.compare`). The converted model is judged in
-    float64 too, from its weights as stored: the verdict does not depend on
-    the fp32 kernels of this CPU, and a wrong conversion is off by orders
-    of magnitude more than the rounding of its weights.
+    """What a model's converted modules compute before conversion, in fp32
+    and exactly, to judge its converted form by
+    (:class:`ConversionComparison`).
 
     Args:
         model (nn.Module): The model in training form; left unchanged.
@@ -249,8 +238,7 @@ def equalize_checked(model, read_images, check_size,
                      tolerance=Fp32Tolerance()):
     """Equalize the deploy-form RepVGG backbone of a model in place
     (:func:`~mmrepvgg.models.equalization.equalize_backbone`), checked as a
-    conversion is: its weights as stored, in float64, against the model's
-    exact outputs before, on a random input of ``check_size``.
+    conversion is (:class:`ConversionCheck`).
 
     Args:
         model (nn.Module): A segmentor with a deploy-form RepVGG backbone.

@@ -14,13 +14,13 @@ from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, TRANSFORMS
 
 from ..errors import ConfigError, UsageError, first_line
-from ..runtime.images import (MAX_IMAGE_PIXELS, fit_within, image_size,
-                              read_image)
+from ..runtime.images import fit_within, image_size, read_image
+from .test_settings import test_transforms
 
 __all__ = [
-    'MAX_IMAGE_PIXELS', 'MAX_INPUT_PIXELS', 'image_size', 'read_image',
-    'as_batch', 'check_input_size', 'fit_within', 'TestPipeline',
-    'dataset_image_paths', 'split_images'
+    'MAX_INPUT_PIXELS', 'image_size', 'read_image', 'as_batch',
+    'check_input_size', 'fit_within', 'TestPipeline', 'dataset_image_paths',
+    'split_images'
 ]
 
 # The largest input a model is checked or run on: a 2048x2048 input checks
@@ -64,8 +64,7 @@ class TestPipeline:
     """
 
     def __init__(self, cfg):
-        dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-        transforms = dataset.get('pipeline') or cfg.get('test_pipeline')
+        transforms = test_transforms(cfg)
         if not isinstance(transforms, (list, tuple)) or not transforms:
             raise ConfigError(f'{cfg.filename}: has no test pipeline')
         try:
@@ -98,12 +97,6 @@ class TestPipeline:
         ``size``."""
         image = np.zeros((*size, 3), np.uint8)
         return tuple(self(image)['inputs'].shape[-2:])
-
-    def batch(self, path, size):
-        """An image file through the pipeline, as the exported model takes
-        it: a float32 BGR ``(1, 3, H, W)`` batch resized to ``size``."""
-        inputs = self(read_image(path), path)['inputs']
-        return as_batch(inputs.permute(1, 2, 0).numpy(), size)
 
 
 def _leaf_datasets(dataset_cfg):
@@ -171,7 +164,8 @@ def split_images(cfg, split, count, size):
     exported model takes them at ``size`` (None: as the pipeline makes
     them)."""
     pipeline = TestPipeline(cfg)
-    return [
-        pipeline.batch(path, size)
-        for path in dataset_image_paths(cfg, split, count)
-    ]
+    batches = []
+    for path in dataset_image_paths(cfg, split, count):
+        inputs = pipeline(read_image(path), path)['inputs']
+        batches.append(as_batch(inputs.permute(1, 2, 0).numpy(), size))
+    return batches

@@ -1,12 +1,5 @@
 """Writing the deploy pair of a trained segmentor or detector: the deploy
-checkpoint and its config, verified.
-
-:func:`reparameterize` builds the training-form model from its config
-without downloading anything, loads the checkpoint with the weights-only
-loader, folds every block into one conv, rebuilds the deploy model from
-exactly the bytes it is about to write, checks that it computes what the
-trained one did, and only then writes the deploy checkpoint and its
-config, together.
+checkpoint and its config, verified (:func:`reparameterize`).
 """
 import io
 import os.path as osp
