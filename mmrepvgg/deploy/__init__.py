@@ -7,26 +7,16 @@ code.
 """
 import importlib
 
-_HOMES = dict(
-    switch_to_deploy='convert',
-    relative_error='compare',
-    Fp32Tolerance='compare',
-    deploy_model='loading',
-    load_model='loading',
-    ReparameterizeResult='pair',
-    deploy_config_path='pair',
-    reparameterize='pair',
-    ExportResult='export',
-    ExportJob='export',
-    ExportSettings='export',
-    export_onnx='export',
-    ExportedModelInfo='model_info',
-    EngineSettings='engines',
-    SegmentationEngine='engines',
-    EngineSegmentor='engines',
-    FoldedPSPHead='folded_psp',
-    fold_psp_heads='folded_psp',
-)
+_NAMES = dict(
+    convert=['switch_to_deploy'],
+    compare=['relative_error', 'Fp32Tolerance'],
+    loading=['deploy_model', 'load_model'],
+    pair=['ReparameterizeResult', 'deploy_config_path', 'reparameterize'],
+    export=['ExportResult', 'ExportJob', 'ExportSettings', 'export_onnx'],
+    model_info=['ExportedModelInfo'],
+    engines=['EngineSettings', 'SegmentationEngine', 'EngineSegmentor'],
+    folded_psp=['FoldedPSPHead', 'fold_psp_heads'])
+_HOMES = {name: home for home, names in _NAMES.items() for name in names}
 __all__ = list(_HOMES)
 
 

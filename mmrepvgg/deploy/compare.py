@@ -116,7 +116,7 @@ def compare_fp32(actual, own, exact, tolerance=Fp32Tolerance()):
         actual (Sequence[Tensor]): The fp32 outputs to judge.
         own (Sequence[Tensor]): The reference model's fp32 outputs.
         exact (Sequence[Tensor]): The reference model's float64 outputs.
-        tolerance (Fp32Tolerance): The limit. Defaults to the default one.
+        tolerance (Fp32Tolerance): The limit.
 
     Returns:
         Fp32Comparison: Of the output nearest to (or furthest over) its

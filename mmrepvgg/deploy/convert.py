@@ -3,7 +3,7 @@ equalized one, before int8), and the check that the converted model
 computes what the model before it did. A module converts if it has
 ``switch_to_deploy()`` (docs/design/block_contract.md).
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import cv2
@@ -172,36 +172,25 @@ def image_input(pipeline, model, path):
 
 
 @dataclass(frozen=True)
-class ConversionComparison:
-    """How exactly a converted model computes what the trained one did.
+class ConversionComparison(Fp32Comparison):
+    """How exactly a converted model computes what the trained one did: its
+    weights as stored, computed in float64, against the trained model's
+    exact outputs, within the tolerance of the trained model's own fp32
+    error (what decides: only the rounding of fused weights to their dtype
+    remains, or the conversion is wrong).
 
     Attributes:
-        check (Fp32Comparison): The converted model's weights, as stored,
-            computed in float64, against the trained model's exact outputs,
-            within the tolerance of the trained model's own fp32 error:
-            what decides. Only the rounding of fused weights to their
-            dtype remains, or the conversion is wrong.
         fp32_error (float): The converted model's fp32 outputs against
             the exact ones, for information: fp32 arithmetic of this CPU on
             the fused network (whose identity branches now sum inside its
             convs), up to 20x the trained model's own error in deep nets.
     """
-    check: Fp32Comparison
     fp32_error: float
 
-    @property
-    def passed(self):
-        return self.check.passed
-
-    @property
-    def margin(self):
-        return self.check.margin
-
     def describe(self):
-        check = self.check
         return (f'in float64 the deploy model differs from the exact outputs '
-                f'by {check.error:.2e}, where the trained model in fp32 is '
-                f'off by {check.own_error:.2e} (limit {check.limit:.2e}); '
+                f'by {self.error:.2e}, where the trained model in fp32 is '
+                f'off by {self.own_error:.2e} (limit {self.limit:.2e}); '
                 f'in fp32 it is off by {self.fp32_error:.2e}')
 
 
@@ -230,8 +219,8 @@ class ConversionCheck:
             for t in converted_outputs(converted, data)
         ]
         return ConversionComparison(
-            compare_fp32(stored, self.own, self.exact, tolerance),
-            max(map(relative_error, fp32, self.exact)))
+            **asdict(compare_fp32(stored, self.own, self.exact, tolerance)),
+            fp32_error=max(map(relative_error, fp32, self.exact)))
 
 
 def equalize_checked(model, read_images, check_size,

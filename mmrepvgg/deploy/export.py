@@ -203,14 +203,6 @@ def _check_input(model, reference, images, tolerance, backends):
     return checks
 
 
-def _segmentor(cfg, checkpoint, config):
-    loaded = deploy_model(cfg, checkpoint, config)
-    if not isinstance(loaded.model, EncoderDecoder):
-        raise ConfigError(f'{config}: exports mmseg EncoderDecoder '
-                          f'segmentors, not a {type(loaded.model).__name__}')
-    return loaded
-
-
 @dataclass(frozen=True)
 class ExportJob:
     """A request to export, checked before any model is built.
@@ -321,7 +313,10 @@ def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
         MMRepVGGError: Bad input, or a model that an engine does not
             compute as PyTorch does.
     """
-    loaded = _segmentor(job.cfg, job.checkpoint, job.config)
+    loaded = deploy_model(job.cfg, job.checkpoint, job.config)
+    if not isinstance(loaded.model, EncoderDecoder):
+        raise ConfigError(f'{job.config}: exports mmseg EncoderDecoder '
+                          f'segmentors, not a {type(loaded.model).__name__}')
     inputs = _check_inputs(job.size, job.imgs, job.dynamic)
     return _checked(loaded.model, job.info(loaded), inputs, job, tolerance,
                     loaded.conversion, equalize_on)

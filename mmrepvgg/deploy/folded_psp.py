@@ -9,6 +9,8 @@ each conv tap only shifts the rows of ``A_h`` and ``A_w`` (zero rows where
 it reads the padding), and adaptive average pooling is one matrix product.
 Only the summation order changes: float64 heads agree to about 1e-15.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from mmseg.models.decode_heads import PSPHead
@@ -35,13 +37,15 @@ def _pooling_matrix(length, bins):
     return F.adaptive_avg_pool1d(basis, bins)[0].T.contiguous()
 
 
-def _shifted_rows(matrix, taps, dilation, padding):
-    """The rows of ``matrix`` that each conv tap reads, zero where it reads
-    padding: ``(taps, rows, columns)``."""
-    rows = matrix.shape[0]
-    padded = F.pad(matrix, (0, 0, padding, padding))
-    return torch.stack(
-        [padded[t * dilation:t * dilation + rows] for t in range(taps)])
+def _tap_rows(matrix, conv, axis):
+    """The rows of ``matrix`` that each tap of ``conv`` along ``axis``
+    reads, zero where it reads padding: ``(taps, rows, columns)``."""
+    rows, dilation = matrix.shape[0], conv.dilation[axis]
+    padded = F.pad(matrix, (0, 0, conv.padding[axis], conv.padding[axis]))
+    return torch.stack([
+        padded[t * dilation:t * dilation + rows]
+        for t in range(conv.kernel_size[axis])
+    ])
 
 
 def _check_foldable(head):
@@ -140,22 +144,16 @@ class FoldedPSPHead(nn.Module):
         key = (height, width, dtype, device)
         if key not in self._matrices:
             conv = self.head.bottleneck.conv
-            taps, dilation, padding = (conv.kernel_size, conv.dilation,
-                                       conv.padding)
-            align_corners = self.head.align_corners
+            upsampling = partial(
+                _interpolation_matrix, align_corners=self.head.align_corners)
             pooling, rows, columns = [], [], []
             for bins_h, bins_w in self.bins:
                 pooling.append(
                     torch.kron(
                         _pooling_matrix(height, bins_h),
                         _pooling_matrix(width, bins_w)))
-                rows.append(
-                    _shifted_rows(
-                        _interpolation_matrix(height, bins_h, align_corners),
-                        taps[0], dilation[0], padding[0]))
-                tap_columns = _shifted_rows(
-                    _interpolation_matrix(width, bins_w, align_corners),
-                    taps[1], dilation[1], padding[1])
+                rows.append(_tap_rows(upsampling(height, bins_h), conv, 0))
+                tap_columns = _tap_rows(upsampling(width, bins_w), conv, 1)
                 columns.append(tap_columns.transpose(1, 2).flatten(0, 1))
             placed = dict(dtype=dtype, device=device)
             self._matrices[key] = (torch.cat(pooling).T.to(**placed),

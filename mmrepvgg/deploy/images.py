@@ -36,25 +36,24 @@ def as_batch(image, size=None):
     return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
 
 
-def check_input_size(size, limit=MAX_INPUT_PIXELS, minimum=1):
+def check_input_size(size, minimum=1):
     """Raise UsageError unless ``size`` is a (height, width) of integers of
-    at least ``minimum`` within ``limit`` pixels."""
+    at least ``minimum`` within :data:`MAX_INPUT_PIXELS`."""
     if len(size) != 2 or not all(
             isinstance(s, int) and s >= minimum for s in size):
         raise UsageError(f'an input size is two integers of at least '
                          f'{minimum} (height width), got '
                          f'{" ".join(map(str, size))}')
-    if size[0] * size[1] > limit:
-        raise UsageError(f'an input of {size[0]}x{size[1]} is larger than '
-                         f'the {limit:,} pixels a model is run on at most')
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise UsageError(f'an input of {size[0]}x{size[1]} is larger than the '
+                         f'{MAX_INPUT_PIXELS:,} pixels a model is run on at '
+                         'most')
 
 
 class TestPipeline:
     """A config's test pipeline (its test dataset's, else
-    ``test_pipeline``), run on images that were already read.
-
-    Its loading steps (``LoadImageFromFile``, ``LoadAnnotations``, ...) are
-    left out: the images come from :func:`read_image`, with its checks.
+    ``test_pipeline``) without its loading steps, run on images that
+    :func:`read_image` read, with its checks.
 
     Args:
         cfg (Config): The config.

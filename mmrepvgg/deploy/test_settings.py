@@ -1,5 +1,5 @@
-"""What mmseg does around a model at test time, read from its config as
-the runtime's records: the test pipeline's resize and the test mode
+"""What mmseg does around a model at test time, read from its config: the
+test pipeline, and as the runtime's records its resize and the test mode
 (:class:`~mmrepvgg.runtime.metadata.ResizeStep`,
 :class:`~mmrepvgg.runtime.metadata.InferenceMode`).
 
