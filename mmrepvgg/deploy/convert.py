@@ -16,7 +16,7 @@ from ..errors import UsageError, VerificationError, first_line
 from ..models.equalization import equalization_pairs, equalize_backbone
 from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
                       relative_error, tensors_of)
-from .exact import exact_outputs, fp32_and_exact
+from .exact import fp32_and_exact
 from .images import MAX_INPUT_PIXELS, read_image
 from .logits import run_on_images
 
@@ -100,15 +100,14 @@ def converted_outputs(model, data):
     roots = deploy_roots(model)
     outputs, finished = [], set()
 
-    def record(name, output):
+    def record(name, module, args, output):
         outputs.extend(t.detach().clone() for t in tensors_of(output))
         finished.add(name)
         if len(finished) == len(roots):
             raise _RootsDone
 
     handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: record(name, output))
+        model.get_submodule(name).register_forward_hook(partial(record, name))
         for name in roots
     ]
     try:
@@ -213,11 +212,8 @@ class ConversionCheck:
     def compare(self, converted, tolerance=Fp32Tolerance()):
         """:class:`ConversionComparison` of a converted model on the same
         inputs."""
-        stored = exact_outputs(converted, self.inputs, run=converted_outputs)
-        fp32 = [
-            t for data in self.inputs
-            for t in converted_outputs(converted, data)
-        ]
+        fp32, stored = fp32_and_exact(
+            converted, self.inputs, run=converted_outputs)
         return ConversionComparison(
             **asdict(compare_fp32(stored, self.own, self.exact, tolerance)),
             fp32_error=max(map(relative_error, fp32, self.exact)))
