@@ -1,16 +1,7 @@
-"""Comparing a model's outputs with a reference's.
-
-fp32 arithmetic is off from the exact result by an amount that depends on
-the network, its weights and the CPU (the instruction set of its kernels
-changes the order of summation). So a converted or exported model is not
-held to a fixed tolerance: its fp32 outputs are compared with the exact
-(float64) outputs of the reference model, and accepted when they are
-within a small factor of the reference model's *own* fp32 error on the same
-inputs, plus a floor: as exact as fp32 can be for this network on this CPU.
-A wrong conversion (a missing branch, a swapped norm) is off by orders of
-magnitude more.
-
-Lower precisions (bf16, int8) are judged by how many labels they keep.
+"""Comparing a model's outputs with a reference's: fp32 outputs within a
+small factor of the reference model's *own* fp32 error from its exact
+(float64) outputs, as docs/user_guides/conversion.md explains; lower
+precisions (bf16, int8) by how many labels they keep.
 """
 import math
 from dataclasses import dataclass, field
@@ -35,19 +26,16 @@ def relative_error(actual, expected):
     if actual.shape != expected.shape:
         raise ValueError(f'cannot compare a {tuple(actual.shape)} tensor '
                          f'with a {tuple(expected.shape)} one')
-    actual, expected = actual.reshape(-1), expected.reshape(-1)
-    scales, differences = [], []
-    for start in range(0, len(expected), _COMPARED_AT_ONCE):
-        end = start + _COMPARED_AT_ONCE
-        part = expected[start:end].double()
-        scales.append(part.abs().max())
-        differences.append((actual[start:end].double() - part).abs().max())
     # Tensors, not floats: a NaN anywhere must make the result NaN.
-    scale, difference = torch.stack(scales).max(), torch.stack(
-        differences).max()
-    if scale == 0:
-        return difference.item()
-    return (difference / scale).item()
+    scale = difference = torch.zeros((), dtype=torch.float64)
+    for part, reference in zip(
+            actual.reshape(-1).split(_COMPARED_AT_ONCE),
+            expected.reshape(-1).split(_COMPARED_AT_ONCE)):
+        reference = reference.double()
+        scale = torch.maximum(scale, reference.abs().max())
+        difference = torch.maximum(difference,
+                                   (part.double() - reference).abs().max())
+    return (difference if scale == 0 else difference / scale).item()
 
 
 @dataclass(frozen=True)
@@ -128,7 +116,7 @@ def compare_fp32(actual, own, exact, tolerance=Fp32Tolerance()):
         actual (Sequence[Tensor]): The fp32 outputs to judge.
         own (Sequence[Tensor]): The reference model's fp32 outputs.
         exact (Sequence[Tensor]): The reference model's float64 outputs.
-        tolerance (Fp32Tolerance): The limit. Defaults to the default one.
+        tolerance (Fp32Tolerance): The limit.
 
     Returns:
         Fp32Comparison: Of the output nearest to (or furthest over) its

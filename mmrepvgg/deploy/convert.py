@@ -1,12 +1,9 @@
-"""Whole-model conversion from training form to deploy form (and of the
-deploy form to its equalized one, before int8), and the check that the
-converted model computes what the model before it did.
-
-The block contract: a module converts if it has ``switch_to_deploy()``
-(RepVGG's and QARepVGG's blocks, the RepVGG backbone, or any block of a
-user's that ``block_cfg`` names).
+"""Whole-model conversion to deploy form (and of the deploy form to its
+equalized one, before int8), and the check that the converted model
+computes what the model before it did. A module converts if it has
+``switch_to_deploy()`` (docs/design/block_contract.md).
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import cv2
@@ -19,7 +16,7 @@ from ..errors import UsageError, VerificationError, first_line
 from ..models.equalization import equalization_pairs, equalize_backbone
 from .compare import (Fp32Comparison, Fp32Tolerance, compare_fp32,
                       relative_error, tensors_of)
-from .exact import exact_outputs, fp32_and_exact
+from .exact import fp32_and_exact
 from .images import MAX_INPUT_PIXELS, read_image
 from .logits import run_on_images
 
@@ -30,8 +27,11 @@ __all__ = [
 ]
 
 
-def _converts(module):
-    return callable(getattr(module, 'switch_to_deploy', None))
+def _converting(model):
+    """``(name, module)`` of each module of ``model`` that offers
+    ``switch_to_deploy()``, outer ones first."""
+    return [(name, module) for name, module in model.named_modules()
+            if callable(getattr(module, 'switch_to_deploy', None))]
 
 
 def switch_to_deploy(model):
@@ -48,19 +48,18 @@ def switch_to_deploy(model):
     Returns:
         nn.Module: ``model``.
     """
-    for module in list(model.modules()):
-        if _converts(module):
-            module.switch_to_deploy()
+    for _, module in _converting(model):
+        module.switch_to_deploy()
     return model
 
 
 def convertible_blocks(model):
     """The innermost modules of ``model`` that offer ``switch_to_deploy``:
     its blocks (not the backbone that holds them)."""
-    names = [name for name, m in model.named_modules() if _converts(m)]
+    found = _converting(model)
     return [
-        model.get_submodule(name) for name in names
-        if not any(other.startswith(name + '.') for other in names)
+        module for name, module in found
+        if not any(other.startswith(name + '.') for other, _ in found)
     ]
 
 
@@ -68,12 +67,11 @@ def deploy_roots(model):
     """Names of the outermost modules of ``model`` that
     :func:`switch_to_deploy` changes: those that offer ``switch_to_deploy``
     and lie inside no other such module."""
-    roots = []
-    for name, module in model.named_modules():
-        if _converts(module) and not any(
-                name.startswith(root + '.') for root in roots):
-            roots.append(name)
-    return roots
+    names = [name for name, _ in _converting(model)]
+    return [
+        name for name in names
+        if not any(name.startswith(root + '.') for root in names)
+    ]
 
 
 class _RootsDone(Exception):
@@ -102,15 +100,14 @@ def converted_outputs(model, data):
     roots = deploy_roots(model)
     outputs, finished = [], set()
 
-    def record(name, output):
+    def record(name, module, args, output):
         outputs.extend(t.detach().clone() for t in tensors_of(output))
         finished.add(name)
         if len(finished) == len(roots):
             raise _RootsDone
 
     handles = [
-        model.get_submodule(name).register_forward_hook(
-            lambda module, args, output, name=name: record(name, output))
+        model.get_submodule(name).register_forward_hook(partial(record, name))
         for name in roots
     ]
     try:
@@ -136,13 +133,10 @@ def random_input(model, size, seed=0):
                        if isinstance(m, nn.Conv2d)).in_channels
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(1, in_channels, *size, generator=generator)
-    shape = tuple(size)
-    meta = dict(
-        img_shape=shape,
-        ori_shape=shape,
-        pad_shape=shape,
-        batch_input_shape=shape,
-        scale_factor=(1.0, 1.0))
+    meta = dict.fromkeys(
+        ('img_shape', 'ori_shape', 'pad_shape', 'batch_input_shape'),
+        tuple(size))
+    meta['scale_factor'] = (1.0, 1.0)
     return dict(inputs=inputs, data_samples=[BaseDataElement(metainfo=meta)])
 
 
@@ -177,49 +171,32 @@ def image_input(pipeline, model, path):
 
 
 @dataclass(frozen=True)
-class ConversionComparison:
-    """How exactly a converted model computes what the trained one did.
+class ConversionComparison(Fp32Comparison):
+    """How exactly a converted model computes what the trained one did: its
+    weights as stored, computed in float64, against the trained model's
+    exact outputs, within the tolerance of the trained model's own fp32
+    error (what decides: only the rounding of fused weights to their dtype
+    remains, or the conversion is wrong).
 
     Attributes:
-        check (Fp32Comparison): The converted model's weights, as stored,
-            computed in float64, against the trained model's exact outputs,
-            within the tolerance of the trained model's own fp32 error:
-            what decides. Only the rounding of fused weights to their
-            dtype remains, or the conversion is wrong.
         fp32_error (float): The converted model's fp32 outputs against
             the exact ones, for information: fp32 arithmetic of this CPU on
             the fused network (whose identity branches now sum inside its
             convs), up to 20x the trained model's own error in deep nets.
     """
-    check: Fp32Comparison
     fp32_error: float
 
-    @property
-    def passed(self):
-        return self.check.passed
-
-    @property
-    def margin(self):
-        return self.check.margin
-
     def describe(self):
-        check = self.check
         return (f'in float64 the deploy model differs from the exact outputs '
-                f'by {check.error:.2e}, where the trained model in fp32 is '
-                f'off by {check.own_error:.2e} (limit {check.limit:.2e}); '
+                f'by {self.error:.2e}, where the trained model in fp32 is '
+                f'off by {self.own_error:.2e} (limit {self.limit:.2e}); '
                 f'in fp32 it is off by {self.fp32_error:.2e}')
 
 
 class ConversionCheck:
-    """What a model's converted modules compute before conversion, to check
-    its converted form against.
-
-    The trained model's exact (float64) outputs are the reference, and its
-    own fp32 outputs on the same inputs say how exact fp32 can be for it
-    (see :mod:`mmrepvgg.deploy.compare`). The converted model is judged in
-    float64 too, from its weights as stored: the verdict does not depend on
-    the fp32 kernels of this CPU, and a wrong conversion is off by orders
-    of magnitude more than the rounding of its weights.
+    """What a model's converted modules compute before conversion, in fp32
+    and exactly, to judge its converted form by
+    (:class:`ConversionComparison`).
 
     Args:
         model (nn.Module): The model in training form; left unchanged.
@@ -235,22 +212,18 @@ class ConversionCheck:
     def compare(self, converted, tolerance=Fp32Tolerance()):
         """:class:`ConversionComparison` of a converted model on the same
         inputs."""
-        stored = exact_outputs(converted, self.inputs, run=converted_outputs)
-        fp32 = [
-            t for data in self.inputs
-            for t in converted_outputs(converted, data)
-        ]
+        fp32, stored = fp32_and_exact(
+            converted, self.inputs, run=converted_outputs)
         return ConversionComparison(
-            compare_fp32(stored, self.own, self.exact, tolerance),
-            max(map(relative_error, fp32, self.exact)))
+            **asdict(compare_fp32(stored, self.own, self.exact, tolerance)),
+            fp32_error=max(map(relative_error, fp32, self.exact)))
 
 
 def equalize_checked(model, read_images, check_size,
                      tolerance=Fp32Tolerance()):
     """Equalize the deploy-form RepVGG backbone of a model in place
     (:func:`~mmrepvgg.models.equalization.equalize_backbone`), checked as a
-    conversion is: its weights as stored, in float64, against the model's
-    exact outputs before, on a random input of ``check_size``.
+    conversion is (:class:`ConversionCheck`).
 
     Args:
         model (nn.Module): A segmentor with a deploy-form RepVGG backbone.

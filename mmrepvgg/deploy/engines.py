@@ -1,11 +1,5 @@
 """Exported segmentors evaluated by mmengine's Runner with mmseg's datasets
-and metrics.
-
-:class:`EngineSegmentor` puts the runtime's :class:`~mmrepvgg.runtime.
-Segmenter` behind mmseg's segmentor interface: the Runner's test pipeline
-prepares the images (the config's resize), the runtime runs the graph as
-the model's test mode says (whole, or sliding windows), and mmseg's own
-postprocessing resizes the logits back. Running a model on an engine is
+and metrics (docs/deployment/engines.md). Running a model on an engine is
 the runtime's (:mod:`mmrepvgg.runtime.engine`), imported from there.
 """
 import torch
@@ -25,8 +19,9 @@ __all__ = [
 
 @MODELS.register_module()
 class EngineSegmentor(BaseSegmentor):
-    """An exported segmentor behind mmseg's segmentor interface, for
-    evaluation with mmengine's Runner and mmseg's metrics.
+    """An exported segmentor (the runtime's
+    :class:`~mmrepvgg.runtime.segmenter.Segmenter`) behind mmseg's segmentor
+    interface, for evaluation with mmengine's Runner and mmseg's metrics.
 
     Its data preprocessor only stacks the images: the exported model
     normalizes them itself.

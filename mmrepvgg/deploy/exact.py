@@ -1,5 +1,5 @@
-"""What a model computes from its weights, exactly: the reference that
-:mod:`.compare` holds fp32 outputs to."""
+"""What a model computes from its weights, exactly: the reference of
+:mod:`.compare`."""
 import copy
 
 import torch
@@ -21,7 +21,8 @@ def _in_float64(data):
     return data
 
 
-def _outputs(module, inputs, run):
+def _outputs(module, inputs, run=None):
+    run = run or (lambda m, x: m(x))
     with torch.no_grad():
         return [t for data in inputs for t in tensors_of(run(module, data))]
 
@@ -43,7 +44,6 @@ def exact_outputs(module, inputs, run=None):
     Returns:
         list[Tensor]: The output tensors of every input, flattened in order.
     """
-    run = run or (lambda m, x: m(x))
     exact_module = copy.deepcopy(module).double()
     replace_modules(exact_module, foldable_psp_head)
     with ChunkedFloat64Convs():
@@ -54,5 +54,4 @@ def fp32_and_exact(module, inputs, run=None):
     """A model's fp32 outputs and its exact outputs
     (:func:`exact_outputs`), flattened in order; see there for the
     arguments."""
-    own = _outputs(module, inputs, run or (lambda m, x: m(x)))
-    return own, exact_outputs(module, inputs, run)
+    return _outputs(module, inputs, run), exact_outputs(module, inputs, run)

@@ -1,10 +1,7 @@
-"""Exporting mmseg segmentors to ONNX, verified on the engines first.
-
-The exported model is self-contained: it takes images as ``mmcv.imread``
-gives them and returns logits and labels (see
-:class:`mmrepvgg.deploy.logits.ImageSegmentor`); what a runtime needs to
-know (classes, palette, input size) is in its metadata
-(:class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`).
+"""Exporting mmseg segmentors to self-contained ONNX models (from images
+to logits and labels, :class:`~mmrepvgg.deploy.logits.ImageSegmentor`,
+with their :class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`),
+verified on the engines first.
 """
 import copy
 from dataclasses import dataclass, field, replace
@@ -143,18 +140,6 @@ def _check_inputs(size, imgs, dynamic):
     ]
 
 
-@dataclass
-class _EngineCheck:
-    check: Optional[Fp32Comparison] = None
-    labels: LabelComparison = LabelComparison(0, 0)
-
-    def add(self, check, labels):
-        if self.check is None or check.margin > self.check.margin:
-            self.check = check
-        self.labels = LabelComparison(self.labels.differ + labels.differ,
-                                      self.labels.untied + labels.untied)
-
-
 def _run_once(model, backend, images):
     engine = SegmentationEngine(
         model, EngineSettings(backend), keep_memory=False)
@@ -185,15 +170,17 @@ def check_on_engines(model,
             outside near-ties.
     """
     model = read_model(model)
-    result = _EngineCheck()
+    checks = []
     for images in inputs:
-        _check_input(model, reference, images, tolerance, backends, result)
-    return result.check, result.labels
+        checks += _check_input(model, reference, images, tolerance, backends)
+    # Untied flips were refused: those counted are all at near-ties.
+    return (max((check for check, _ in checks), key=lambda c: c.margin),
+            LabelComparison(sum(flips.differ for _, flips in checks), 0))
 
 
-def _check_input(model, reference, images, tolerance, backends, result):
-    """Check one input, adding to ``result``; what it computed is gone when
-    it returns."""
+def _check_input(model, reference, images, tolerance, backends):
+    """Each engine's comparisons on one input; what it computed is gone
+    when it returns."""
     # PyTorch first, keeping only the exact logits (320 MB in float64 at
     # 1024x2048), then an engine at a time, created for the input and gone
     # before the next: an engine takes a GB or more while it runs.
@@ -201,6 +188,7 @@ def _check_input(model, reference, images, tolerance, backends, result):
         reference, [images], run=lambda m, x: m(x)[0])
     own_error = relative_error(own, exact)
     del own
+    checks = []
     for backend in backends:
         logits, labels = _run_once(model, backend, images)
         check = Fp32Comparison.of(logits, exact, own_error, tolerance)
@@ -210,16 +198,9 @@ def _check_input(model, reference, images, tolerance, backends, result):
                 f'{backend} differs from PyTorch ({check.describe()}; '
                 f'{flips.untied} label(s) differ outside near-ties); '
                 'nothing written')
-        result.add(check, flips)
+        checks.append((check, flips))
         del logits, labels  # before the next engine runs
-
-
-def _segmentor(cfg, checkpoint, config):
-    loaded = deploy_model(cfg, checkpoint, config)
-    if not isinstance(loaded.model, EncoderDecoder):
-        raise ConfigError(f'{config}: exports mmseg EncoderDecoder '
-                          f'segmentors, not a {type(loaded.model).__name__}')
-    return loaded
+    return checks
 
 
 @dataclass(frozen=True)
@@ -309,22 +290,8 @@ class Fp32Export:
             MMRepVGGError: A backbone that cannot be equalized, or an
                 equalized model that computes otherwise.
         """
-        model, pairs = _equalized(self.model, job, read_images)
-        info = replace(self.result.info, equalized_pairs=pairs)
-        return _checked(model, info, self.inputs, job, self.tolerance,
-                        self.result.conversion)
-
-
-def _equalized(model, job, read_images):
-    """An equalized copy of a deploy-form segmentor, checked, and its number
-    of equalized conv pairs."""
-    equalized = copy.deepcopy(model)
-    try:
-        pairs = equalize_checked(equalized, read_images, DEFAULT_CHECK_SIZE)
-    except MMRepVGGError as error:
-        raise type(error)(f'{job.config}: --int8-equalize: {error}; nothing '
-                          'written') from None
-    return equalized, pairs
+        return _checked(self.model, self.result.info, self.inputs, job,
+                        self.tolerance, self.result.conversion, read_images)
 
 
 def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
@@ -346,16 +313,26 @@ def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
         MMRepVGGError: Bad input, or a model that an engine does not
             compute as PyTorch does.
     """
-    loaded = _segmentor(job.cfg, job.checkpoint, job.config)
-    model, info = loaded.model, job.info(loaded)
+    loaded = deploy_model(job.cfg, job.checkpoint, job.config)
+    if not isinstance(loaded.model, EncoderDecoder):
+        raise ConfigError(f'{job.config}: exports mmseg EncoderDecoder '
+                          f'segmentors, not a {type(loaded.model).__name__}')
+    inputs = _check_inputs(job.size, job.imgs, job.dynamic)
+    return _checked(loaded.model, job.info(loaded), inputs, job, tolerance,
+                    loaded.conversion, equalize_on)
+
+
+def _checked(model, info, inputs, job, tolerance, conversion, equalize_on):
+    """The model exported and checked on the engines; equalized first (a
+    copy, checked) if ``equalize_on`` gives images."""
     if equalize_on is not None:
-        model, info.equalized_pairs = _equalized(model, job, equalize_on)
-    return _checked(model, info, _check_inputs(job.size, job.imgs,
-                                               job.dynamic), job, tolerance,
-                    loaded.conversion)
-
-
-def _checked(model, info, inputs, job, tolerance, conversion):
+        model = copy.deepcopy(model)
+        try:
+            pairs = equalize_checked(model, equalize_on, DEFAULT_CHECK_SIZE)
+        except MMRepVGGError as error:
+            raise type(error)(f'{job.config}: --int8-equalize: {error}; '
+                              'nothing written') from None
+        info = replace(info, equalized_pairs=pairs)
     data = to_onnx(exportable(model), job.size, job.dynamic, info)
     check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
                                      tolerance)
@@ -366,21 +343,18 @@ def _checked(model, info, inputs, job, tolerance, conversion):
 
 
 def export_onnx(job, tolerance=Fp32Tolerance()):
-    """Export a segmentor to a verified, self-contained fp32 ONNX model
-    (:func:`export_fp32`) and write it; :mod:`mmrepvgg.quantization`
-    exports int8 ones alike.
+    """Write a segmentor's fp32 ONNX model, checked (:func:`export_fp32`);
+    :mod:`mmrepvgg.quantization` exports int8 ones alike.
 
     Args:
         job (ExportJob): What to export: a trained or deploy checkpoint.
-        tolerance (Fp32Tolerance): How close the engines' logits must be
-            to the exact ones.
+        tolerance (Fp32Tolerance): As for :func:`export_fp32`.
 
     Returns:
         ExportResult: What was written.
 
     Raises:
-        MMRepVGGError: Bad input, or a model that an engine does not
-            compute as PyTorch does; nothing is written.
+        MMRepVGGError: As :func:`export_fp32`; nothing is written.
     """
     fp32 = export_fp32(job, tolerance)
     job.write(fp32.data)

@@ -1,22 +1,16 @@
-"""PSPNet's pyramid pooling folded into its bottleneck conv, for inference.
+"""PSPNet's pyramid pooling folded into its bottleneck conv, for inference
+(docs/user_guides/conversion.md gives the speed-ups).
 
-mmseg's ``PSPHead`` pools the features ``x`` to a few tiny maps, upsamples
-each branch's output back to the size of ``x``, concatenates everything and
-applies a 3x3 conv. In eval mode every step between the branch outputs and
-the bottleneck's activation is linear, so the conv over the upsampled maps
-can be computed on the tiny maps instead: bilinear upsampling is a product
-``A_h @ u @ A_w.T`` with interpolation matrices, and each conv tap only
-shifts the rows of ``A_h`` and ``A_w`` (zero rows where the tap reads the
-zero padding). The same holds for adaptive average pooling, which becomes
-one matrix product.
-
-The folded head therefore skips the concatenation, the upsampling and the
-bottleneck's multiply-adds on the upsampled maps: 29% of them in
-PSPNet-RepVGG-A0, half in PSPNets whose branches together have as many
-channels as ``x`` (mmseg's ResNet ones, RepVGG-B1g2). The result is the same up
-to the rounding of a different summation order: float64 heads agree to
-about 1e-15.
+In eval mode everything between mmseg's ``PSPHead`` branch outputs and its
+bottleneck's activation is linear, so the bottleneck conv over the
+upsampled maps can run on the tiny pooled maps instead: bilinear
+upsampling is a product ``A_h @ u @ A_w.T`` with interpolation matrices,
+each conv tap only shifts the rows of ``A_h`` and ``A_w`` (zero rows where
+it reads the padding), and adaptive average pooling is one matrix product.
+Only the summation order changes: float64 heads agree to about 1e-15.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from mmseg.models.decode_heads import PSPHead
@@ -29,10 +23,10 @@ from .modules import replace_modules
 __all__ = ['FoldedPSPHead', 'fold_psp_heads', 'foldable_psp_head']
 
 
-def _interpolation_matrix(size, length, align_corners, dtype=torch.float64):
+def _interpolation_matrix(size, length, align_corners):
     """``(size, length)`` weights of linear interpolation from ``length`` to
     ``size`` samples, as ``F.interpolate`` computes them."""
-    basis = torch.eye(length, dtype=dtype).unsqueeze(0)
+    basis = torch.eye(length, dtype=torch.float64).unsqueeze(0)
     return F.interpolate(
         basis, size=size, mode='linear', align_corners=align_corners)[0].T
 
@@ -43,13 +37,15 @@ def _pooling_matrix(length, bins):
     return F.adaptive_avg_pool1d(basis, bins)[0].T.contiguous()
 
 
-def _shifted_rows(matrix, taps, dilation, padding):
-    """The rows of ``matrix`` that each conv tap reads, zero where it reads
-    padding: ``(taps, rows, columns)``."""
-    rows = matrix.shape[0]
-    padded = F.pad(matrix, (0, 0, padding, padding))
-    return torch.stack(
-        [padded[t * dilation:t * dilation + rows] for t in range(taps)])
+def _tap_rows(matrix, conv, axis):
+    """The rows of ``matrix`` that each tap of ``conv`` along ``axis``
+    reads, zero where it reads padding: ``(taps, rows, columns)``."""
+    rows, dilation = matrix.shape[0], conv.dilation[axis]
+    padded = F.pad(matrix, (0, 0, conv.padding[axis], conv.padding[axis]))
+    return torch.stack([
+        padded[t * dilation:t * dilation + rows]
+        for t in range(conv.kernel_size[axis])
+    ])
 
 
 def _check_foldable(head):
@@ -107,25 +103,22 @@ class FoldedPSPHead(nn.Module):
         self.head = head
         bottleneck = head.bottleneck
         conv = bottleneck.conv
+        kernel, bias = conv.weight.detach(), conv.bias
         if bottleneck.with_norm:
-            kernel, bias = fuse_conv_bn(conv.weight, bottleneck.norm)
-        else:
-            kernel = conv.weight.detach().double()
-            bias = (
-                conv.bias.detach().double() if conv.bias is not None else
-                kernel.new_zeros(kernel.shape[0]))
-        kernel, bias = kernel.to(conv.weight), bias.to(conv.weight)
+            kernel, bias = fuse_conv_bn(kernel, bottleneck.norm)
+        bias = kernel.new_zeros(len(kernel)) if bias is None else bias.detach()
         # Input channels of the bottleneck: x first, then one slice per
         # branch, in the order of ``torch.cat`` in PSPHead.
-        self.register_buffer(
-            'feature_kernel',
-            kernel[:, :head.in_channels].contiguous(),
-            persistent=False)
-        self.register_buffer(
-            'branch_kernels',
-            kernel[:, head.in_channels:].contiguous(),
-            persistent=False)
-        self.register_buffer('bias', bias, persistent=False)
+        split = head.in_channels
+        buffers = dict(
+            feature_kernel=kernel[:, :split],
+            branch_kernels=kernel[:, split:],
+            bias=bias)
+        for name, value in buffers.items():
+            self.register_buffer(
+                name,
+                value.to(conv.weight, copy=True).contiguous(),
+                persistent=False)
         self.bins = [
             _pair(branch[0].output_size) for branch in head.psp_modules
         ]
@@ -151,22 +144,16 @@ class FoldedPSPHead(nn.Module):
         key = (height, width, dtype, device)
         if key not in self._matrices:
             conv = self.head.bottleneck.conv
-            taps, dilation, padding = (conv.kernel_size, conv.dilation,
-                                       conv.padding)
-            align_corners = self.head.align_corners
+            upsampling = partial(
+                _interpolation_matrix, align_corners=self.head.align_corners)
             pooling, rows, columns = [], [], []
             for bins_h, bins_w in self.bins:
                 pooling.append(
                     torch.kron(
                         _pooling_matrix(height, bins_h),
                         _pooling_matrix(width, bins_w)))
-                rows.append(
-                    _shifted_rows(
-                        _interpolation_matrix(height, bins_h, align_corners),
-                        taps[0], dilation[0], padding[0]))
-                tap_columns = _shifted_rows(
-                    _interpolation_matrix(width, bins_w, align_corners),
-                    taps[1], dilation[1], padding[1])
+                rows.append(_tap_rows(upsampling(height, bins_h), conv, 0))
+                tap_columns = _tap_rows(upsampling(width, bins_w), conv, 1)
                 columns.append(tap_columns.transpose(1, 2).flatten(0, 1))
             placed = dict(dtype=dtype, device=device)
             self._matrices[key] = (torch.cat(pooling).T.to(**placed),

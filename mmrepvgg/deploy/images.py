@@ -14,13 +14,13 @@ from mmengine.dataset import Compose
 from mmengine.registry import DATASETS, TRANSFORMS
 
 from ..errors import ConfigError, UsageError, first_line
-from ..runtime.images import (MAX_IMAGE_PIXELS, fit_within, image_size,
-                              read_image)
+from ..runtime.images import fit_within, image_size, read_image
+from .test_settings import test_transforms
 
 __all__ = [
-    'MAX_IMAGE_PIXELS', 'MAX_INPUT_PIXELS', 'image_size', 'read_image',
-    'as_batch', 'check_input_size', 'fit_within', 'TestPipeline',
-    'dataset_image_paths', 'split_images'
+    'MAX_INPUT_PIXELS', 'image_size', 'read_image', 'as_batch',
+    'check_input_size', 'fit_within', 'TestPipeline', 'dataset_image_paths',
+    'split_images'
 ]
 
 # The largest input a model is checked or run on: a 2048x2048 input checks
@@ -36,25 +36,24 @@ def as_batch(image, size=None):
     return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
 
 
-def check_input_size(size, limit=MAX_INPUT_PIXELS, minimum=1):
+def check_input_size(size, minimum=1):
     """Raise UsageError unless ``size`` is a (height, width) of integers of
-    at least ``minimum`` within ``limit`` pixels."""
+    at least ``minimum`` within :data:`MAX_INPUT_PIXELS`."""
     if len(size) != 2 or not all(
             isinstance(s, int) and s >= minimum for s in size):
         raise UsageError(f'an input size is two integers of at least '
                          f'{minimum} (height width), got '
                          f'{" ".join(map(str, size))}')
-    if size[0] * size[1] > limit:
-        raise UsageError(f'an input of {size[0]}x{size[1]} is larger than '
-                         f'the {limit:,} pixels a model is run on at most')
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise UsageError(f'an input of {size[0]}x{size[1]} is larger than the '
+                         f'{MAX_INPUT_PIXELS:,} pixels a model is run on at '
+                         'most')
 
 
 class TestPipeline:
     """A config's test pipeline (its test dataset's, else
-    ``test_pipeline``), run on images that were already read.
-
-    Its loading steps (``LoadImageFromFile``, ``LoadAnnotations``, ...) are
-    left out: the images come from :func:`read_image`, with its checks.
+    ``test_pipeline``) without its loading steps, run on images that
+    :func:`read_image` read, with its checks.
 
     Args:
         cfg (Config): The config.
@@ -64,8 +63,7 @@ class TestPipeline:
     """
 
     def __init__(self, cfg):
-        dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-        transforms = dataset.get('pipeline') or cfg.get('test_pipeline')
+        transforms = test_transforms(cfg)
         if not isinstance(transforms, (list, tuple)) or not transforms:
             raise ConfigError(f'{cfg.filename}: has no test pipeline')
         try:
@@ -98,12 +96,6 @@ class TestPipeline:
         ``size``."""
         image = np.zeros((*size, 3), np.uint8)
         return tuple(self(image)['inputs'].shape[-2:])
-
-    def batch(self, path, size):
-        """An image file through the pipeline, as the exported model takes
-        it: a float32 BGR ``(1, 3, H, W)`` batch resized to ``size``."""
-        inputs = self(read_image(path), path)['inputs']
-        return as_batch(inputs.permute(1, 2, 0).numpy(), size)
 
 
 def _leaf_datasets(dataset_cfg):
@@ -171,7 +163,8 @@ def split_images(cfg, split, count, size):
     exported model takes them at ``size`` (None: as the pipeline makes
     them)."""
     pipeline = TestPipeline(cfg)
-    return [
-        pipeline.batch(path, size)
-        for path in dataset_image_paths(cfg, split, count)
-    ]
+    batches = []
+    for path in dataset_image_paths(cfg, split, count):
+        inputs = pipeline(read_image(path), path)['inputs']
+        batches.append(as_batch(inputs.permute(1, 2, 0).numpy(), size))
+    return batches

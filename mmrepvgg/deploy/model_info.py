@@ -1,17 +1,15 @@
-"""Writing an exported segmentor's metadata into its graph.
+"""Writing an exported segmentor's metadata into its graph (with onnx).
 
-What the metadata says, and the checks of a model file, are the runtime's
-(:mod:`mmrepvgg.runtime.metadata`, :mod:`mmrepvgg.runtime.model_file`):
-they are imported from there, so that reading a model needs neither onnx
-nor torch. Writing it needs onnx.
+What the metadata says, and reading a model file, are the runtime's
+(:mod:`mmrepvgg.runtime.metadata`, :mod:`mmrepvgg.runtime.model_file`),
+imported from there: reading a model needs neither onnx nor torch.
 """
 from ..runtime.metadata import INT8_SCHEMES, ConvSensitivity, ExportedModelInfo
-from ..runtime.model_file import (INPUT, MAX_MODEL_BYTES, OUTPUTS, ModelFile,
-                                  read_model)
+from ..runtime.model_file import INPUT, OUTPUTS, read_model
 
 __all__ = [
-    'INPUT', 'OUTPUTS', 'MAX_MODEL_BYTES', 'INT8_SCHEMES', 'ConvSensitivity',
-    'ExportedModelInfo', 'ModelFile', 'set_info', 'read_model'
+    'INPUT', 'OUTPUTS', 'INT8_SCHEMES', 'ConvSensitivity', 'ExportedModelInfo',
+    'set_info', 'read_model'
 ]
 
 

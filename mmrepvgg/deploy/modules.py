@@ -40,8 +40,7 @@ class ChunkedFloat64Convs(TorchFunctionMode):
     same up to float64 rounding. Grouped convs run as they are.
 
     Args:
-        max_bytes (int): The most a chunk's columns take. Defaults to
-            128 MB.
+        max_bytes (int): The most a chunk's columns take.
     """
 
     def __init__(self, max_bytes=128 << 20):

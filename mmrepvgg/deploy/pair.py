@@ -1,12 +1,5 @@
 """Writing the deploy pair of a trained segmentor or detector: the deploy
-checkpoint and its config, verified.
-
-:func:`reparameterize` builds the training-form model from its config
-without downloading anything, loads the checkpoint with the weights-only
-loader, folds every block into one conv, rebuilds the deploy model from
-exactly the bytes it is about to write, checks that it computes what the
-trained one did, and only then writes the deploy checkpoint and its
-config, together.
+checkpoint and its config, verified (:func:`reparameterize`).
 """
 import io
 import os.path as osp
@@ -73,9 +66,8 @@ def reparameterize(config,
     Every block anywhere in the model (any module with
     ``switch_to_deploy``) is folded into one conv. The deploy model is then
     rebuilt from the config text and checkpoint bytes about to be written,
-    and its converted modules' fp32 outputs are compared with the trained
-    model's exact (float64) ones on a random input and on ``imgs``, within
-    ``tolerance`` of the trained model's own fp32 error; a mismatch writes
+    and checked against the trained one on a random input and on ``imgs``
+    (:class:`~mmrepvgg.deploy.convert.ConversionCheck`); a mismatch writes
     nothing. Tensors of the checkpoint keep their dtypes; fused tensors are
     float32 (or float64) even when the checkpoint is float16 or bfloat16:
     rounded to half precision they would move the logits by 1e-3 to 1e-2
@@ -89,14 +81,12 @@ def reparameterize(config,
         out (str): The deploy checkpoint to write. The deploy config goes
             to :func:`deploy_config_path` of it.
         imgs (Sequence[str]): Images to verify on too, read through the
-            config's test pipeline. Defaults to ().
-        force (bool): Overwrite existing outputs. Defaults to False.
+            config's test pipeline.
+        force (bool): Overwrite existing outputs.
         check_size (tuple[int]): ``(height, width)`` of the random input.
-            Defaults to ``(64, 128)``.
         tolerance (Fp32Tolerance): How close the pair must be.
-        convert (callable): Converts a model to deploy form in place.
-            Defaults to :func:`mmrepvgg.switch_to_deploy`; a stand-in lets
-            tests check that a wrong conversion is caught.
+        convert (callable): Converts a model to deploy form in place; a
+            stand-in lets tests check that a wrong conversion is caught.
 
     Returns:
         ReparameterizeResult: What was converted and how closely it matches.
@@ -105,10 +95,8 @@ def reparameterize(config,
         MMRepVGGError: A missing, unreadable or unsafe input, a config that
             does not match the checkpoint, an input already in deploy form,
             an output path that is an input (the config's ``_base_`` files
-            and the images included), exists or cannot be written
-            (:class:`CheckpointError`, :class:`ConfigError`,
-            :class:`UsageError`), or a deploy pair whose outputs differ
-            (:class:`VerificationError`).
+            and the images included), exists or cannot be written, or a
+            deploy pair whose outputs differ (:class:`VerificationError`).
     """
     check_input_size(check_size)
     config_files = []

@@ -1,5 +1,5 @@
-"""What mmseg does around a model at test time, read from its config as
-the runtime's records: the test pipeline's resize and the test mode
+"""What mmseg does around a model at test time, read from its config: the
+test pipeline, and as the runtime's records its resize and the test mode
 (:class:`~mmrepvgg.runtime.metadata.ResizeStep`,
 :class:`~mmrepvgg.runtime.metadata.InferenceMode`).
 
@@ -9,16 +9,18 @@ at export, instead of giving other labels than mmseg's at run time.
 from ..errors import ConfigError
 from ..runtime.metadata import INTERPOLATIONS, InferenceMode, ResizeStep
 
-__all__ = ['test_resize', 'test_mode', 'slide_crop_size']
+__all__ = ['test_transforms', 'test_resize', 'test_mode', 'slide_crop_size']
 
 # Steps that change nothing the model sees.
 _PASSIVE = ('LoadImageFromFile', 'LoadAnnotations', 'LoadImageFromNDArray',
             'PackSegInputs')
 
 
-def _transforms(cfg):
+def test_transforms(cfg):
+    """The config's test pipeline: its test dataset's, else
+    ``test_pipeline``; None if it has neither."""
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-    return list(dataset.get('pipeline') or cfg.get('test_pipeline') or [])
+    return dataset.get('pipeline') or cfg.get('test_pipeline')
 
 
 def _pair(value):
@@ -34,7 +36,7 @@ def test_resize(cfg):
             with OpenCV, and packing.
     """
     resizes = []
-    for transform in _transforms(cfg):
+    for transform in test_transforms(cfg) or []:
         kind = str(transform.get('type'))
         if kind.split('.')[-1] in _PASSIVE:
             continue
