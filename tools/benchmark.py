@@ -22,12 +22,11 @@ def build_parser():
 def check_outputs(args):
     """Refuse --json and --chart paths that cannot be written, before any
     work."""
-    outputs = [p for p in (args.json, args.chart) if p]
-    if len(set(outputs)) < len(outputs):
+    if args.json and args.json == args.chart:
         raise UsageError(f'{args.json}: --json and --chart name the same '
                          'file')
     inputs = [p for p in (args.config, args.checkpoint, args.image) if p]
-    for out in outputs:
+    for out in filter(None, (args.json, args.chart)):
         check_output_path(out, inputs, args.force)
 
 

@@ -1,14 +1,11 @@
-"""Inference speed of segmentors and their backbones, side by side.
-
-The models run in one process on the same input, in rounds (the order
-reversed every other round), so that a slow spell of a shared machine hits
-all alike; each model runs twice in its turn and only the second run is
-timed. Speed-ups are the median of the per-round ratios. Besides the train
-and deploy forms of a config and any reference configs, the deploy form can
-run with its PSP head folded, and every segmentor exported to ONNX on the
-engines, in fp32, bf16 and int8, with one 3x3 conv timed on the same engines
-as the CPU's own int8 limit. Each model's outputs are checked first.
-"""
+"""Inference speed of segmentors and their backbones, side by side: the
+train and deploy forms of a config, reference configs, the deploy form with
+its PSP head folded, the segmentors on the engines (fp32, bf16, int8) and
+one 3x3 conv as the engines' int8 ceiling. Each model's outputs are checked
+first; then they run in one process on the same input, in rounds of
+alternating order (a slow spell of a shared machine hits all alike), twice
+in each turn with the second run timed. Speed-ups are the median of the
+per-round ratios."""
 import copy
 import dataclasses
 import os.path as osp
@@ -37,6 +34,7 @@ from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines, conv_models,
 from .report import BenchmarkResult, Check, Int8Ceiling, Ratio, Timing
 
 PARTS = ('segmentor', 'backbone')
+CONV = 'conv3x3-256'
 
 
 def option(default, help, **metadata):
@@ -115,21 +113,19 @@ class BenchmarkSettings:
                              f'is {head}, not PSPHead')
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
-    """A model being timed: ``run`` maps ``input`` to its outputs. A
-    ``derived`` one (folded, or on an engine) is judged by its outputs
-    against its model's PyTorch form; a PyTorch one, by the exact
-    (float64) outputs of its weights."""
+    """A model being timed: ``run`` maps ``input`` to its outputs.
+    ``base``: the entry it was made from (our deploy form from our train
+    form, a folded or engine form from a PyTorch one), which it is checked
+    against and compared with."""
     model: str
     part: str
     form: str
-    run: Callable = field(repr=False)
-    input: Any = field(repr=False)
-    derived: bool = False
+    run: Callable
+    input: Any
+    base: Optional['Entry'] = None
     times_s: List[float] = field(default_factory=list)
-    output: Any = field(default=None, repr=False)
-    exact: Any = field(default=None, repr=False)
 
     @property
     def name(self):
@@ -163,13 +159,15 @@ def compare_outputs(actual, own, exact, part):
     (see :mod:`mmrepvgg.deploy.compare`); segmentor logits as label maps
     too (``label_*``: None for a backbone). ``exact``: within the limit,
     labels flipped at near-ties only."""
-    check = compare_fp32(*(tensors_of(o) for o in (actual, own, exact)))
+    actual, own, exact = (tensors_of(o) for o in (actual, own, exact))
+    check = compare_fp32(actual, own, exact)
     mismatches = agreement = None
     untied = 0
     if part == 'segmentor':
-        flips = compare_labels(actual.argmax(dim=1), exact, check.limit)
+        labels = actual[0].argmax(dim=1)
+        flips = compare_labels(labels, exact[0], check.limit)
         mismatches, untied = flips.differ, flips.untied
-        agreement = 1 - mismatches / actual[:, 0].numel()
+        agreement = 1 - mismatches / labels.numel()
     return dict(
         max_rel_error=check.error,
         limit=check.limit,
@@ -201,29 +199,53 @@ def _raw_images(settings):
     return image.expand(settings.batch, -1, -1, -1).contiguous()
 
 
-def _torch_entries(settings, models, images, part):
+def _pytorch_entries(settings, models, images, part):
+    """Each model's segmentor (images to logits) or backbone in PyTorch;
+    our deploy form made from our train form."""
     entries = []
     for name, form, _, _, loaded in models:
-        segmentor = loaded.model
-        module = ImageSegmentor(segmentor).eval()
-        inputs = module.normalize(images).to(settings.device)
-        run = module.logits if part == 'segmentor' else segmentor.backbone
+        module = ImageSegmentor(loaded.model).eval()
+        run = module.logits if part == 'segmentor' else loaded.model.backbone
         # Not chained: some backbones' train() returns None.
         run.eval()
         run.to(settings.device)
-        entries.append(Entry(name, part, form, run, inputs))
-    if settings.fold_psp and part == 'segmentor':
-        deploy = entries[1]
-        folded = copy.deepcopy(deploy.run)
-        if not fold_psp_heads(folded):
-            raise UsageError(f'--fold-psp: {deploy.model} has no PSPHead')
-        entries.append(
-            Entry(deploy.model, part, 'deploy+fold_psp', folded, deploy.input,
-                  True))
+        inputs = module.normalize(images).to(settings.device)
+        base = entries[0] if form == 'deploy' else None
+        entries.append(Entry(name, part, form, run, inputs, base))
     return entries
 
 
-def _engine_entries(settings, models, images, log):
+def _entries(settings, log):
+    """Per part, the models in PyTorch, then for the segmentor ours folded
+    and every model but our train form on the engines; last the engines'
+    int8 ceiling."""
+    models, images = _models(settings), _raw_images(settings)
+    entries = []
+    for part in settings.parts:
+        pytorch = _pytorch_entries(settings, models, images, part)
+        entries += pytorch
+        if part == 'segmentor':
+            entries += _folded(settings, pytorch[1]) + _engine_entries(
+                settings, models, pytorch, images, log)
+    return entries + _conv_entries(settings, log)
+
+
+def _folded(settings, deploy):
+    """Our deploy form's segmentor with its PSP head folded, if asked."""
+    if not settings.fold_psp:
+        return []
+    folded = copy.deepcopy(deploy.run)
+    if not fold_psp_heads(folded):
+        raise UsageError(f'--fold-psp: {deploy.model} has no PSPHead')
+    return [
+        Entry(deploy.model, deploy.part, 'deploy+fold_psp', folded,
+              deploy.input, deploy)
+    ]
+
+
+def _engine_entries(settings, models, pytorch, images, log):
+    """Every segmentor but our train form exported to ONNX, on each engine
+    form; ``pytorch``: their PyTorch entries."""
     forms = engine_forms(settings.backends, settings.precisions)
     if not forms:
         return []
@@ -232,7 +254,7 @@ def _engine_entries(settings, models, images, log):
         calibration = split_images(models[0][3], 'train', settings.calib_num,
                                    settings.size)
     entries = []
-    for name, _, config, cfg, loaded in models[1:]:
+    for (name, _, config, cfg, loaded), base in zip(models[1:], pytorch[1:]):
         log(f'exporting {name} ({", ".join(settings.precisions)})')
         exported = exported_models(cfg, loaded, config, settings.size,
                                    calibration)
@@ -240,7 +262,7 @@ def _engine_entries(settings, models, images, log):
             Entry(
                 name, 'segmentor', f'{backend} {precision}',
                 engine_runner(exported[model_precision(precision)], backend,
-                              precision, settings.threads), images, True)
+                              precision, settings.threads), images, base)
             for backend, precision in forms
         ]
     return entries
@@ -252,79 +274,38 @@ def _conv_entries(settings, log):
     if 'int8' not in settings.precisions:
         return []
     log('quantizing one 3x3 conv of 256 channels')
-    models = conv_models(settings.seed)
-    inputs = torch.rand(*CONV_SHAPE)
+    models, inputs = conv_models(settings.seed), torch.rand(*CONV_SHAPE)
     return [
-        Entry(
-            'conv3x3-256', 'conv', f'{backend} {precision}',
-            engine_runner(models[precision], backend, 'fp32',
-                          settings.threads), inputs) for backend in BACKENDS
-        if backend in settings.backends for precision in models
+        Entry(CONV, 'conv', f'{backend} {precision}',
+              engine_runner(model, backend, 'fp32', settings.threads), inputs)
+        for backend in BACKENDS if backend in settings.backends
+        for precision, model in models.items()
     ]
 
 
-def _entries(settings, log):
-    models = _models(settings)
-    images = _raw_images(settings)
-    entries = []
-    for part in settings.parts:
-        entries += _torch_entries(settings, models, images, part)
-        if part == 'segmentor':
-            entries += _engine_entries(settings, models, images, log)
-    return entries + _conv_entries(settings, log)
-
-
-def _find(entries, part, form, model=None):
-    return next((e for e in entries if e.part == part and e.form == form and (
-        model is None or e.model == model)), None)
-
-
-def _pytorch_form(entries, entry):
-    """The PyTorch deploy form that a derived entry is compared with."""
-    return next(
-        e for e in entries
-        if e.part == entry.part and e.model == entry.model and e.form in (
-            'deploy', 'reference'))
-
-
-def _exact(entry):
-    """A PyTorch entry's outputs computed in float64, of the same shape."""
-    if entry.exact is None:
-        exact = exact_outputs(entry.run, [entry.input])
-        entry.exact = (
-            type(entry.output)(exact) if isinstance(entry.output,
-                                                    (tuple,
-                                                     list)) else exact[0])
-    return entry.exact
-
-
 def _warm_up_and_check(entries, settings, log):
-    """Run each entry; check deploy against train, and each derived entry
-    against its PyTorch form."""
-    log(f'warm-up: {max(settings.warmup, 1)} run(s) of {len(entries)} '
-        'models')
+    """Run each entry; check each entry made from another against it: our
+    deploy form by what its weights compute exactly (its fp32 arithmetic
+    is no part of a conversion), the others by their outputs."""
+    runs = max(settings.warmup, 1)
+    log(f'warm-up: {runs} run(s) of {len(entries)} models')
+    outputs = {}
     for entry in entries:
-        for _ in range(max(settings.warmup, 1)):
-            entry.output = entry.run(entry.input)
-    checks, ours = [], entries[0].model
-    for part in settings.parts:
-        pairs = [(_find(entries, part, 'deploy',
-                        ours), _find(entries, part, 'train', ours))]
-        pairs += [(e, _pytorch_form(entries, e)) for e in entries
-                  if e.part == part and e.derived]
-        for candidate, reference in pairs:
-            # A conversion is judged by what its weights compute exactly:
-            # its fp32 arithmetic is no part of it.
-            actual = (
-                candidate.output if candidate.derived else _exact(candidate))
-            checks.append(
-                Check(
-                    part, candidate.name, reference.name,
-                    **compare_outputs(actual, reference.output,
-                                      _exact(reference), part)))
-    for entry in entries:
-        entry.output = entry.exact = None
-    return checks
+        for _ in range(runs):
+            outputs[entry] = entry.run(entry.input)
+    made = [e for e in entries if e.base is not None]
+    exact = {
+        e: exact_outputs(e.run, [e.input])
+        for e in dict.fromkeys([e.base for e in made] +
+                               [e for e in made if e.form == 'deploy'])
+    }
+    return [
+        Check(
+            e.part, e.name, e.base.name,
+            **compare_outputs(exact[e] if e.form == 'deploy' else outputs[e],
+                              outputs[e.base], exact[e.base], e.part))
+        for e in made
+    ]
 
 
 def _time_rounds(entries, rounds, device, log):
@@ -350,39 +331,32 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def _ratios(entries, parts):
-    """Our deploy form over every other PyTorch model of its part; each
-    derived form over the PyTorch form it comes from, and ours in each
-    engine form over the references in the same form."""
-    ratios, ours = [], entries[0].model
-    for part in parts:
-        deploy = _find(entries, part, 'deploy', ours)
-        for entry in entries:
-            if entry.part != part or entry is deploy:
-                continue
-            if not entry.derived:
-                ratios.append(Ratio.of(deploy, entry))
-                continue
-            ratios.append(Ratio.of(entry, _pytorch_form(entries, entry)))
-            same_form = _find(entries, part, entry.form, ours)
-            if entry.model != ours and same_form is not None:
-                ratios.append(Ratio.of(same_form, entry))
-    return ratios
+def _ratios(entries):
+    """Our deploy form over each reference; each entry made from another
+    over it, and ours in each engine form over each reference in it."""
+    ours, pairs = entries[0].model, []
+    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
+    for entry in entries:
+        if entry.form == 'reference':
+            pairs.append((index[ours, entry.part, 'deploy'], entry))
+        elif entry.base is not None:
+            pairs += [(entry, entry.base),
+                      (index[ours, entry.part, entry.form], entry)]
+    return [Ratio.of(a, b) for a, b in pairs if a is not b]
 
 
 def _int8_ceilings(entries):
     """Each engine's int8 speed-up of our segmentor and of one conv."""
-    ours = entries[0].model
+    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
     ceilings = []
     for backend in BACKENDS:
-        pairs = [(_find(entries, part, f'{backend} int8',
-                        model), _find(entries, part, f'{backend} fp32', model))
-                 for part, model in (('segmentor', ours), ('conv', None))]
-        if all(a is not None and b is not None for a, b in pairs):
-            model, conv = (Ratio.of(*pair) for pair in pairs)
-            ceilings.append(
-                Int8Ceiling(backend, model.speedup, conv.speedup,
-                            model.speedup / conv.speedup))
+        pairs = [[
+            index.get((model, part, f'{backend} {precision}'))
+            for precision in ('int8', 'fp32')
+        ] for model, part in ((entries[0].model, 'segmentor'), (CONV, 'conv'))]
+        if None not in pairs[0] + pairs[1]:
+            model, conv = (Ratio.of(*pair).speedup for pair in pairs)
+            ceilings.append(Int8Ceiling(backend, model, conv, model / conv))
     return ceilings
 
 
@@ -423,5 +397,4 @@ def run_benchmark(settings, log=print):
         device=str(device),
         torch=torch.__version__)
     return BenchmarkResult(described, [Timing.of(e) for e in entries],
-                           _ratios(entries, settings.parts), checks,
-                           _int8_ceilings(entries))
+                           _ratios(entries), checks, _int8_ceilings(entries))

@@ -19,17 +19,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
-from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
-from mmrepvgg.quantization.ptq import Int8Settings
 from mmrepvgg.runner import check_work_dir
 from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
                               write_toy_config)
 from .benchmark import BenchmarkSettings, option, short_name
-from .engines import (FORM_PRECISIONS, engine_forms, engine_settings,
-                      model_precision)
+from .engines import engine_forms, engine_settings, model_precision
 from .report import BenchmarkResult, format_report, write_json
 
 TOOLS = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -53,10 +50,19 @@ class DemoError(MMRepVGGError):
     """A demo step that cannot run or failed."""
 
 
+def _benchmark_option(name, **changes):
+    """The option ``name`` of :class:`BenchmarkSettings`, its default or
+    metadata changed by ``changes``."""
+    setting = BenchmarkSettings.__dataclass_fields__[name]
+    default = changes.pop('default', setting.default)
+    return field(default=default, metadata=dict(setting.metadata, **changes))
+
+
 @dataclass
 class DemoSettings:
     """What :func:`run_demo` does; each field is an option of
-    ``tools/demo.py``."""
+    ``tools/demo.py``, the benchmark's as :class:`BenchmarkSettings` has
+    them."""
     work_dir: str = option(
         'work_dirs/demo', 'where every output goes; '
         'must be new or empty unless --force')
@@ -74,38 +80,34 @@ class DemoSettings:
     num_val: int = option(4, 'toy validation images')
     batch_size: int = option(4, 'training batch size on toy data')
     lr: float = option(0.01, 'learning rate on toy data')
-    bench_size: Tuple[int, int] = option((512, 1024),
-                                         'benchmark input size',
-                                         metavar=('H', 'W'))
-    bench_rounds: int = option(3, 'timed benchmark rounds')
-    fold_psp: bool = option(
-        False, 'also time the deploy form with its PSP head folded')
-    threads: int = option(
-        0, "torch and engine threads for the benchmark; 0: their own choice")
-    backends: Tuple[str, ...] = option(
-        ('torch', 'onnxruntime'),
-        'torch and the engines that evaluate and time the ONNX model',
-        choices=('torch', *BACKENDS))
-    precisions: Tuple[str, ...] = option(('fp32', ),
-                                         'precisions of the engines',
-                                         choices=FORM_PRECISIONS)
-    calib_num: int = option(Int8Settings.calib_num,
-                            'training images that int8 is calibrated on')
+    bench_size: Tuple[int, int] = _benchmark_option(
+        'size', help='benchmark input size')
+    bench_rounds: int = _benchmark_option(
+        'rounds', default=3, help='timed benchmark rounds')
+    fold_psp: bool = _benchmark_option('fold_psp')
+    threads: int = _benchmark_option('threads')
+    backends: Tuple[str, ...] = _benchmark_option(
+        'backends',
+        default=('torch', 'onnxruntime'),
+        help='torch, and engines to evaluate and time the ONNX model on')
+    precisions: Tuple[str, ...] = _benchmark_option('precisions')
+    calib_num: int = _benchmark_option('calib_num')
     force: bool = option(False,
                          'reuse a non-empty work dir, overwriting outputs')
+
+
+def _val_files(data_root, folder='leftImg8bit', suffix='.png'):
+    return sorted(
+        glob.glob(osp.join(data_root, folder, 'val', '*', f'*{suffix}')))
 
 
 def check_cityscapes(data_root):
     """Raise DemoError for a folder that mmseg's Cityscapes dataset cannot
     read: no ``leftImg8bit/val`` images or ``gtFine/val`` labels."""
-    images = glob.glob(osp.join(data_root, 'leftImg8bit', 'val', '*', '*.png'))
-    labels = glob.glob(
-        osp.join(data_root, 'gtFine', 'val', '*',
-                 '*_gtFine_labelTrainIds.png'))
-    if not images:
+    if not _val_files(data_root):
         raise DemoError(f'{data_root}: not a Cityscapes folder (no images in '
                         'leftImg8bit/val/*/)')
-    if not labels:
+    if not _val_files(data_root, 'gtFine', '_gtFine_labelTrainIds.png'):
         raise DemoError(
             f'{data_root}: gtFine/val holds no *_labelTrainIds.png; create '
             "them with mmseg's tools/dataset_converters/cityscapes.py")
@@ -291,17 +293,14 @@ def _export_and_evaluate(settings, config, summary, log):
 def _benchmark(settings, config, summary, log):
     out = osp.join(settings.work_dir, 'benchmark.json')
     summary.chart = osp.join(settings.work_dir, 'speed.png')
-    image = sorted(
-        glob.glob(
-            osp.join(summary.data_root, 'leftImg8bit', 'val', '*',
-                     '*.png')))[0]
     options = [
         '--checkpoint', summary.checkpoint, '--size', *settings.bench_size,
         '--rounds', settings.bench_rounds, '--warmup', 1, '--threads',
         settings.threads, '--name',
         short_name(settings.config), '--backends', *settings.backends,
-        '--precisions', *settings.precisions, '--image', image, '--calib-num',
-        settings.calib_num, '--json', out, '--chart', summary.chart
+        '--precisions', *settings.precisions, '--image',
+        _val_files(summary.data_root)[0], '--calib-num', settings.calib_num,
+        '--json', out, '--chart', summary.chart
     ] + ['--fold-psp'] * settings.fold_psp + ['--force'] * settings.force
     _run('tools/benchmark.py', _tool('benchmark.py', config, *options), log)
     with open(out) as f:

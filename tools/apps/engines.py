@@ -91,32 +91,25 @@ def conv_models(seed=0):
     that the engines run as a segmentor (its channels the classes): random
     weights, int8 calibrated on random inputs with its input and output
     quantized as inside a model."""
-    from onnx import TensorProto, helper, numpy_helper
+    import onnx
+    from onnx import numpy_helper
     generator = torch.Generator().manual_seed(seed)
     channels, size = CONV_SHAPE[1], list(CONV_SHAPE[2:])
     weight = torch.randn(
         channels, channels, 3, 3, generator=generator) / (9 * channels)**0.5
-    nodes = [
-        helper.make_node(
-            'Conv', [INPUT, 'weight', 'bias'], ['conv'], pads=[1] * 4),
-        helper.make_node('Relu', ['conv'], [OUTPUTS[0]]),
-        helper.make_node(
-            'ArgMax', [OUTPUTS[0]], [OUTPUTS[1]], axis=1, keepdims=0)
-    ]
-    graph = helper.make_graph(
-        nodes, 'conv3x3',
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, CONV_SHAPE)],
-        [
-            helper.make_tensor_value_info(OUTPUTS[0], TensorProto.FLOAT,
-                                          CONV_SHAPE),
-            helper.make_tensor_value_info(OUTPUTS[1], TensorProto.INT64,
-                                          [1, *size])
-        ], [
-            numpy_helper.from_array(weight.numpy(), 'weight'),
-            numpy_helper.from_array(torch.zeros(channels).numpy(), 'bias')
-        ])
-    fp32 = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid('', OPSET)])
+    shape = ','.join(map(str, CONV_SHAPE))
+    logits, labels = OUTPUTS
+    fp32 = onnx.parser.parse_model(
+        f'<ir_version: {onnx.IR_VERSION}, opset_import: ["": {OPSET}]> '
+        f'conv3x3 (float[{shape}] {INPUT}) => (float[{shape}] {logits}, '
+        f'int64[1,{size[0]},{size[1]}] {labels}) {{ '
+        f'conv = Conv <pads = [1, 1, 1, 1]> ({INPUT}, weight, bias) '
+        f'{logits} = Relu (conv) '
+        f'{labels} = ArgMax <axis = 1, keepdims = 0> ({logits}) }}')
+    fp32.graph.initializer.extend([
+        numpy_helper.from_array(weight.numpy(), 'weight'),
+        numpy_helper.from_array(torch.zeros(channels).numpy(), 'bias')
+    ])
     set_info(
         fp32,
         ExportedModelInfo([str(c) for c in range(channels)], [], size, False))
