@@ -1,14 +1,9 @@
 """Writing the tools' outputs: never half a file, never over an input, and
 over an existing file only when asked, decided at the moment of writing.
 
-Each file is written in full to a hidden temporary file beside its target
-(``.NAME.XXXXXXXXXXXXXXXX.tmp``, NAME shortened if the file
-system needs it), then put in place by a rename, which either
-happens whole or not at all. Files written together are put in place
-together: if one fails, the others are taken back. Ctrl-C and SIGTERM
-leave either every file or none, and no temporary file; after a SIGKILL
-temporary files may stay, and with ``force`` so may hidden
-``.NAME.XXXXXXXXXXXXXXXX.old`` copies of the files being replaced.
+Each file is written to a hidden temporary file beside its target, then put
+in place by a rename; files written together are put in place together or
+not at all (the design page on safety says what stays after a SIGKILL).
 """
 import errno
 import io
@@ -136,14 +131,11 @@ def _signals_held():
             yield received
     finally:
         if received:
-            _deliver(received[0], handlers[received[0]])
-
-
-def _deliver(signum, handler):
-    if callable(handler):
-        handler(signum, None)
-    elif handler == signal.SIG_DFL:
-        signal.raise_signal(signum)
+            signum, handler = received[0], handlers[received[0]]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _hidden_name(path, suffix):

@@ -36,10 +36,7 @@ def match_arch(weights, layout, arch=None):
         with torch.device('meta'):
             expected = RepVGG(candidate, deploy=deploy).state_dict()
         try:
-            check_weights_fit({
-                k: v.shape
-                for k, v in expected.items()
-            }, weights, layout, deploy)
+            check_weights_fit(expected, weights, layout, deploy)
         except CheckpointError:
             if arch:
                 raise
@@ -79,13 +76,8 @@ def convert_pretrained(src, dst, arch=None, force=False):
         arch, deploy = match_arch(weights, layout, arch)
     except CheckpointError as error:
         raise CheckpointError(f'{src}: {error}') from error
-    data = serialize(
-        dict(
-            state_dict={
-                f'backbone.{k}': v
-                for k, v in weights.items()
-            },
-            meta=dict(
-                converted_from=osp.basename(src), arch=arch, deploy=deploy)))
-    write_files({dst: data}, force)
+    state_dict = {f'backbone.{k}': v for k, v in weights.items()}
+    meta = dict(converted_from=osp.basename(src), arch=arch, deploy=deploy)
+    write_files({dst: serialize(dict(state_dict=state_dict, meta=meta))},
+                force)
     return len(weights), arch, deploy

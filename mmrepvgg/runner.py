@@ -7,6 +7,7 @@ mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
 ids for CPU modules, and SyncBN has no CPU implementation.
 """
 import atexit
+import logging
 import os
 import os.path as osp
 
@@ -105,9 +106,7 @@ def adapt_to_cpu_distributed(cfg, launcher):
     if replace_sync_bn(cfg.model):
         print_log(
             'SyncBN has no CPU implementation: using BN, which normalizes '
-            'over the batch of each process',
-            'current',
-            level=30)
+            'over the batch of each process', 'current', logging.WARNING)
     print_log(
         f'distributed on CPU: backend gloo, rank {dist.get_rank()}, '
         f'world size {dist.get_world_size()}', 'current')
@@ -127,12 +126,10 @@ def replace_sync_bn(node):
     Returns:
         bool: Whether anything was replaced.
     """
-    replaced = False
-    for child in config_dicts(node):
-        if child.get('type') == 'SyncBN':
-            child['type'] = 'BN'
-            replaced = True
-    return replaced
+    synced = [c for c in config_dicts(node) if c.get('type') == 'SyncBN']
+    for child in synced:
+        child['type'] = 'BN'
+    return bool(synced)
 
 
 def build_runner(cfg):
@@ -204,17 +201,13 @@ def enable_amp(cfg):
     """Train with automatic mixed precision, as mmseg's ``--amp`` does."""
     optim_wrapper = cfg.optim_wrapper.type
     if optim_wrapper == 'AmpOptimWrapper':
-        print_log(
-            'AMP training is already enabled in your config.',
-            'current',
-            level=30)
+        print_log('AMP training is already enabled in your config.', 'current',
+                  logging.WARNING)
+    elif optim_wrapper != 'OptimWrapper':
+        raise UsageError('--amp is only supported when the optimizer '
+                         f'wrapper type is OptimWrapper, not {optim_wrapper}')
     else:
-        if optim_wrapper != 'OptimWrapper':
-            raise UsageError('--amp is only supported when the optimizer '
-                             f'wrapper type is OptimWrapper, not '
-                             f'{optim_wrapper}')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        cfg.optim_wrapper.update(type='AmpOptimWrapper', loss_scale='dynamic')
 
 
 def add_launch_arguments(parser):

@@ -9,6 +9,7 @@ on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
 """
 import glob
 import os.path as osp
+import re
 
 import cv2
 import numpy as np
@@ -230,13 +231,8 @@ HOSTILE_BLOCKS = ('stage_3.9', 'stage_3.10')
 
 def _block_names(weights):
     """The backbone's blocks in order (``stem``, ``stage_1.0``, ...)."""
-    names = []
-    for key in weights:
-        if key.startswith('backbone.') and '.branch_3x3.' in key:
-            name = key[len('backbone.'):key.index('.branch_3x3.')]
-            if name not in names:
-                names.append(name)
-    return names
+    found = (re.match(r'backbone\.(.+?)\.branch_3x3\.', k) for k in weights)
+    return list(dict.fromkeys(match.group(1) for match in found if match))
 
 
 def _scale_outputs(weights, block, channels, factor):

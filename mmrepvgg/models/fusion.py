@@ -52,17 +52,11 @@ def identity_kernel(channels, groups, kernel_size=3, device=None):
         Tensor: float64 kernel of shape
         ``(channels, channels // groups, k, k)``.
     """
-    per_group = channels // groups
-    kernel = torch.zeros(
-        channels,
-        per_group,
-        kernel_size,
-        kernel_size,
-        dtype=torch.float64,
-        device=device)
+    shape = (channels, channels // groups, kernel_size, kernel_size)
+    kernel = torch.zeros(shape, dtype=torch.float64, device=device)
     center = kernel_size // 2
     index = torch.arange(channels, device=device)
-    kernel[index, index % per_group, center, center] = 1
+    kernel[index, index % shape[1], center, center] = 1
     return kernel
 
 

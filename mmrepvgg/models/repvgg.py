@@ -311,6 +311,6 @@ class RepVGG(BaseModule):
             for k, v in state_dict.items() if k.startswith(prefix)
         }
         if provided:
-            expected = {k: v.shape for k, v in self.state_dict().items()}
-            check_weights_fit(expected, provided, layout, self.deploy, prefix)
+            check_weights_fit(self.state_dict(), provided, layout, self.deploy,
+                              prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,17 +1,10 @@
 """Key layouts of published RepVGG weights, and the one this package uses.
 
-Ours is the OpenMMLab model-zoo layout of mmcls 0.x and mmpretrain 1.x
-(``stem.branch_3x3.conv.weight``, ``stage_1.0.branch_3x3.norm.running_var``,
-``stage_1.1.branch_norm.weight``, ``stage_4.0.se_layer.conv1.conv.weight``,
-``branch_reparam`` in deploy form), so weights move between mmpretrain's
-classifier and our backbone unchanged. Two other layouts are read:
-
-- the official release (DingXiaoH/RepVGG): ``stage0.rbr_dense.conv.weight``,
-  ``stage1.0.rbr_dense.bn.running_var``, ``rbr_1x1``, ``rbr_identity``,
-  ``rbr_reparam``, ``se.down``/``se.up`` and a ``linear`` classifier,
-  sometimes under ``module.``;
-- mmrepvgg 0.1, whose blocks named their norms after mmcv's ConvModule
-  (``branch_3x3.bn.weight``).
+Ours is the OpenMMLab model zoo's (mmcls 0.x, mmpretrain 1.x), so weights
+move between mmpretrain's classifier and our backbone unchanged. Also read:
+the official release (DingXiaoH/RepVGG: ``stage0.rbr_dense.conv.weight``,
+``rbr_1x1``, ``rbr_identity``, ``se.down``, a ``linear`` classifier,
+sometimes under ``module.``) and mmrepvgg 0.1 (``branch_3x3.bn.weight``).
 """
 import enum
 import re
@@ -118,7 +111,7 @@ def check_weights_fit(expected, provided, layout, deploy, prefix=''):
     """Raise unless ``provided`` holds exactly the tensors of a backbone.
 
     Args:
-        expected (dict[str, torch.Size]): The backbone's state dict shapes.
+        expected (dict[str, Tensor]): The backbone's state dict.
         provided (dict[str, Tensor]): Weights in our layout, without prefix.
         layout (Layout): The layout they came in, for the message.
         deploy (bool): The backbone's form.
@@ -138,9 +131,9 @@ def check_weights_fit(expected, provided, layout, deploy, prefix=''):
     ]
     unexpected = [k for k in provided if k not in expected]
     reshaped = [
-        f'{k} {tuple(provided[k].shape)} for {tuple(expected[k])}'
-        for k in expected if k in provided
-        and tuple(getattr(provided[k], 'shape', ())) != tuple(expected[k])
+        f'{k} {tuple(provided[k].shape)} for {tuple(expected[k].shape)}'
+        for k in expected
+        if k in provided and provided[k].shape != expected[k].shape
     ]
     problems = [
         f'{name} {first_keys(prefix + k for k in keys)}'
