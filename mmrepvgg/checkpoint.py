@@ -45,11 +45,10 @@ def _dtype(spec, align=False, copy=False):
     # are returned: numpy ignores a pickled state on those, so a file cannot
     # turn one into a dtype that holds objects.
     try:
-        dtype = np.dtype(spec)
+        return _numeric(np.dtype(spec))
     except TypeError:
         raise pickle.UnpicklingError(
             f'refused numpy dtype {spec!r} in a checkpoint') from None
-    return _numeric(dtype)
 
 
 class _LoadedArray(np.ndarray):

@@ -76,23 +76,21 @@ def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
         if setting.name in exclude:
             continue
         meta = dict(setting.metadata)
+        meta.pop('flag', None)
         dest = _dest(prefix, setting.name)
         if _required(setting):
             group.add_argument(dest, **meta)
             continue
         default = _default(setting)
-        flag = _flag(setting, prefix)
-        meta.pop('flag', None)
         help_text = meta.get('help', '')
         if '(default' not in help_text:
             meta['help'] = f'{help_text} (default: {_shown(default)})'
         if hints[setting.name] is bool:
-            group.add_argument(
-                flag, dest=dest, action='store_true', default=default, **meta)
-            continue
-        kind, nargs = _option_type(hints[setting.name])
+            meta['action'] = 'store_true'
+        else:
+            meta['type'], meta['nargs'] = _option_type(hints[setting.name])
         group.add_argument(
-            flag, dest=dest, type=kind, nargs=nargs, default=default, **meta)
+            _flag(setting, prefix), dest=dest, default=default, **meta)
     return group
 
 

@@ -1,15 +1,11 @@
-"""Building mmengine Runners for training and testing, on GPUs and CPUs.
-
-The distributed engine is mmengine over torch.distributed; this module only
-prepares configs the way mmseg's own ``tools/train.py`` and ``tools/test.py``
-do, and closes the gaps that keep a CPU-only machine from launching them:
-mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
-ids for CPU modules, and SyncBN has no CPU implementation.
+"""Building mmengine Runners for training and testing as mmseg's own tools
+do, on GPUs, and on CPUs too (:func:`adapt_to_cpu_distributed`).
 """
 import atexit
 import logging
 import os
 import os.path as osp
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -138,17 +134,13 @@ def build_runner(cfg):
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(
         cfg)
     if get_rank() != 0:
-        _write_no_test_metrics(runner)
+        # mmengine's LoggerHook writes the test metrics (``{timestamp}.json``)
+        # in every process, to the same file: two processes writing it at
+        # once can leave it corrupt.
+        for hook in runner.hooks:
+            if isinstance(hook, LoggerHook):
+                hook.after_test_epoch = lambda runner, metrics=None: None
     return runner
-
-
-def _write_no_test_metrics(runner):
-    # mmengine's LoggerHook writes the test metrics (``{timestamp}.json``)
-    # in every process, to the same file: two processes writing it at once
-    # can leave it corrupt. Rank 0 writes it, and logs them.
-    for hook in runner.hooks:
-        if isinstance(hook, LoggerHook):
-            hook.after_test_epoch = lambda runner, metrics=None: None
 
 
 def use_checkpoint_or_engine(cfg, checkpoint, engine=None):
@@ -172,11 +164,7 @@ def use_checkpoint_or_engine(cfg, checkpoint, engine=None):
         engine = (engine or EngineSettings()).check()
         SegmentationEngine(checkpoint, engine)
         cfg.model = dict(
-            type='EngineSegmentor',
-            model=checkpoint,
-            backend=engine.backend,
-            precision=engine.precision,
-            threads=engine.threads)
+            type='EngineSegmentor', model=checkpoint, **asdict(engine))
         cfg.load_from = None
     else:
         load_checkpoint(checkpoint)

@@ -1,11 +1,7 @@
-"""Toy data for tests and demos: a small Cityscapes-layout dataset that a
-segmentor can learn quickly, and configs that train on it offline.
-
-Scenes are drawn from a few Cityscapes classes, each with its own colour
-and shape (sky above, buildings, road below, round trees, box-like cars and
-upright people), with noise on top, so a model learns them within minutes
-on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
-``CityscapesDataset`` reads them unchanged.
+"""Toy data for tests and demos: a small Cityscapes-layout dataset of a few
+classes, each with its own colour and shape, that a segmentor learns within
+minutes on a CPU (mmseg's ``CityscapesDataset`` reads it unchanged), and
+configs that train on it offline.
 """
 import glob
 import os.path as osp
@@ -236,8 +232,7 @@ def _block_names(weights):
 
 
 def _scale_outputs(weights, block, channels, factor):
-    """Scale the block's ReLU output in ``channels`` by ``factor``: every
-    branch's BN weight and bias (the identity BN's too)."""
+    """Scale the block's output in ``channels`` by ``factor``."""
     for norm in ('branch_3x3.norm', 'branch_1x1.norm', 'branch_norm'):
         for name in ('weight', 'bias'):
             key = f'backbone.{block}.{norm}.{name}'
@@ -247,8 +242,7 @@ def _scale_outputs(weights, block, channels, factor):
 
 def _scale_inputs(weights, block, channels, factor, eps):
     """Make the block compute what it did on inputs whose ``channels`` are
-    ``factor`` times larger: its convs' weights on them divided, its
-    identity BN's statistics multiplied."""
+    ``factor`` times larger."""
     for conv in ('branch_3x3', 'branch_1x1'):
         weights[f'backbone.{block}.{conv}.conv.weight'][:, channels] /= factor
     prefix = f'backbone.{block}.branch_norm.'

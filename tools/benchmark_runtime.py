@@ -25,6 +25,7 @@ from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import read_config
 from mmrepvgg.errors import UsageError
+from mmrepvgg.runner import check_work_dir
 
 # A fresh process to the first label map, each way.
 RUNTIME_FIRST = '''
@@ -134,8 +135,7 @@ def _check(args):
         raise UsageError('images must be at least 2 and the size at least '
                          f'64 64, got {args.images} and {args.size[0]} '
                          f'{args.size[1]}')
-    if osp.exists(args.work_dir) and not osp.isdir(args.work_dir):
-        raise UsageError(f'{args.work_dir}: is not a folder')
+    check_work_dir(args.work_dir)
     read_config(args.config)
     load_checkpoint(args.checkpoint)
     try:

@@ -9,6 +9,8 @@ weight magnitude in the second conv) gives both the range
 along the chain until the scales settle. The int8 page of the docs says why
 and how well.
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -79,17 +81,13 @@ def activation_ranges(pairs, run):
     """
     ranges = [None] * len(pairs)
 
-    def observer(index):
-
-        def observe(conv, inputs, output):
-            seen = output.detach().clamp(min=0).amax(dim=(0, 2, 3)).double()
-            ranges[index] = seen if ranges[index] is None else torch.maximum(
-                ranges[index], seen)
-
-        return observe
+    def observe(index, conv, inputs, output):
+        seen = output.detach().clamp(min=0).amax(dim=(0, 2, 3)).double()
+        ranges[index] = seen if ranges[index] is None else torch.maximum(
+            ranges[index], seen)
 
     hooks = [
-        first.register_forward_hook(observer(index))
+        first.register_forward_hook(functools.partial(observe, index))
         for index, (first, _) in enumerate(pairs)
     ]
     try:

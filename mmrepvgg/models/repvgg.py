@@ -2,11 +2,6 @@
 
 Paper: https://arxiv.org/abs/2101.03697
 Official code: https://github.com/DingXiaoH/RepVGG
-
-The backbone stacks re-parameterizable blocks (:mod:`.blocks`: RepVGG's by
-default, QARepVGG's with ``block_cfg=dict(type='QARepVGGBlock')``).
-``switch_to_deploy`` folds each into one 3x3 conv with bias, so the
-deployed network is a plain stack of 3x3 convs and ReLUs.
 """
 from collections.abc import Sequence
 
