@@ -83,7 +83,7 @@ def write_files(contents, force=False):
                     name = signal.Signals(received[0]).name
                     raise UsageError(f'interrupted by {name}; nothing '
                                      'written')
-            (_replace if force else _create)(temporary)
+            _place(temporary, force)
         except FileExistsError as error:
             raise UsageError(f'{error.filename2 or error.filename}: already '
                              'exists; pass --force to overwrite it') from error
@@ -185,29 +185,17 @@ def _write_temporary(path, data, temporary):
         raise
 
 
-def _create(temporary):
-    # A hard link to a new name fails if the name exists at that moment:
-    # the check and the write are one step.
-    placed = []
-    try:
-        for path, source in temporary.items():
-            os.link(source, path)
-            placed.append(path)
-    except BaseException:
-        for path in placed:
-            os.remove(path)
-        raise
-
-
-def _replace(temporary):
-    # The files replaced stay under hidden names until every new file is in
-    # place, so that a failure can put them back.
+def _place(temporary, force):
+    # Without force, a hard link to a new name fails if the name exists at
+    # that moment: the check and the write are one step. With it, the files
+    # replaced stay under hidden names until every new file is in place, so
+    # that a failure can put them back.
     kept, placed = {}, []
     try:
         for path, source in temporary.items():
-            if osp.lexists(path):
+            if force and osp.lexists(path):
                 kept[path] = _keep(path)
-            os.replace(source, path)
+            (os.replace if force else os.link)(source, path)
             placed.append(path)
     except BaseException:
         for path in placed:
