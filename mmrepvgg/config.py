@@ -1,8 +1,7 @@
 """Reading configs and building their models, offline.
 
-Configs are Python: reading one runs its code. Only read configs you trust,
-as you would only run scripts you trust (checkpoints, by contrast, are read
-as data and never run code).
+Configs are Python: reading one runs its code, so read only configs you
+trust (checkpoints, by contrast, are read as data).
 """
 import copy
 import importlib.util

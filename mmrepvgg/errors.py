@@ -1,8 +1,6 @@
-"""The errors mmrepvgg raises for what a user gave it.
-
-Every command-line tool catches :class:`MMRepVGGError` and prints it as one
-line (with ``--debug`` or ``MMREPVGG_DEBUG=1``, the traceback of what caused
-it too); anything else is a bug and keeps its traceback.
+"""The errors mmrepvgg raises for what a user gave it: the command-line
+tools print one as a single line (:func:`mmrepvgg.cli.run_cli`); anything
+else is a bug and keeps its traceback.
 """
 
 __all__ = [

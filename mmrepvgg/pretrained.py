@@ -50,12 +50,10 @@ def match_arch(weights, layout, arch=None):
 def convert_pretrained(src, dst, arch=None, force=False):
     """Write RepVGG ImageNet weights of any known layout in ours.
 
-    Reads the official release layout (training or deploy form, with or
-    without a ``module.`` prefix), the OpenMMLab model-zoo layout or an
-    mmrepvgg 0.1 file, checks that every tensor of one arch is there and
-    nothing else, and writes an mmengine checkpoint whose keys read
-    ``backbone.stem...``, loadable with ``init_cfg=dict(type='Pretrained',
-    checkpoint=dst, prefix='backbone.')``. The classifier head is dropped.
+    Checks that the weights (training or deploy form) hold every tensor of
+    one arch and nothing else, and writes an mmengine checkpoint whose keys
+    read ``backbone.stem...`` (no classifier head), loadable with
+    ``init_cfg=dict(type='Pretrained', checkpoint=dst, prefix='backbone.')``.
 
     Args:
         src (str): Input weights.

@@ -93,8 +93,8 @@ def _frames(folder, count, size):
 
 
 def _deploy_and_export(config, checkpoint, work_dir):
-    from mmrepvgg.deploy import ExportJob, export_onnx, reparameterize
-    from mmrepvgg.deploy.pair import deploy_config_path
+    from mmrepvgg.deploy import (ExportJob, deploy_config_path, export_onnx,
+                                 reparameterize)
     deploy = osp.join(work_dir, 'deploy.pth')
     model = osp.join(work_dir, 'model.onnx')
     if not osp.exists(deploy):

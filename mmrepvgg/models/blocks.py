@@ -146,22 +146,15 @@ class RepVGGBlock(BaseModule):
             out = out + self.branch_norm(x)
         return out
 
+    def _before_activation(self, x):
+        out = self.branch_reparam(x) if self.deploy else self._sum_branches(x)
+        return out if self.se_layer is None else self.se_layer(out)
+
     def forward(self, x):
-
-        def _inner_forward(x):
-            if self.deploy:
-                out = self.branch_reparam(x)
-            else:
-                out = self._sum_branches(x)
-            if self.se_layer is not None:
-                out = self.se_layer(out)
-            return out
-
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.act(out)
+            return self.act(
+                cp.checkpoint(self._before_activation, x, use_reentrant=False))
+        return self.act(self._before_activation(x))
 
     def _identity_kernel(self, device):
         return identity_kernel(
