@@ -30,25 +30,21 @@ _MULTIARRAY_MODULES = ('numpy.core.multiarray', 'numpy._core.multiarray')
 _NUMERIC_KINDS = 'biufc'
 
 
-def _numeric(dtype):
-    """``dtype`` if it is one of numpy's shared dtypes of numbers."""
-    if not (isinstance(dtype, np.dtype) and dtype.isbuiltin == 1
+def _numeric(spec, align=False, copy=False):
+    # numpy.dtype as pickles call it, and the check of the dtype that an
+    # array or a scalar is built with: only numpy's shared dtypes of numbers
+    # pass. numpy ignores a pickled state on those, so a file cannot turn
+    # one into a dtype that holds objects.
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        dtype = None
+    if not (dtype is not None and dtype.isbuiltin == 1
             and dtype.kind in _NUMERIC_KINDS):
         raise pickle.UnpicklingError(
-            f'refused numpy data of dtype {dtype!r} in a checkpoint: only '
+            f'refused numpy data of dtype {spec!r} in a checkpoint: only '
             'numbers are loaded')
     return dtype
-
-
-def _dtype(spec, align=False, copy=False):
-    # numpy.dtype as pickles call it. Only numpy's shared dtypes of numbers
-    # are returned: numpy ignores a pickled state on those, so a file cannot
-    # turn one into a dtype that holds objects.
-    try:
-        return _numeric(np.dtype(spec))
-    except TypeError:
-        raise pickle.UnpicklingError(
-            f'refused numpy dtype {spec!r} in a checkpoint') from None
 
 
 class _LoadedArray(np.ndarray):
@@ -117,7 +113,7 @@ _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
 # name resolves to a checked stand-in.
 MMENGINE_CHECKPOINT_GLOBALS = [
     HistoryBuffer, (_LoadedArray, 'numpy.ndarray'),
-    (_history_buffer_method, 'builtins.getattr'), (_dtype, 'numpy.dtype'),
+    (_history_buffer_method, 'builtins.getattr'), (_numeric, 'numpy.dtype'),
     *[(_reconstruct, f'{m}._reconstruct') for m in _MULTIARRAY_MODULES],
     *[(_scalar, f'{m}.scalar')
       for m in _MULTIARRAY_MODULES], *_numeric_dtype_classes()
