@@ -78,10 +78,10 @@ def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
         meta = dict(setting.metadata)
         meta.pop('flag', None)
         dest = _dest(prefix, setting.name)
-        if _required(setting):
+        default = _default(setting)
+        if default is dataclasses.MISSING:
             group.add_argument(dest, **meta)
             continue
-        default = _default(setting)
         help_text = meta.get('help', '')
         if '(default' not in help_text:
             meta['help'] = f'{help_text} (default: {_shown(default)})'
@@ -94,13 +94,9 @@ def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
     return group
 
 
-def _required(setting):
-    return (setting.default is dataclasses.MISSING
-            and setting.default_factory is dataclasses.MISSING)
-
-
 def _default(setting):
-    if setting.default is dataclasses.MISSING:
+    """The field's default; ``MISSING`` for a field without one."""
+    if setting.default_factory is not dataclasses.MISSING:
         return setting.default_factory()
     return setting.default
 
@@ -135,7 +131,7 @@ def given_options(args, settings_cls, prefix=''):
     given = settings_from(args, settings_cls, prefix)
     return [
         _flag(setting, prefix) for setting in dataclasses.fields(settings_cls)
-        if not _required(setting)
+        if _default(setting) is not dataclasses.MISSING
         and getattr(given, setting.name) != _default(setting)
     ]
 
@@ -146,11 +142,9 @@ def run_cli(main, build_parser, intermixed=False):
     line on stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any
     moment.
 
-    Interrupts unwind the stack, so that no temporary file stays; one that
-    a library turned into another exception on its way up is still
-    reported as the interrupt. With ``--debug`` (or ``MMREPVGG_DEBUG=1``)
-    an error's traceback, with the third-party error that caused it, is
-    printed above its line.
+    Interrupts unwind the stack, and are reported as such even when a
+    library turned them into another exception. With ``--debug`` (or
+    ``MMREPVGG_DEBUG=1``) an error's traceback is printed above its line.
 
     Args:
         main (callable): The tool's entry point, given the parsed

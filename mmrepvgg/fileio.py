@@ -58,10 +58,7 @@ def write_files(contents, force=False):
     """Write several files all or nothing.
 
     Ctrl-C and SIGTERM are held back while the files are written and put in
-    place (in the main thread): one that arrives while the temporary files
-    are written takes them back, and one that arrives while they are put in
-    place waits until every file is there. Either way it is then delivered
-    as usual.
+    place (in the main thread), then delivered as usual.
 
     Args:
         contents (dict[str, bytes]): What to write where.

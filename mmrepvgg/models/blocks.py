@@ -23,9 +23,6 @@ __all__ = ['SELayer', 'RepVGGBlock', 'QARepVGGBlock']
 class SELayer(BaseModule):
     """Squeeze-and-excitation as in RepVGG-D2se.
 
-    Global average pooling, a 1x1 conv that reduces the channels by
-    ``ratio``, ReLU, a 1x1 conv back, and a sigmoid gate.
-
     Args:
         channels (int): Input and output channels.
         ratio (int): Channel reduction ratio. Defaults to 16.

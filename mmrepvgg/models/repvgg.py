@@ -57,13 +57,10 @@ class RepVGG(BaseModule):
             Defaults to False.
         deploy (bool): Build the fused plain-conv form. Defaults to False.
         block_cfg (dict): The block: ``type`` names a registered block
-            (``'RepVGGBlock'``, ``'QARepVGGBlock'`` or a user's, with
-            ``switch_to_deploy()``), other keys are its arguments. Keys it
-            shares with the backbone's ``conv_cfg``, ``norm_cfg``,
-            ``act_cfg``, ``with_cp`` (and the arch's ``se_cfg``) are the
-            block's: they win. The channels, stride, dilation, groups and
-            form of each block are the backbone's to set; giving them here
-            is an error. Defaults to ``dict(type='RepVGGBlock')``.
+            (``'RepVGGBlock'``, ``'QARepVGGBlock'`` or a user's), other keys
+            are its arguments, which win over the backbone's (the block
+            contract in the docs says which the backbone alone sets).
+            Defaults to ``dict(type='RepVGGBlock')``.
         conv_cfg (dict, optional): Conv layer config. Defaults to None.
         norm_cfg (dict): Norm layer config. Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation config of every block. Defaults to
@@ -178,9 +175,7 @@ class RepVGG(BaseModule):
                                  f'(4), got {getattr(self, name)}')
 
     def _block_cfg(self, block_cfg, defaults):
-        """``block_cfg`` over the backbone's settings: a key the block names
-        is the block's. The shape of each block and its form are the
-        backbone's to set."""
+        """``block_cfg`` over the backbone's settings (``defaults``)."""
         placed = set(block_cfg) & set(_PLACED_BY_BACKBONE)
         if placed:
             raise ValueError(
@@ -190,8 +185,6 @@ class RepVGG(BaseModule):
         return dict(defaults, **block_cfg, deploy=self.deploy)
 
     def _block(self, in_channels, out_channels, **kwargs):
-        # Blocks are registry entries: block_cfg picks RepVGG's, QARepVGG's
-        # or any block with their arguments and switch_to_deploy().
         return MODELS.build(
             dict(
                 self.block_cfg,
@@ -258,10 +251,7 @@ class RepVGG(BaseModule):
 
     def _freeze_stages(self):
         for name in (['stem'] + self.stage_names)[:self.frozen_stages + 1]:
-            module = getattr(self, name)
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+            getattr(self, name).eval().requires_grad_(False)
 
     def train(self, mode=True):
         """Set the mode, keeping frozen stages and, with ``norm_eval``,
