@@ -221,13 +221,10 @@ class RepVGG(BaseModule):
             return self.arch_settings[arch]
         if not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch)}')
-        missing = {'num_blocks', 'width_factor'} - set(arch)
-        if missing:
-            raise ValueError(f'arch dict lacks {sorted(missing)}')
         for key in ('num_blocks', 'width_factor'):
-            if len(arch[key]) != 4:
+            if len(arch.get(key, ())) != 4:
                 raise ValueError(f'arch["{key}"] needs 4 values, '
-                                 f'got {arch[key]}')
+                                 f'got {arch.get(key)}')
         return arch
 
     @staticmethod

@@ -51,8 +51,7 @@ _CLASSIFIER_HEADS = ('linear.', 'head.')
 
 def _unwrap(key):
     for wrapper in _WRAPPERS:
-        if key.startswith(wrapper):
-            key = key[len(wrapper):]
+        key = key.removeprefix(wrapper)
     return key
 
 
