@@ -216,8 +216,7 @@ class QARepVGGBlock(RepVGGBlock):
         return self.norm(out)
 
     def equivalent_kernel_bias(self):
-        """The 3x3 kernel and bias, in float64, of the branches' normalized
-        sum."""
+        """The 3x3 kernel and bias, in float64, of the normalized sum."""
         kernel, bias = fuse_conv_bn(self.branch_3x3.conv.weight,
                                     self.branch_3x3.norm)
         add_centered(kernel, self.branch_1x1.conv.weight.double())
