@@ -183,7 +183,7 @@ def read_checkpoint(file, name):
         checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f'{name}: {_refusal(error)}') from error
-    except (Exception, MemoryError, RecursionError) as error:
+    except Exception as error:
         # Bytes that are no checkpoint can fail the unpickler in any way.
         raise CheckpointError(
             f'{name}: not a readable checkpoint, truncated or corrupt '

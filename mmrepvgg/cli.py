@@ -125,9 +125,8 @@ def settings_from(args, settings_cls, prefix='', **overrides):
 
 
 def given_options(args, settings_cls, prefix=''):
-    """The options of :func:`add_settings` that ``args`` gives other
-    values than their defaults, as the user wrote them (``--int8-scheme``).
-    """
+    """The flags (``--int8-scheme``) of the :func:`add_settings` options
+    that ``args`` gives other values than their defaults."""
     given = settings_from(args, settings_cls, prefix)
     return [
         _flag(setting, prefix) for setting in dataclasses.fields(settings_cls)

@@ -37,11 +37,10 @@ def match_arch(weights, layout, arch=None):
             expected = RepVGG(candidate, deploy=deploy).state_dict()
         try:
             check_weights_fit(expected, weights, layout, deploy)
+            return candidate, deploy
         except CheckpointError:
             if arch:
                 raise
-            continue
-        return candidate, deploy
     raise CheckpointError(
         f'RepVGG weights ({layout.value} layout) fit none of the archs '
         f'{", ".join(RepVGG.arch_settings)}; pass --arch to see what differs')

@@ -26,8 +26,8 @@ class Layout(enum.Enum):
 
 
 _OFFICIAL_STAGE = re.compile(r'^stage(\d+)\.')
-_OFFICIAL_MODULE = re.compile(r'\.(rbr_dense|rbr_1x1|rbr_identity|rbr_reparam'
-                              r'|se\.down|se\.up)\.')
+_OFFICIAL = re.compile(r'^stage\d+\.|\.(rbr_dense|rbr_1x1|rbr_identity|'
+                       r'rbr_reparam|se\.down|se\.up)\.')
 _MMREPVGG_0_1_NORM = re.compile(r'\.branch_(3x3|1x1)\.bn\.')
 # Sub-module names of other layouts and ours, as whole dotted segments.
 _RENAMES = (
@@ -58,9 +58,7 @@ def _unwrap(key):
 def detect_layout(keys):
     """The :class:`Layout` of backbone keys (with or without wrappers)."""
     keys = [_unwrap(k) for k in keys]
-    if any(
-            _OFFICIAL_STAGE.match(k) or _OFFICIAL_MODULE.search(k)
-            for k in keys):
+    if any(_OFFICIAL.search(k) for k in keys):
         return Layout.OFFICIAL
     if any(_MMREPVGG_0_1_NORM.search(k) for k in keys):
         return Layout.MMREPVGG_0_1
