@@ -107,12 +107,9 @@ def config_dicts(node):
         node = stack.pop()
         if isinstance(node, dict):
             yield node
-            children = list(node.values())
+            stack.extend(reversed(list(node.values())))
         elif isinstance(node, (list, tuple)):
-            children = list(node)
-        else:
-            continue
-        stack.extend(reversed(children))
+            stack.extend(reversed(node))
 
 
 def is_repvgg_node(node):

@@ -116,8 +116,7 @@ def majority_class_miou(data_root, split='val'):
         labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         counts += np.bincount(labels.ravel(), minlength=counts.size)
     counts = counts[:IGNORE_INDEX]
-    present = np.count_nonzero(counts)
-    return 100 * counts.max() / counts.sum() / present
+    return 100 * counts.max() / counts.sum() / np.count_nonzero(counts)
 
 
 _TOY_CONFIG = '''\
