@@ -38,9 +38,8 @@ def first_keys(keys, count=3):
     """The first ``count`` of ``keys``, and how many more there are, for a
     one-line message."""
     keys = list(keys)
-    shown = ', '.join(map(str, keys[:count]))
-    return shown + (f' (+{len(keys) - count} more)'
-                    if len(keys) > count else '')
+    more = f' (+{len(keys) - count} more)' if len(keys) > count else ''
+    return ', '.join(map(str, keys[:count])) + more
 
 
 def first_line(error):

@@ -2,12 +2,12 @@
 it, side by side in one process.
 
 Each round times, on a training-form checkpoint of CONFIG's model written to
-a temporary directory: reading it with
-:func:`mmrepvgg.checkpoint.load_checkpoint` and writing it back; loading it
-for use as mmseg's ``init_model`` does
+a temporary directory: ``file``, reading it with
+:func:`mmrepvgg.checkpoint.load_checkpoint` and writing it back; ``model``,
+loading it for use as mmseg's ``init_model`` does
 (:func:`mmrepvgg.deploy.loading.load_model`) and writing its weights; and
-:func:`mmrepvgg.deploy.pair.reparameterize`. The medians and, per baseline,
-the median of the per-round ratios are printed.
+``reparameterize`` (:func:`mmrepvgg.deploy.pair.reparameterize`). The
+medians and, per baseline, the median of the per-round ratios are printed.
 """
 import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os.path as osp
