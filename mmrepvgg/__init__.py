@@ -1,12 +1,9 @@
 """RepVGG for the OpenMMLab toolboxes.
 
-With the OpenMMLab stack installed (torch, mmcv, mmengine, mmseg),
-importing the package registers :class:`RepVGG` and its blocks in mmseg's
-and mmdet's model registries and lets mmengine checkpoints load under
-torch's safe unpickler. The road to deployment (:mod:`mmrepvgg.deploy`)
-is imported on first use. Without the stack (``pip install
-"mmrepvgg[runtime]"``) only :mod:`mmrepvgg.runtime`, :mod:`mmrepvgg.errors`
-and the version are there.
+With torch, mmcv, mmengine and mmseg installed, importing it registers
+:class:`RepVGG` and its blocks in mmseg's and mmdet's model registries and
+lets mmengine checkpoints load under torch's safe unpickler; without them
+only :mod:`mmrepvgg.runtime` and :mod:`mmrepvgg.errors` are there.
 """
 import importlib
 import importlib.util

@@ -1,13 +1,8 @@
 """Reading checkpoints as data, never as code.
 
-Checkpoints are always read with torch's weights-only unpickler: a file that
-stores code is refused, and its code never runs.
-
-torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10
-does not say otherwise, so every checkpoint its Runner saved is refused
-because the message hub state pickles a few mmengine and numpy classes.
-Allow-listing exactly those classes keeps the safe unpickler and makes
-``tools/test.py``, ``init_model`` and ``--resume`` work again.
+Checkpoints are read with torch's weights-only unpickler; importing
+mmrepvgg allow-lists what mmengine's Runner writes besides tensors
+(:func:`allow_mmengine_checkpoints`), so that its checkpoints load too.
 """
 import hashlib
 import io
@@ -35,35 +30,32 @@ _MULTIARRAY_MODULES = ('numpy.core.multiarray', 'numpy._core.multiarray')
 _NUMERIC_KINDS = 'biufc'
 
 
-def _numeric(dtype):
-    """``dtype`` if it is one of numpy's shared dtypes of numbers."""
-    if not (isinstance(dtype, np.dtype) and dtype.isbuiltin == 1
+def _numeric(spec, align=False, copy=False):
+    # numpy.dtype as pickles call it, and the check of the dtype that an
+    # array or a scalar is built with: only numpy's shared dtypes of numbers
+    # pass. numpy ignores a pickled state on those, so a file cannot turn
+    # one into a dtype that holds objects.
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        dtype = None
+    if not (dtype is not None and dtype.isbuiltin == 1
             and dtype.kind in _NUMERIC_KINDS):
         raise pickle.UnpicklingError(
-            f'refused numpy data of dtype {dtype!r} in a checkpoint: only '
+            f'refused numpy data of dtype {spec!r} in a checkpoint: only '
             'numbers are loaded')
     return dtype
 
 
-def _dtype(spec, align=False, copy=False):
-    # numpy.dtype as pickles call it. Only numpy's shared dtypes of numbers
-    # are returned: numpy ignores a pickled state on those, so a file cannot
-    # turn one into a dtype that holds objects.
-    try:
-        dtype = np.dtype(spec)
-    except TypeError:
-        raise pickle.UnpicklingError(
-            f'refused numpy dtype {spec!r} in a checkpoint') from None
-    return _numeric(dtype)
-
-
 class _LoadedArray(np.ndarray):
     """The only numpy array a checkpoint can build: numbers, as many as
-    its bytes hold. It pickles as a plain ``numpy.ndarray`` again."""
+    its bytes hold. It pickles as a plain ``numpy.ndarray`` again, and
+    ``numpy.ndarray`` resolves to it: array pickles name it only as the
+    first argument of ``_reconstruct``, never to call it."""
 
     def __new__(cls, *args, **kwargs):
-        # Reachable from a file by name; ndarray's own constructor would
-        # build an array over raw bytes of any dtype.
+        # ndarray's own constructor would build an array over raw bytes of
+        # any dtype.
         raise pickle.UnpicklingError(
             'refused a direct numpy array construction in a checkpoint')
 
@@ -81,17 +73,10 @@ class _LoadedArray(np.ndarray):
         return repr(self.view(np.ndarray))
 
 
-def _ndarray_name(*args, **kwargs):
-    # What ``numpy.ndarray`` resolves to: array pickles name it only as the
-    # first argument of ``_reconstruct``, never to call it.
-    raise pickle.UnpicklingError(
-        'refused a direct numpy array construction in a checkpoint')
-
-
 def _reconstruct(subtype, shape, dtype):
     # An empty array; the pickle's next step sets its shape, dtype and
     # bytes, which numpy checks against each other.
-    if subtype is not _ndarray_name:
+    if subtype is not _LoadedArray:
         raise pickle.UnpicklingError(
             'refused a numpy array of another type in a checkpoint')
     return np.ndarray.__new__(_LoadedArray, (0, ), np.uint8)
@@ -102,23 +87,13 @@ def _scalar(dtype, data):
 
 
 def _numeric_dtype_classes():
-    # numpy >= 1.25 gives every dtype a class; dtypes of numbers are built
-    # by the pickle's state step, which needs their classes allowed.
-    # Calling one returns numpy's shared dtype.
-    dtypes = getattr(np, 'dtypes', None)
-    classes = [getattr(dtypes, n) for n in dir(dtypes)] if dtypes else []
-    return list({
-        c: (c, f'numpy.dtypes.{c.__name__}')
-        for c in classes if isinstance(c, type) and issubclass(c, np.dtype)
-        and c is not np.dtype and _is_numeric_class(c)
-    }.values())
-
-
-def _is_numeric_class(cls):
-    try:
-        return cls().kind in _NUMERIC_KINDS
-    except TypeError:  # parametric dtypes (strings, structs) need arguments
-        return False
+    # numpy >= 1.25 gives every dtype a class, which the pickle's state step
+    # of a dtype of numbers needs allowed.
+    if not hasattr(np, 'dtypes'):
+        return []
+    dtypes = map(np.dtype, np.typecodes['All'])
+    classes = {type(d) for d in dtypes if d.kind in _NUMERIC_KINDS}
+    return [(c, f'numpy.dtypes.{c.__name__}') for c in classes]
 
 
 def _history_buffer_method(owner, name):
@@ -137,8 +112,8 @@ _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
 # HistoryBuffers, holding numpy arrays and scalars of numbers. Each numpy
 # name resolves to a checked stand-in.
 MMENGINE_CHECKPOINT_GLOBALS = [
-    HistoryBuffer, _LoadedArray, (_history_buffer_method, 'builtins.getattr'),
-    (_dtype, 'numpy.dtype'), (_ndarray_name, 'numpy.ndarray'),
+    HistoryBuffer, (_LoadedArray, 'numpy.ndarray'),
+    (_history_buffer_method, 'builtins.getattr'), (_numeric, 'numpy.dtype'),
     *[(_reconstruct, f'{m}._reconstruct') for m in _MULTIARRAY_MODULES],
     *[(_scalar, f'{m}.scalar')
       for m in _MULTIARRAY_MODULES], *_numeric_dtype_classes()
@@ -208,7 +183,7 @@ def read_checkpoint(file, name):
         checkpoint = torch.load(file, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f'{name}: {_refusal(error)}') from error
-    except (Exception, MemoryError, RecursionError) as error:
+    except Exception as error:
         # Bytes that are no checkpoint can fail the unpickler in any way.
         raise CheckpointError(
             f'{name}: not a readable checkpoint, truncated or corrupt '

@@ -76,33 +76,27 @@ def add_settings(parser, settings_cls, title=None, prefix='', exclude=()):
         if setting.name in exclude:
             continue
         meta = dict(setting.metadata)
+        meta.pop('flag', None)
         dest = _dest(prefix, setting.name)
-        if _required(setting):
+        default = _default(setting)
+        if default is dataclasses.MISSING:
             group.add_argument(dest, **meta)
             continue
-        default = _default(setting)
-        flag = _flag(setting, prefix)
-        meta.pop('flag', None)
         help_text = meta.get('help', '')
         if '(default' not in help_text:
             meta['help'] = f'{help_text} (default: {_shown(default)})'
         if hints[setting.name] is bool:
-            group.add_argument(
-                flag, dest=dest, action='store_true', default=default, **meta)
-            continue
-        kind, nargs = _option_type(hints[setting.name])
+            meta['action'] = 'store_true'
+        else:
+            meta['type'], meta['nargs'] = _option_type(hints[setting.name])
         group.add_argument(
-            flag, dest=dest, type=kind, nargs=nargs, default=default, **meta)
+            _flag(setting, prefix), dest=dest, default=default, **meta)
     return group
 
 
-def _required(setting):
-    return (setting.default is dataclasses.MISSING
-            and setting.default_factory is dataclasses.MISSING)
-
-
 def _default(setting):
-    if setting.default is dataclasses.MISSING:
+    """The field's default; ``MISSING`` for a field without one."""
+    if setting.default_factory is not dataclasses.MISSING:
         return setting.default_factory()
     return setting.default
 
@@ -131,13 +125,12 @@ def settings_from(args, settings_cls, prefix='', **overrides):
 
 
 def given_options(args, settings_cls, prefix=''):
-    """The options of :func:`add_settings` that ``args`` gives other
-    values than their defaults, as the user wrote them (``--int8-scheme``).
-    """
+    """The flags (``--int8-scheme``) of the :func:`add_settings` options
+    that ``args`` gives other values than their defaults."""
     given = settings_from(args, settings_cls, prefix)
     return [
         _flag(setting, prefix) for setting in dataclasses.fields(settings_cls)
-        if not _required(setting)
+        if _default(setting) is not dataclasses.MISSING
         and getattr(given, setting.name) != _default(setting)
     ]
 
@@ -148,11 +141,9 @@ def run_cli(main, build_parser, intermixed=False):
     line on stderr; Ctrl-C exits 130 and SIGTERM 143, with one line, at any
     moment.
 
-    Interrupts unwind the stack, so that no temporary file stays; one that
-    a library turned into another exception on its way up is still
-    reported as the interrupt. With ``--debug`` (or ``MMREPVGG_DEBUG=1``)
-    an error's traceback, with the third-party error that caused it, is
-    printed above its line.
+    Interrupts unwind the stack, and are reported as such even when a
+    library turned them into another exception. With ``--debug`` (or
+    ``MMREPVGG_DEBUG=1``) an error's traceback is printed above its line.
 
     Args:
         main (callable): The tool's entry point, given the parsed

@@ -1,8 +1,7 @@
 """Reading configs and building their models, offline.
 
-Configs are Python: reading one runs its code. Only read configs you trust,
-as you would only run scripts you trust (checkpoints, by contrast, are read
-as data and never run code).
+Configs are Python: reading one runs its code, so read only configs you
+trust (checkpoints, by contrast, are read as data).
 """
 import copy
 import importlib.util
@@ -108,12 +107,9 @@ def config_dicts(node):
         node = stack.pop()
         if isinstance(node, dict):
             yield node
-            children = list(node.values())
+            stack.extend(reversed(list(node.values())))
         elif isinstance(node, (list, tuple)):
-            children = list(node)
-        else:
-            continue
-        stack.extend(reversed(children))
+            stack.extend(reversed(node))
 
 
 def is_repvgg_node(node):

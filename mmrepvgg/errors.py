@@ -1,8 +1,6 @@
-"""The errors mmrepvgg raises for what a user gave it.
-
-Every command-line tool catches :class:`MMRepVGGError` and prints it as one
-line (with ``--debug`` or ``MMREPVGG_DEBUG=1``, the traceback of what caused
-it too); anything else is a bug and keeps its traceback.
+"""The errors mmrepvgg raises for what a user gave it: the command-line
+tools print one as a single line (:func:`mmrepvgg.cli.run_cli`); anything
+else is a bug and keeps its traceback.
 """
 
 __all__ = [
@@ -40,9 +38,8 @@ def first_keys(keys, count=3):
     """The first ``count`` of ``keys``, and how many more there are, for a
     one-line message."""
     keys = list(keys)
-    shown = ', '.join(map(str, keys[:count]))
-    return shown + (f' (+{len(keys) - count} more)'
-                    if len(keys) > count else '')
+    more = f' (+{len(keys) - count} more)' if len(keys) > count else ''
+    return ', '.join(map(str, keys[:count])) + more
 
 
 def first_line(error):

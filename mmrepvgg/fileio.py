@@ -1,14 +1,9 @@
 """Writing the tools' outputs: never half a file, never over an input, and
 over an existing file only when asked, decided at the moment of writing.
 
-Each file is written in full to a hidden temporary file beside its target
-(``.NAME.XXXXXXXXXXXXXXXX.tmp``, NAME shortened if the file
-system needs it), then put in place by a rename, which either
-happens whole or not at all. Files written together are put in place
-together: if one fails, the others are taken back. Ctrl-C and SIGTERM
-leave either every file or none, and no temporary file; after a SIGKILL
-temporary files may stay, and with ``force`` so may hidden
-``.NAME.XXXXXXXXXXXXXXXX.old`` copies of the files being replaced.
+Each file is written to a hidden temporary file beside its target, then put
+in place by a rename; files written together are put in place together or
+not at all (the design page on safety says what stays after a SIGKILL).
 """
 import errno
 import io
@@ -63,10 +58,7 @@ def write_files(contents, force=False):
     """Write several files all or nothing.
 
     Ctrl-C and SIGTERM are held back while the files are written and put in
-    place (in the main thread): one that arrives while the temporary files
-    are written takes them back, and one that arrives while they are put in
-    place waits until every file is there. Either way it is then delivered
-    as usual.
+    place (in the main thread), then delivered as usual.
 
     Args:
         contents (dict[str, bytes]): What to write where.
@@ -88,7 +80,7 @@ def write_files(contents, force=False):
                     name = signal.Signals(received[0]).name
                     raise UsageError(f'interrupted by {name}; nothing '
                                      'written')
-            (_replace if force else _create)(temporary)
+            _place(temporary, force)
         except FileExistsError as error:
             raise UsageError(f'{error.filename2 or error.filename}: already '
                              'exists; pass --force to overwrite it') from error
@@ -136,14 +128,11 @@ def _signals_held():
             yield received
     finally:
         if received:
-            _deliver(received[0], handlers[received[0]])
-
-
-def _deliver(signum, handler):
-    if callable(handler):
-        handler(signum, None)
-    elif handler == signal.SIG_DFL:
-        signal.raise_signal(signum)
+            signum, handler = received[0], handlers[received[0]]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _hidden_name(path, suffix):
@@ -193,29 +182,17 @@ def _write_temporary(path, data, temporary):
         raise
 
 
-def _create(temporary):
-    # A hard link to a new name fails if the name exists at that moment:
-    # the check and the write are one step.
-    placed = []
-    try:
-        for path, source in temporary.items():
-            os.link(source, path)
-            placed.append(path)
-    except BaseException:
-        for path in placed:
-            os.remove(path)
-        raise
-
-
-def _replace(temporary):
-    # The files replaced stay under hidden names until every new file is in
-    # place, so that a failure can put them back.
+def _place(temporary, force):
+    # Without force, a hard link to a new name fails if the name exists at
+    # that moment: the check and the write are one step. With it, the files
+    # replaced stay under hidden names until every new file is in place, so
+    # that a failure can put them back.
     kept, placed = {}, []
     try:
         for path, source in temporary.items():
-            if osp.lexists(path):
+            if force and osp.lexists(path):
                 kept[path] = _keep(path)
-            os.replace(source, path)
+            (os.replace if force else os.link)(source, path)
             placed.append(path)
     except BaseException:
         for path in placed:

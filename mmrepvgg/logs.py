@@ -1,6 +1,7 @@
 """Third-party libraries' log lines and warnings, kept out of the way: one
 context manager for the tools' output and the exporter's and quantizer's
 chatter alike."""
+import functools
 import logging
 import warnings
 from contextlib import contextmanager
@@ -8,13 +9,9 @@ from contextlib import contextmanager
 __all__ = ['quiet']
 
 
-def _show_on(stream):
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        stream.write(
-            warnings.formatwarning(message, category, filename, lineno, line))
-
-    return show
+def _show(stream, message, category, filename, lineno, file=None, line=None):
+    stream.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @contextmanager
@@ -42,7 +39,7 @@ def quiet(logger='', level=logging.ERROR, ignore_warnings=False, to=None):
             if ignore_warnings:
                 warnings.simplefilter('ignore')
             elif to is not None:
-                warnings.showwarning = _show_on(to)
+                warnings.showwarning = functools.partial(_show, to)
             yield
     finally:
         if handler is not None:

@@ -36,15 +36,11 @@ def match_arch(weights, layout, arch=None):
         with torch.device('meta'):
             expected = RepVGG(candidate, deploy=deploy).state_dict()
         try:
-            check_weights_fit({
-                k: v.shape
-                for k, v in expected.items()
-            }, weights, layout, deploy)
+            check_weights_fit(expected, weights, layout, deploy)
+            return candidate, deploy
         except CheckpointError:
             if arch:
                 raise
-            continue
-        return candidate, deploy
     raise CheckpointError(
         f'RepVGG weights ({layout.value} layout) fit none of the archs '
         f'{", ".join(RepVGG.arch_settings)}; pass --arch to see what differs')
@@ -53,12 +49,10 @@ def match_arch(weights, layout, arch=None):
 def convert_pretrained(src, dst, arch=None, force=False):
     """Write RepVGG ImageNet weights of any known layout in ours.
 
-    Reads the official release layout (training or deploy form, with or
-    without a ``module.`` prefix), the OpenMMLab model-zoo layout or an
-    mmrepvgg 0.1 file, checks that every tensor of one arch is there and
-    nothing else, and writes an mmengine checkpoint whose keys read
-    ``backbone.stem...``, loadable with ``init_cfg=dict(type='Pretrained',
-    checkpoint=dst, prefix='backbone.')``. The classifier head is dropped.
+    Checks that the weights (training or deploy form) hold every tensor of
+    one arch and nothing else, and writes an mmengine checkpoint whose keys
+    read ``backbone.stem...`` (no classifier head), loadable with
+    ``init_cfg=dict(type='Pretrained', checkpoint=dst, prefix='backbone.')``.
 
     Args:
         src (str): Input weights.
@@ -79,13 +73,8 @@ def convert_pretrained(src, dst, arch=None, force=False):
         arch, deploy = match_arch(weights, layout, arch)
     except CheckpointError as error:
         raise CheckpointError(f'{src}: {error}') from error
-    data = serialize(
-        dict(
-            state_dict={
-                f'backbone.{k}': v
-                for k, v in weights.items()
-            },
-            meta=dict(
-                converted_from=osp.basename(src), arch=arch, deploy=deploy)))
-    write_files({dst: data}, force)
+    state_dict = {f'backbone.{k}': v for k, v in weights.items()}
+    meta = dict(converted_from=osp.basename(src), arch=arch, deploy=deploy)
+    write_files({dst: serialize(dict(state_dict=state_dict, meta=meta))},
+                force)
     return len(weights), arch, deploy

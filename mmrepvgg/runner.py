@@ -1,14 +1,11 @@
-"""Building mmengine Runners for training and testing, on GPUs and CPUs.
-
-The distributed engine is mmengine over torch.distributed; this module only
-prepares configs the way mmseg's own ``tools/train.py`` and ``tools/test.py``
-do, and closes the gaps that keep a CPU-only machine from launching them:
-mmengine's ``pytorch`` launcher insists on CUDA, DDP must not be given device
-ids for CPU modules, and SyncBN has no CPU implementation.
+"""Building mmengine Runners for training and testing as mmseg's own tools
+do, on GPUs, and on CPUs too (:func:`adapt_to_cpu_distributed`).
 """
 import atexit
+import logging
 import os
 import os.path as osp
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -105,9 +102,7 @@ def adapt_to_cpu_distributed(cfg, launcher):
     if replace_sync_bn(cfg.model):
         print_log(
             'SyncBN has no CPU implementation: using BN, which normalizes '
-            'over the batch of each process',
-            'current',
-            level=30)
+            'over the batch of each process', 'current', logging.WARNING)
     print_log(
         f'distributed on CPU: backend gloo, rank {dist.get_rank()}, '
         f'world size {dist.get_world_size()}', 'current')
@@ -127,12 +122,10 @@ def replace_sync_bn(node):
     Returns:
         bool: Whether anything was replaced.
     """
-    replaced = False
-    for child in config_dicts(node):
-        if child.get('type') == 'SyncBN':
-            child['type'] = 'BN'
-            replaced = True
-    return replaced
+    synced = [c for c in config_dicts(node) if c.get('type') == 'SyncBN']
+    for child in synced:
+        child['type'] = 'BN'
+    return bool(synced)
 
 
 def build_runner(cfg):
@@ -141,17 +134,13 @@ def build_runner(cfg):
     runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(
         cfg)
     if get_rank() != 0:
-        _write_no_test_metrics(runner)
+        # mmengine's LoggerHook writes the test metrics (``{timestamp}.json``)
+        # in every process, to the same file: two processes writing it at
+        # once can leave it corrupt.
+        for hook in runner.hooks:
+            if isinstance(hook, LoggerHook):
+                hook.after_test_epoch = lambda runner, metrics=None: None
     return runner
-
-
-def _write_no_test_metrics(runner):
-    # mmengine's LoggerHook writes the test metrics (``{timestamp}.json``)
-    # in every process, to the same file: two processes writing it at once
-    # can leave it corrupt. Rank 0 writes it, and logs them.
-    for hook in runner.hooks:
-        if isinstance(hook, LoggerHook):
-            hook.after_test_epoch = lambda runner, metrics=None: None
 
 
 def use_checkpoint_or_engine(cfg, checkpoint, engine=None):
@@ -175,11 +164,7 @@ def use_checkpoint_or_engine(cfg, checkpoint, engine=None):
         engine = (engine or EngineSettings()).check()
         SegmentationEngine(checkpoint, engine)
         cfg.model = dict(
-            type='EngineSegmentor',
-            model=checkpoint,
-            backend=engine.backend,
-            precision=engine.precision,
-            threads=engine.threads)
+            type='EngineSegmentor', model=checkpoint, **asdict(engine))
         cfg.load_from = None
     else:
         load_checkpoint(checkpoint)
@@ -204,17 +189,13 @@ def enable_amp(cfg):
     """Train with automatic mixed precision, as mmseg's ``--amp`` does."""
     optim_wrapper = cfg.optim_wrapper.type
     if optim_wrapper == 'AmpOptimWrapper':
-        print_log(
-            'AMP training is already enabled in your config.',
-            'current',
-            level=30)
+        print_log('AMP training is already enabled in your config.', 'current',
+                  logging.WARNING)
+    elif optim_wrapper != 'OptimWrapper':
+        raise UsageError('--amp is only supported when the optimizer '
+                         f'wrapper type is OptimWrapper, not {optim_wrapper}')
     else:
-        if optim_wrapper != 'OptimWrapper':
-            raise UsageError('--amp is only supported when the optimizer '
-                             f'wrapper type is OptimWrapper, not '
-                             f'{optim_wrapper}')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+        cfg.optim_wrapper.update(type='AmpOptimWrapper', loss_scale='dynamic')
 
 
 def add_launch_arguments(parser):

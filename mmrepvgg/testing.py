@@ -1,14 +1,11 @@
-"""Toy data for tests and demos: a small Cityscapes-layout dataset that a
-segmentor can learn quickly, and configs that train on it offline.
-
-Scenes are drawn from a few Cityscapes classes, each with its own colour
-and shape (sky above, buildings, road below, round trees, box-like cars and
-upright people), with noise on top, so a model learns them within minutes
-on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
-``CityscapesDataset`` reads them unchanged.
+"""Toy data for tests and demos: a small Cityscapes-layout dataset of a few
+classes, each with its own colour and shape, that a segmentor learns within
+minutes on a CPU (mmseg's ``CityscapesDataset`` reads it unchanged), and
+configs that train on it offline.
 """
 import glob
 import os.path as osp
+import re
 
 import cv2
 import numpy as np
@@ -119,8 +116,7 @@ def majority_class_miou(data_root, split='val'):
         labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         counts += np.bincount(labels.ravel(), minlength=counts.size)
     counts = counts[:IGNORE_INDEX]
-    present = np.count_nonzero(counts)
-    return 100 * counts.max() / counts.sum() / present
+    return 100 * counts.max() / counts.sum() / np.count_nonzero(counts)
 
 
 _TOY_CONFIG = '''\
@@ -230,18 +226,12 @@ HOSTILE_BLOCKS = ('stage_3.9', 'stage_3.10')
 
 def _block_names(weights):
     """The backbone's blocks in order (``stem``, ``stage_1.0``, ...)."""
-    names = []
-    for key in weights:
-        if key.startswith('backbone.') and '.branch_3x3.' in key:
-            name = key[len('backbone.'):key.index('.branch_3x3.')]
-            if name not in names:
-                names.append(name)
-    return names
+    found = (re.match(r'backbone\.(.+?)\.branch_3x3\.', k) for k in weights)
+    return list(dict.fromkeys(match.group(1) for match in found if match))
 
 
 def _scale_outputs(weights, block, channels, factor):
-    """Scale the block's ReLU output in ``channels`` by ``factor``: every
-    branch's BN weight and bias (the identity BN's too)."""
+    """Scale the block's output in ``channels`` by ``factor``."""
     for norm in ('branch_3x3.norm', 'branch_1x1.norm', 'branch_norm'):
         for name in ('weight', 'bias'):
             key = f'backbone.{block}.{norm}.{name}'
@@ -251,8 +241,7 @@ def _scale_outputs(weights, block, channels, factor):
 
 def _scale_inputs(weights, block, channels, factor, eps):
     """Make the block compute what it did on inputs whose ``channels`` are
-    ``factor`` times larger: its convs' weights on them divided, its
-    identity BN's statistics multiplied."""
+    ``factor`` times larger."""
     for conv in ('branch_3x3', 'branch_1x1'):
         weights[f'backbone.{block}.{conv}.conv.weight'][:, channels] /= factor
     prefix = f'backbone.{block}.branch_norm.'

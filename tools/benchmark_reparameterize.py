@@ -1,18 +1,13 @@
 """Time converting a checkpoint to deploy form against loading plus saving
 it, side by side in one process.
 
-A training-form checkpoint of CONFIG's model is written to a temporary
-directory. Each round then times, one after the other:
-
-- file: read it with :func:`mmrepvgg.checkpoint.load_checkpoint` and write
-  it back;
-- model: what loading it for use costs (as mmseg's ``init_model`` does:
-  parse the config, build the model, load the weights:
-  :func:`mmrepvgg.deploy.loading.load_model`), then writing its weights;
-- reparameterize: :func:`mmrepvgg.deploy.pair.reparameterize` on it.
-
-The medians and, per baseline, the median of the per-round ratios are
-printed.
+Each round times, on a training-form checkpoint of CONFIG's model written to
+a temporary directory: ``file``, reading it with
+:func:`mmrepvgg.checkpoint.load_checkpoint` and writing it back; ``model``,
+loading it for use as mmseg's ``init_model`` does
+(:func:`mmrepvgg.deploy.loading.load_model`) and writing its weights; and
+``reparameterize`` (:func:`mmrepvgg.deploy.pair.reparameterize`). The
+medians and, per baseline, the median of the per-round ratios are printed.
 """
 import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os.path as osp

@@ -25,6 +25,7 @@ from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import read_config
 from mmrepvgg.errors import UsageError
+from mmrepvgg.runner import check_work_dir
 
 # A fresh process to the first label map, each way.
 RUNTIME_FIRST = '''
@@ -57,6 +58,7 @@ for index, name in enumerate(images):
                 labels.pred_sem_seg.data[0].numpy().astype('uint8'))
 print((len(images) - 1) / (time.perf_counter() - start))
 '''
+PURELIB = 'import sysconfig; print(sysconfig.get_path("purelib"))'
 
 
 def _folder_bytes(folder):
@@ -65,13 +67,11 @@ def _folder_bytes(folder):
         for name in names if not osp.islink(osp.join(root, name)))
 
 
-def _site_packages(python):
-    return subprocess.run([
-        python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'
-    ],
-                          capture_output=True,
-                          text=True,
-                          check=True).stdout.strip()
+def _last_line(*command):
+    """What ``command`` prints last; it must succeed."""
+    return subprocess.run(
+        command, capture_output=True, text=True,
+        check=True).stdout.strip().splitlines()[-1]
 
 
 def _timed(command):
@@ -93,8 +93,8 @@ def _frames(folder, count, size):
 
 
 def _deploy_and_export(config, checkpoint, work_dir):
-    from mmrepvgg.deploy import ExportJob, export_onnx, reparameterize
-    from mmrepvgg.deploy.pair import deploy_config_path
+    from mmrepvgg.deploy import (ExportJob, deploy_config_path, export_onnx,
+                                 reparameterize)
     deploy = osp.join(work_dir, 'deploy.pth')
     model = osp.join(work_dir, 'model.onnx')
     if not osp.exists(deploy):
@@ -135,8 +135,7 @@ def _check(args):
         raise UsageError('images must be at least 2 and the size at least '
                          f'64 64, got {args.images} and {args.size[0]} '
                          f'{args.size[1]}')
-    if osp.exists(args.work_dir) and not osp.isdir(args.work_dir):
-        raise UsageError(f'{args.work_dir}: is not a folder')
+    check_work_dir(args.work_dir)
     read_config(args.config)
     load_checkpoint(args.checkpoint)
     try:
@@ -157,8 +156,8 @@ def main(args):
     first = osp.join(frames, sorted(os.listdir(frames))[0])
 
     sizes = [
-        _folder_bytes(_site_packages(p))
-        for p in (args.runtime_python, sys.executable)
+        _folder_bytes(_last_line(python, '-c', PURELIB))
+        for python in (args.runtime_python, sys.executable)
     ]
     print(f'installed: runtime {sizes[0] / 2**20:.0f} MiB, full '
           f'{sizes[1] / 2**20:.0f} MiB ({sizes[0] / sizes[1]:.2f})')
@@ -172,21 +171,11 @@ def main(args):
           f'PyTorch {pytorch:.2f} s ({runtime / pytorch:.2f})')
 
     out = osp.join(args.work_dir, 'runtime_out')
-    speed = subprocess.run([
-        args.runtime_python, '-m', 'mmrepvgg.runtime.infer', model, frames,
-        '--out-dir', out, '--no-vis', '--force'
-    ],
-                           capture_output=True,
-                           text=True,
-                           check=True).stdout.strip().splitlines()[-1]
+    speed = _last_line(args.runtime_python, '-m', 'mmrepvgg.runtime.infer',
+                       model, frames, '--out-dir', out, '--no-vis', '--force')
     torch_rate = float(
-        subprocess.run([
-            sys.executable, '-c', PYTORCH_FOLDER, config, deploy, frames,
-            osp.join(args.work_dir, 'pytorch_out')
-        ],
-                       capture_output=True,
-                       text=True,
-                       check=True).stdout.strip().splitlines()[-1])
+        _last_line(sys.executable, '-c', PYTORCH_FOLDER, config, deploy,
+                   frames, osp.join(args.work_dir, 'pytorch_out')))
     ms = [float(v) for v in re.findall(r'([\d.]+)ms', speed)]
     rate = float(re.search(r'([\d.]+) images/s', speed).group(1))
     print(f'runtime: {speed}')

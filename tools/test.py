@@ -24,8 +24,7 @@ def main(args):
     use_checkpoint_or_engine(cfg, args.checkpoint,
                              settings_from(args, EngineSettings))
     if args.out is not None:
-        cfg.test_evaluator['output_dir'] = args.out
-        cfg.test_evaluator['keep_results'] = True
+        cfg.test_evaluator.update(output_dir=args.out, keep_results=True)
     build_runner(cfg).test()
 
 

@@ -1,13 +1,9 @@
-"""Re-parameterizable blocks: RepVGG's and the quantization-aware QARepVGG.
-
-RepVGG (Ding et al., CVPR 2021, https://arxiv.org/abs/2101.03697): a block
-trains as the sum of a 3x3 conv+BN, a 1x1 conv+BN and (when shapes allow)
-an identity BN. QARepVGG (Chu et al., "Make RepVGG Greater Again: A
-Quantization-aware Approach", AAAI 2024, https://arxiv.org/abs/2212.01593):
-the 1x1 conv and the identity lose their BNs and one BN follows the sum,
-which keeps the fused weights and activations quantizable. Either folds
-into one 3x3 conv with bias; squeeze-excitation (RepVGG-D2se) and the
-activation follow it.
+"""Re-parameterizable blocks: RepVGG's (Ding et al., CVPR 2021,
+https://arxiv.org/abs/2101.03697) and the quantization-aware QARepVGG's
+(Chu et al., "Make RepVGG Greater Again: A Quantization-aware Approach",
+AAAI 2024, https://arxiv.org/abs/2212.01593). Either folds into one 3x3
+conv with bias; squeeze-excitation (RepVGG-D2se) and the activation follow
+it.
 """
 from collections import OrderedDict
 
@@ -26,9 +22,6 @@ __all__ = ['SELayer', 'RepVGGBlock', 'QARepVGGBlock']
 
 class SELayer(BaseModule):
     """Squeeze-and-excitation as in RepVGG-D2se.
-
-    Global average pooling, a 1x1 conv that reduces the channels by
-    ``ratio``, ReLU, a 1x1 conv back, and a sigmoid gate.
 
     Args:
         channels (int): Input and output channels.
@@ -54,7 +47,8 @@ class SELayer(BaseModule):
 
 
 class RepVGGBlock(BaseModule):
-    """A re-parameterizable RepVGG block.
+    """A re-parameterizable RepVGG block: it trains as the sum of a 3x3
+    conv+BN, a 1x1 conv+BN and (when shapes allow) an identity BN.
 
     Args:
         in_channels (int): Input channels.
@@ -102,7 +96,7 @@ class RepVGGBlock(BaseModule):
         self.conv_cfg = conv_cfg
         self.deploy = deploy
         if deploy:
-            self.branch_reparam = self._fused_conv()
+            self.branch_reparam = self._conv_layer(3, bias=True)
         else:
             self._build_branches(norm_cfg)
         self.se_layer = (
@@ -116,14 +110,15 @@ class RepVGGBlock(BaseModule):
         return self.in_channels == self.out_channels and self.stride == 1
 
     def _build_branches(self, norm_cfg):
-        self.branch_3x3 = self._conv(3, self.dilation, norm_cfg)
-        self.branch_1x1 = self._conv(1, 1, norm_cfg)
+        self.branch_3x3 = self._conv(3, norm_cfg)
+        self.branch_1x1 = self._conv(1, norm_cfg)
         self.branch_norm = (
             build_norm_layer(norm_cfg, self.in_channels)[1]
             if self.has_identity else None)
 
-    def _conv_layer(self, kernel_size, dilation, bias):
+    def _conv_layer(self, kernel_size, bias):
         # Same-size padding: the branches' outputs add up tap for tap.
+        dilation = self.dilation if kernel_size == 3 else 1
         return build_conv_layer(
             self.conv_cfg,
             self.in_channels,
@@ -135,16 +130,12 @@ class RepVGGBlock(BaseModule):
             groups=self.groups,
             bias=bias)
 
-    def _conv(self, kernel_size, dilation, norm_cfg=None):
+    def _conv(self, kernel_size, norm_cfg=None):
         # ``conv`` and ``norm``, as the OpenMMLab model zoo names them.
-        layers = OrderedDict(
-            conv=self._conv_layer(kernel_size, dilation, bias=False))
+        layers = OrderedDict(conv=self._conv_layer(kernel_size, bias=False))
         if norm_cfg is not None:
             layers['norm'] = build_norm_layer(norm_cfg, self.out_channels)[1]
         return Sequential(layers)
-
-    def _fused_conv(self):
-        return self._conv_layer(3, self.dilation, bias=True)
 
     def _sum_branches(self, x):
         out = self.branch_3x3(x) + self.branch_1x1(x)
@@ -152,22 +143,15 @@ class RepVGGBlock(BaseModule):
             out = out + self.branch_norm(x)
         return out
 
+    def _before_activation(self, x):
+        out = self.branch_reparam(x) if self.deploy else self._sum_branches(x)
+        return out if self.se_layer is None else self.se_layer(out)
+
     def forward(self, x):
-
-        def _inner_forward(x):
-            if self.deploy:
-                out = self.branch_reparam(x)
-            else:
-                out = self._sum_branches(x)
-            if self.se_layer is not None:
-                out = self.se_layer(out)
-            return out
-
         if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        else:
-            out = _inner_forward(x)
-        return self.act(out)
+            return self.act(
+                cp.checkpoint(self._before_activation, x, use_reentrant=False))
+        return self.act(self._before_activation(x))
 
     def _identity_kernel(self, device):
         return identity_kernel(
@@ -196,7 +180,7 @@ class RepVGGBlock(BaseModule):
         # Built on the meta device: its parameters are replaced at once, so
         # a random initialization would be wasted work.
         with torch.device('meta'):
-            fused = self._fused_conv()
+            fused = self._conv_layer(3, bias=True)
         fused.weight = nn.Parameter(
             kernel.to(weight), requires_grad=weight.requires_grad)
         fused.bias = nn.Parameter(
@@ -214,17 +198,15 @@ class QARepVGGBlock(RepVGGBlock):
 
     It trains as a 3x3 conv+BN, a 1x1 conv without BN or bias and (when
     shapes allow) the identity without BN, summed, then one BN (``norm``),
-    squeeze-excitation if any, and the activation, as the paper's reference
-    code does. Everything before the squeeze-excitation, the post-sum BN
-    included, folds into one 3x3 conv with bias. Its arguments are
-    :class:`RepVGGBlock`'s.
+    as the paper's reference code does, which keeps the fused weights and
+    activations quantizable. Its arguments are :class:`RepVGGBlock`'s.
     """
 
     training_branches = ('branch_3x3', 'branch_1x1', 'norm')
 
     def _build_branches(self, norm_cfg):
-        self.branch_3x3 = self._conv(3, self.dilation, norm_cfg)
-        self.branch_1x1 = self._conv(1, 1)
+        self.branch_3x3 = self._conv(3, norm_cfg)
+        self.branch_1x1 = self._conv(1)
         self.norm = build_norm_layer(norm_cfg, self.out_channels)[1]
 
     def _sum_branches(self, x):
@@ -234,8 +216,7 @@ class QARepVGGBlock(RepVGGBlock):
         return self.norm(out)
 
     def equivalent_kernel_bias(self):
-        """The 3x3 kernel and bias, in float64, of the branches' normalized
-        sum."""
+        """The 3x3 kernel and bias, in float64, of the normalized sum."""
         kernel, bias = fuse_conv_bn(self.branch_3x3.conv.weight,
                                     self.branch_3x3.norm)
         add_centered(kernel, self.branch_1x1.conv.weight.double())

@@ -1,26 +1,16 @@
 """Cross-layer equalization of a deploy-form RepVGG, before int8.
 
-Trained RepVGGs can have channels that their BN statistics made far wider
-than the rest, so that one per-tensor int8 scale of a block's output leaves
-the other channels a few levels (see
-:func:`mmrepvgg.testing.make_quantization_hostile`). In deploy form a
-block's fused conv feeds the next block's through a ReLU, and
-``relu(x / s) = relu(x) / s`` for ``s > 0``: dividing output channel ``i``
-of the first conv (its kernel and bias) by ``s_i`` and multiplying input
-channel ``i`` of the second by ``s_i`` computes the same function.
-
-Int8 weights are scaled per output channel, so the first conv's kernel
-takes any ``s_i``; what one scale must serve is the activation between the
-convs (per tensor) and the second conv's input channels. With
-``s_i = sqrt(a_i / w_i)``, where ``a_i`` is channel ``i``'s largest
-activation on calibration images and ``w_i`` the largest magnitude of its
-weights in the second conv, both become ``sqrt(a_i * w_i)``: the range is
-shared between activation and weights as SmoothQuant does with migration
-strength 0.5 (Xiao et al., ICML 2023), repeated along the chain of blocks
-until the scales settle, as in Nagel et al.'s data-free equalization (ICCV
-2019), which balances the two kernels' ranges instead (int8 kept fewer
-labels that way: the README has both).
+Between two blocks' fused convs, joined by a ReLU, dividing output channel
+``i`` of the first by ``s_i > 0`` and multiplying input channel ``i`` of the
+second by it computes the same. ``s_i = sqrt(a_i / w_i)`` (``a_i``: the
+channel's largest activation on calibration images, ``w_i``: its largest
+weight magnitude in the second conv) gives both the range
+``sqrt(a_i * w_i)``, as SmoothQuant does (Xiao et al., ICML 2023), repeated
+along the chain until the scales settle. The int8 page of the docs says why
+and how well.
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -91,17 +81,13 @@ def activation_ranges(pairs, run):
     """
     ranges = [None] * len(pairs)
 
-    def observer(index):
-
-        def observe(conv, inputs, output):
-            seen = output.detach().clamp(min=0).amax(dim=(0, 2, 3)).double()
-            ranges[index] = seen if ranges[index] is None else torch.maximum(
-                ranges[index], seen)
-
-        return observe
+    def observe(index, conv, inputs, output):
+        seen = output.detach().clamp(min=0).amax(dim=(0, 2, 3)).double()
+        ranges[index] = seen if ranges[index] is None else torch.maximum(
+            ranges[index], seen)
 
     hooks = [
-        first.register_forward_hook(observer(index))
+        first.register_forward_hook(functools.partial(observe, index))
         for index, (first, _) in enumerate(pairs)
     ]
     try:
@@ -129,7 +115,6 @@ def equalize_pair(first, second, activation_range):
     """
     columns = _input_columns(second)
     weight_range = columns.abs().amax(dim=(1, 3)).flatten().double()
-    # A channel that never activated is balanced by its kernel's range.
     first_range = torch.where(
         activation_range > 0, activation_range,
         first.weight.detach().abs().flatten(1).amax(1).double())

@@ -1,8 +1,6 @@
-"""The re-parameterization math: folding batch norms into convolutions.
-
-Every block, tool and test that needs a fused kernel calls these functions,
-so the arithmetic exists once. All of it runs in float64; callers cast the
-result back to the dtype of the weights they replace.
+"""The re-parameterization math, in one place: folding batch norms into
+convolutions, in float64 (callers cast the result back to the dtype of the
+weights they replace).
 """
 import torch
 from torch import nn
@@ -33,8 +31,7 @@ def fuse_conv_bn(kernel, norm, bias=None):
     gamma = _affine(norm, 'weight', 1.0)
     beta = _affine(norm, 'bias', 0.0)
     scale = gamma / std
-    fused_kernel = kernel.detach().to(torch.float64, copy=True)
-    fused_kernel.mul_(scale.reshape(-1, 1, 1, 1))
+    fused_kernel = kernel.detach().double() * scale.reshape(-1, 1, 1, 1)
     shift = mean.double() if bias is None else mean.double() - bias.double()
     return fused_kernel, beta - shift * scale
 
@@ -52,17 +49,11 @@ def identity_kernel(channels, groups, kernel_size=3, device=None):
         Tensor: float64 kernel of shape
         ``(channels, channels // groups, k, k)``.
     """
-    per_group = channels // groups
-    kernel = torch.zeros(
-        channels,
-        per_group,
-        kernel_size,
-        kernel_size,
-        dtype=torch.float64,
-        device=device)
+    shape = (channels, channels // groups, kernel_size, kernel_size)
+    kernel = torch.zeros(shape, dtype=torch.float64, device=device)
     center = kernel_size // 2
     index = torch.arange(channels, device=device)
-    kernel[index, index % per_group, center, center] = 1
+    kernel[index, index % shape[1], center, center] = 1
     return kernel
 
 

@@ -2,11 +2,6 @@
 
 Paper: https://arxiv.org/abs/2101.03697
 Official code: https://github.com/DingXiaoH/RepVGG
-
-The backbone stacks re-parameterizable blocks (:mod:`.blocks`: RepVGG's by
-default, QARepVGG's with ``block_cfg=dict(type='QARepVGGBlock')``).
-``switch_to_deploy`` folds each into one 3x3 conv with bias, so the
-deployed network is a plain stack of 3x3 convs and ReLUs.
 """
 from collections.abc import Sequence
 
@@ -62,13 +57,10 @@ class RepVGG(BaseModule):
             Defaults to False.
         deploy (bool): Build the fused plain-conv form. Defaults to False.
         block_cfg (dict): The block: ``type`` names a registered block
-            (``'RepVGGBlock'``, ``'QARepVGGBlock'`` or a user's, with
-            ``switch_to_deploy()``), other keys are its arguments. Keys it
-            shares with the backbone's ``conv_cfg``, ``norm_cfg``,
-            ``act_cfg``, ``with_cp`` (and the arch's ``se_cfg``) are the
-            block's: they win. The channels, stride, dilation, groups and
-            form of each block are the backbone's to set; giving them here
-            is an error. Defaults to ``dict(type='RepVGGBlock')``.
+            (``'RepVGGBlock'``, ``'QARepVGGBlock'`` or a user's), other keys
+            are its arguments, which win over the backbone's (the block
+            contract in the docs says which the backbone alone sets).
+            Defaults to ``dict(type='RepVGGBlock')``.
         conv_cfg (dict, optional): Conv layer config. Defaults to None.
         norm_cfg (dict): Norm layer config. Defaults to ``dict(type='BN')``.
         act_cfg (dict): Activation config of every block. Defaults to
@@ -183,9 +175,7 @@ class RepVGG(BaseModule):
                                  f'(4), got {getattr(self, name)}')
 
     def _block_cfg(self, block_cfg, defaults):
-        """``block_cfg`` over the backbone's settings: a key the block names
-        is the block's. The shape of each block and its form are the
-        backbone's to set."""
+        """``block_cfg`` over the backbone's settings (``defaults``)."""
         placed = set(block_cfg) & set(_PLACED_BY_BACKBONE)
         if placed:
             raise ValueError(
@@ -195,8 +185,6 @@ class RepVGG(BaseModule):
         return dict(defaults, **block_cfg, deploy=self.deploy)
 
     def _block(self, in_channels, out_channels, **kwargs):
-        # Blocks are registry entries: block_cfg picks RepVGG's, QARepVGG's
-        # or any block with their arguments and switch_to_deploy().
         return MODELS.build(
             dict(
                 self.block_cfg,
@@ -233,13 +221,10 @@ class RepVGG(BaseModule):
             return self.arch_settings[arch]
         if not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch)}')
-        missing = {'num_blocks', 'width_factor'} - set(arch)
-        if missing:
-            raise ValueError(f'arch dict lacks {sorted(missing)}')
         for key in ('num_blocks', 'width_factor'):
-            if len(arch[key]) != 4:
+            if len(arch.get(key, ())) != 4:
                 raise ValueError(f'arch["{key}"] needs 4 values, '
-                                 f'got {arch[key]}')
+                                 f'got {arch.get(key)}')
         return arch
 
     @staticmethod
@@ -263,10 +248,7 @@ class RepVGG(BaseModule):
 
     def _freeze_stages(self):
         for name in (['stem'] + self.stage_names)[:self.frozen_stages + 1]:
-            module = getattr(self, name)
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+            getattr(self, name).eval().requires_grad_(False)
 
     def train(self, mode=True):
         """Set the mode, keeping frozen stages and, with ``norm_eval``,
@@ -311,6 +293,6 @@ class RepVGG(BaseModule):
             for k, v in state_dict.items() if k.startswith(prefix)
         }
         if provided:
-            expected = {k: v.shape for k, v in self.state_dict().items()}
-            check_weights_fit(expected, provided, layout, self.deploy, prefix)
+            check_weights_fit(self.state_dict(), provided, layout, self.deploy,
+                              prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

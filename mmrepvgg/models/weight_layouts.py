@@ -1,17 +1,10 @@
 """Key layouts of published RepVGG weights, and the one this package uses.
 
-Ours is the OpenMMLab model-zoo layout of mmcls 0.x and mmpretrain 1.x
-(``stem.branch_3x3.conv.weight``, ``stage_1.0.branch_3x3.norm.running_var``,
-``stage_1.1.branch_norm.weight``, ``stage_4.0.se_layer.conv1.conv.weight``,
-``branch_reparam`` in deploy form), so weights move between mmpretrain's
-classifier and our backbone unchanged. Two other layouts are read:
-
-- the official release (DingXiaoH/RepVGG): ``stage0.rbr_dense.conv.weight``,
-  ``stage1.0.rbr_dense.bn.running_var``, ``rbr_1x1``, ``rbr_identity``,
-  ``rbr_reparam``, ``se.down``/``se.up`` and a ``linear`` classifier,
-  sometimes under ``module.``;
-- mmrepvgg 0.1, whose blocks named their norms after mmcv's ConvModule
-  (``branch_3x3.bn.weight``).
+Ours is the OpenMMLab model zoo's (mmcls 0.x, mmpretrain 1.x), so weights
+move between mmpretrain's classifier and our backbone unchanged. Also read:
+the official release (DingXiaoH/RepVGG: ``stage0.rbr_dense.conv.weight``,
+``rbr_1x1``, ``rbr_identity``, ``se.down``, a ``linear`` classifier,
+sometimes under ``module.``) and mmrepvgg 0.1 (``branch_3x3.bn.weight``).
 """
 import enum
 import re
@@ -33,8 +26,8 @@ class Layout(enum.Enum):
 
 
 _OFFICIAL_STAGE = re.compile(r'^stage(\d+)\.')
-_OFFICIAL_MODULE = re.compile(r'\.(rbr_dense|rbr_1x1|rbr_identity|rbr_reparam'
-                              r'|se\.down|se\.up)\.')
+_OFFICIAL = re.compile(r'^stage\d+\.|\.(rbr_dense|rbr_1x1|rbr_identity|'
+                       r'rbr_reparam|se\.down|se\.up)\.')
 _MMREPVGG_0_1_NORM = re.compile(r'\.branch_(3x3|1x1)\.bn\.')
 # Sub-module names of other layouts and ours, as whole dotted segments.
 _RENAMES = (
@@ -58,17 +51,14 @@ _CLASSIFIER_HEADS = ('linear.', 'head.')
 
 def _unwrap(key):
     for wrapper in _WRAPPERS:
-        if key.startswith(wrapper):
-            key = key[len(wrapper):]
+        key = key.removeprefix(wrapper)
     return key
 
 
 def detect_layout(keys):
     """The :class:`Layout` of backbone keys (with or without wrappers)."""
     keys = [_unwrap(k) for k in keys]
-    if any(
-            _OFFICIAL_STAGE.match(k) or _OFFICIAL_MODULE.search(k)
-            for k in keys):
+    if any(_OFFICIAL.search(k) for k in keys):
         return Layout.OFFICIAL
     if any(_MMREPVGG_0_1_NORM.search(k) for k in keys):
         return Layout.MMREPVGG_0_1
@@ -118,7 +108,7 @@ def check_weights_fit(expected, provided, layout, deploy, prefix=''):
     """Raise unless ``provided`` holds exactly the tensors of a backbone.
 
     Args:
-        expected (dict[str, torch.Size]): The backbone's state dict shapes.
+        expected (dict[str, Tensor]): The backbone's state dict.
         provided (dict[str, Tensor]): Weights in our layout, without prefix.
         layout (Layout): The layout they came in, for the message.
         deploy (bool): The backbone's form.
@@ -138,9 +128,9 @@ def check_weights_fit(expected, provided, layout, deploy, prefix=''):
     ]
     unexpected = [k for k in provided if k not in expected]
     reshaped = [
-        f'{k} {tuple(provided[k].shape)} for {tuple(expected[k])}'
-        for k in expected if k in provided
-        and tuple(getattr(provided[k], 'shape', ())) != tuple(expected[k])
+        f'{k} {tuple(provided[k].shape)} for {tuple(expected[k].shape)}'
+        for k in expected
+        if k in provided and provided[k].shape != expected[k].shape
     ]
     problems = [
         f'{name} {first_keys(prefix + k for k in keys)}'
