@@ -5,7 +5,8 @@ Scenes are drawn from a few Cityscapes classes, each with its own colour
 and shape (sky above, buildings, road below, round trees, box-like cars and
 upright people), with noise on top, so a model learns them within minutes
 on a CPU. The files follow Cityscapes' layout and suffixes, so mmseg's
-``CityscapesDataset`` reads them unchanged.
+``CityscapesDataset`` reads them unchanged. A real Cityscapes folder gets
+a config that trains on it too.
 """
 import glob
 import os.path as osp
@@ -16,6 +17,8 @@ import torch
 from mmengine.utils import mkdir_or_exist
 
 from .checkpoint import load_checkpoint
+from .errors import UsageError
+from .fileio import write_files
 
 # Cityscapes train ids and the RGB colours they are drawn in here.
 ROAD, BUILDING, VEGETATION, SKY, PERSON, CAR = 0, 2, 8, 10, 11, 13
@@ -33,7 +36,8 @@ IGNORE_INDEX = 255
 
 __all__ = [
     'make_toy_cityscapes', 'write_toy_config', 'majority_class_miou',
-    'HOSTILE_BLOCKS', 'make_quantization_hostile'
+    'HOSTILE_BLOCKS', 'make_quantization_hostile', 'cityscapes_images',
+    'write_cityscapes_config'
 ]
 
 
@@ -300,4 +304,63 @@ def make_quantization_hostile(checkpoint,
         _scale_outputs(weights, block, index, factor)
         _scale_inputs(weights, following, index, factor, eps)
     torch.save(contents, out)
+    return out
+
+
+def cityscapes_images(data_root, split='val'):
+    """The images of a split of a Cityscapes folder, which must hold what
+    mmseg's ``CityscapesDataset`` reads: images and train-id labels.
+
+    Args:
+        data_root (str): The folder.
+        split (str): ``'train'`` or ``'val'``.
+
+    Returns:
+        list[str]: The images, sorted.
+
+    Raises:
+        UsageError: No images in ``leftImg8bit/{split}/*/`` or no
+            ``*_labelTrainIds.png`` in ``gtFine/{split}``.
+    """
+    images = glob.glob(osp.join(data_root, 'leftImg8bit', split, '*', '*.png'))
+    if not images:
+        raise UsageError(f'{data_root}: not a Cityscapes folder (no images in '
+                         f'leftImg8bit/{split}/*/)')
+    if not glob.glob(
+            osp.join(data_root, 'gtFine', split, '*',
+                     '*_gtFine_labelTrainIds.png')):
+        raise UsageError(
+            f'{data_root}: gtFine/{split} holds no *_labelTrainIds.png; '
+            "create them with mmseg's tools/dataset_converters/cityscapes.py")
+    return sorted(images)
+
+
+_CITYSCAPES_CONFIG = '''\
+# Derived from {base} to train on the Cityscapes folder {data_root}.
+_base_ = {base!r}
+train_dataloader = dict(dataset=dict(data_root={data_root!r}))
+val_dataloader = dict(dataset=dict(data_root={data_root!r}))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters={iters}, val_interval={iters})
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval={iters}))
+'''
+
+
+def write_cityscapes_config(base, data_root, out, iters):
+    """Write a config that trains ``base`` on a Cityscapes folder, with
+    ``base``'s own pipelines and initialization.
+
+    Args:
+        base (str): Path of the config to derive from.
+        data_root (str): The folder (see :func:`cityscapes_images`).
+        out (str): Where to write the derived config.
+        iters (int): Training iterations, validated and saved after the
+            last.
+
+    Returns:
+        str: ``out``.
+    """
+    text = _CITYSCAPES_CONFIG.format(
+        base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
+    write_files({out: text.encode()}, force=True)
     return out
