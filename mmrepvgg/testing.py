@@ -308,19 +308,15 @@ def make_quantization_hostile(checkpoint,
 
 
 def cityscapes_images(data_root, split='val'):
-    """The images of a split of a Cityscapes folder, which must hold what
-    mmseg's ``CityscapesDataset`` reads: images and train-id labels.
+    """The images of a split of a Cityscapes folder, sorted.
 
     Args:
         data_root (str): The folder.
         split (str): ``'train'`` or ``'val'``.
 
-    Returns:
-        list[str]: The images, sorted.
-
     Raises:
-        UsageError: No images in ``leftImg8bit/{split}/*/`` or no
-            ``*_labelTrainIds.png`` in ``gtFine/{split}``.
+        UsageError: The split lacks the images or the train-id labels that
+            mmseg's ``CityscapesDataset`` reads.
     """
     images = glob.glob(osp.join(data_root, 'leftImg8bit', split, '*', '*.png'))
     if not images:
@@ -347,18 +343,14 @@ default_hooks = dict(checkpoint=dict(by_epoch=False, interval={iters}))
 
 
 def write_cityscapes_config(base, data_root, out, iters):
-    """Write a config that trains ``base`` on a Cityscapes folder, with
-    ``base``'s own pipelines and initialization.
+    """Write to ``out`` (and return it) a config that trains ``base`` on a
+    Cityscapes folder, with ``base``'s own pipelines and initialization.
 
     Args:
         base (str): Path of the config to derive from.
         data_root (str): The folder (see :func:`cityscapes_images`).
         out (str): Where to write the derived config.
-        iters (int): Training iterations, validated and saved after the
-            last.
-
-    Returns:
-        str: ``out``.
+        iters (int): Training iterations, validated and saved after.
     """
     text = _CITYSCAPES_CONFIG.format(
         base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)

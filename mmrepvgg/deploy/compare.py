@@ -178,8 +178,7 @@ def compare_labels(labels, exact_logits, limit):
 
 @dataclass(frozen=True)
 class OutputComparison:
-    """How far a model's outputs are from a reference model's exact ones
-    (:func:`compare_outputs`).
+    """How far a model's outputs are from a reference model's exact ones.
 
     Attributes:
         max_rel_error (float): Of the output nearest its limit.
@@ -197,17 +196,14 @@ class OutputComparison:
 
 
 def compare_outputs(actual, own, exact, logits=True):
-    """Compare a model's fp32 outputs with a reference model's exact ones,
-    and if the first is logits, its labels too.
+    """Compare a model's fp32 outputs with a reference model's exact ones
+    (:class:`OutputComparison`), and if the first is logits, its labels.
 
     Args:
         actual: The outputs: a tensor, or nested sequences of them.
         own: The reference model's fp32 outputs on the same inputs.
         exact: Its float64 outputs.
         logits (bool): Whether the first output is ``(N, C, H, W)`` logits.
-
-    Returns:
-        OutputComparison: The comparison.
     """
     actual, own, exact = (tensors_of(o) for o in (actual, own, exact))
     check = compare_fp32(actual, own, exact)
