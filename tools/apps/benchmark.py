@@ -7,9 +7,8 @@ alternating order (a slow spell of a shared machine hits all alike), twice
 in each turn with the second run timed. Speed-ups are the median of the
 per-round ratios."""
 import copy
-import dataclasses
 import time
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -130,8 +129,7 @@ def _models(settings):
     name = settings.name or short_config_name(settings.config)
     cfg = read_config(settings.config)
     train = load_model(cfg, settings.checkpoint, settings.config)
-    deploy = dataclasses.replace(
-        train, model=switch_to_deploy(copy.deepcopy(train.model)))
+    deploy = replace(train, model=switch_to_deploy(copy.deepcopy(train.model)))
     references = [(r, read_config(r)) for r in settings.references]
     return [(name, 'train', settings.config, cfg, train),
             (name, 'deploy', settings.config, cfg, deploy)
