@@ -20,7 +20,8 @@ from .fileio import signals_handled
 from .logs import quiet
 
 __all__ = [
-    'tool_parser', 'add_settings', 'settings_from', 'given_options', 'run_cli'
+    'tool_parser', 'add_settings', 'settings_from', 'given_options', 'run_cli',
+    'option'
 ]
 
 _DEBUG = 'MMREPVGG_DEBUG'
@@ -194,3 +195,16 @@ def _report(error, received, debug):
         print(f'error: {error}', file=sys.stderr)
         return 1
     return None
+
+
+def option(default, help, **metadata):
+    """A field of a settings record that :func:`add_settings` makes an
+    option of.
+
+    Args:
+        default: The option's default.
+        help (str): Its help.
+        **metadata: ``choices``, ``metavar``, or ``flag``: another name.
+    """
+    return dataclasses.field(
+        default=default, metadata=dict(metadata, help=help))

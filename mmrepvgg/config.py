@@ -16,7 +16,7 @@ from .errors import ConfigError, first_line
 
 __all__ = [
     'read_config', 'shipped_config', 'config_dicts', 'is_repvgg_node',
-    'make_offline', 'deploy_config', 'build_model'
+    'make_offline', 'deploy_config', 'build_model', 'short_config_name'
 ]
 
 _PRETRAINED = ('Pretrained', 'PretrainedInit')
@@ -177,3 +177,15 @@ def build_model(cfg, deploy=None):
             f'{cfg.filename}: cannot build its model ({type(error).__name__}:'
             f' {first_line(error)})') from error
     return model.eval()
+
+
+def short_config_name(config):
+    """A config's name up to its second ``_``, which OpenMMLab's configs
+    give their model, e.g. ``pspnet_r18-d8`` for
+    ``mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py``.
+
+    Args:
+        config (str): A config's path, or ``package::path``.
+    """
+    name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
+    return '_'.join(name.split('_')[:2])

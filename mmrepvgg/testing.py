@@ -1,7 +1,8 @@
 """Toy data for tests and demos: a small Cityscapes-layout dataset of a few
 classes, each with its own colour and shape, that a segmentor learns within
 minutes on a CPU (mmseg's ``CityscapesDataset`` reads it unchanged), and
-configs that train on it offline.
+configs that train on it offline; a real Cityscapes folder gets such a
+config too.
 """
 import glob
 import os.path as osp
@@ -13,6 +14,8 @@ import torch
 from mmengine.utils import mkdir_or_exist
 
 from .checkpoint import load_checkpoint
+from .errors import UsageError
+from .fileio import write_files
 
 # Cityscapes train ids and the RGB colours they are drawn in here.
 ROAD, BUILDING, VEGETATION, SKY, PERSON, CAR = 0, 2, 8, 10, 11, 13
@@ -30,7 +33,8 @@ IGNORE_INDEX = 255
 
 __all__ = [
     'make_toy_cityscapes', 'write_toy_config', 'majority_class_miou',
-    'HOSTILE_BLOCKS', 'make_quantization_hostile'
+    'HOSTILE_BLOCKS', 'make_quantization_hostile', 'cityscapes_images',
+    'write_cityscapes_config'
 ]
 
 
@@ -289,4 +293,55 @@ def make_quantization_hostile(checkpoint,
         _scale_outputs(weights, block, index, factor)
         _scale_inputs(weights, following, index, factor, eps)
     torch.save(contents, out)
+    return out
+
+
+def cityscapes_images(data_root, split='val'):
+    """The images of a split of a Cityscapes folder, sorted.
+
+    Args:
+        data_root (str): The folder.
+        split (str): ``'train'`` or ``'val'``.
+
+    Raises:
+        UsageError: The split lacks the images or the train-id labels that
+            mmseg's ``CityscapesDataset`` reads.
+    """
+    images = glob.glob(osp.join(data_root, 'leftImg8bit', split, '*', '*.png'))
+    if not images:
+        raise UsageError(f'{data_root}: not a Cityscapes folder (no images in '
+                         f'leftImg8bit/{split}/*/)')
+    if not glob.glob(
+            osp.join(data_root, 'gtFine', split, '*',
+                     '*_gtFine_labelTrainIds.png')):
+        raise UsageError(
+            f'{data_root}: gtFine/{split} holds no *_labelTrainIds.png; '
+            "create them with mmseg's tools/dataset_converters/cityscapes.py")
+    return sorted(images)
+
+
+_CITYSCAPES_CONFIG = '''\
+# Derived from {base} to train on the Cityscapes folder {data_root}.
+_base_ = {base!r}
+train_dataloader = dict(dataset=dict(data_root={data_root!r}))
+val_dataloader = dict(dataset=dict(data_root={data_root!r}))
+test_dataloader = val_dataloader
+train_cfg = dict(max_iters={iters}, val_interval={iters})
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval={iters}))
+'''
+
+
+def write_cityscapes_config(base, data_root, out, iters):
+    """Write to ``out`` (and return it) a config that trains ``base`` on a
+    Cityscapes folder, with ``base``'s own pipelines and initialization.
+
+    Args:
+        base (str): Path of the config to derive from.
+        data_root (str): The folder (see :func:`cityscapes_images`).
+        out (str): Where to write the derived config.
+        iters (int): Training iterations, validated and saved after.
+    """
+    text = _CITYSCAPES_CONFIG.format(
+        base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
+    write_files({out: text.encode()}, force=True)
     return out

@@ -9,11 +9,10 @@ import pytest
 from mmengine.config import Config
 
 from mmrepvgg.errors import UsageError
-from mmrepvgg.testing import make_toy_cityscapes
+from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
+                              write_cityscapes_config)
 from tests.helpers import REPO_ROOT, output, run_tool
-from tools.apps.demo import (DEFAULT_CONFIG, DemoError, DemoSettings,
-                             majority_class_miou, run_demo,
-                             write_cityscapes_config)
+from tools.apps.demo import DEFAULT_CONFIG, DemoError, DemoSettings, run_demo
 
 ITERS = 2
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

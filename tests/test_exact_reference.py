@@ -10,7 +10,7 @@ from mmseg.models.decode_heads import PSPHead
 from mmrepvgg import switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import FoldedPSPHead
-from mmrepvgg.deploy.compare import relative_error
+from mmrepvgg.deploy.compare import compare_outputs, relative_error
 from mmrepvgg.deploy.exact import exact_outputs
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.deploy.modules import ChunkedFloat64Convs
@@ -82,6 +82,29 @@ def test_relative_error_sees_every_element():
     assert relative_error(actual, expected) != relative_error(actual, expected)
     with pytest.raises(ValueError, match='cannot compare'):
         relative_error(torch.ones(2, 3), torch.ones(3))
+
+
+def test_compare_outputs_flags_differences():
+    exact = torch.randn(
+        1,
+        19,
+        8,
+        16,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64)
+    own = exact.float()  # fp32's own error: its rounding, 6e-8
+
+    def compare(actual):
+        return compare_outputs(actual.float(), own, exact)
+
+    close = compare(exact * (1 + 1e-7))
+    assert close.exact and close.label_mismatches == 0
+    far = compare(exact * (1 + 1e-3))
+    assert not far.exact and far.max_rel_error > far.limit
+    swapped = exact.clone()
+    swapped[0, :, 0, 0] = swapped[0, :, 0, 0].flip(0)
+    flipped = compare(swapped)
+    assert flipped.label_mismatches == 1 and not flipped.exact
 
 
 def test_a_psp_head_that_does_not_fold_is_computed_as_it_is():

@@ -9,8 +9,10 @@ from mmseg.models.decode_heads import FCNHead, PSPHead
 from mmrepvgg import FoldedPSPHead, fold_psp_heads, switch_to_deploy
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy import relative_error
-from mmrepvgg.deploy.compare import Fp32Tolerance, compare_fp32, compare_labels
+from mmrepvgg.deploy.compare import (Fp32Tolerance, compare_fp32,
+                                     compare_labels, compare_outputs)
 from mmrepvgg.deploy.exact import fp32_and_exact
+from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import SegmentorLogits
 from mmrepvgg.errors import UsageError
 from tests.helpers import PSPNET_A0, REPO_ROOT, randomize_batch_norms
@@ -118,6 +120,24 @@ def test_folded_segmentor_predicts_the_same_labels():
                     Fp32Tolerance().limit(relative_error(actual, own)))
         flips = compare_labels(actual.argmax(1), expected, limit)
         assert flips.untied == 0
+
+
+@pytest.mark.numerics
+def test_folded_deploy_matches_with_trained_like_statistics():
+    # Fresh batch norms are close to identities; random statistics make
+    # the fold carry the folded norms' real work.
+    model = randomize_batch_norms(
+        load_model(read_config(PSPNET_A0)).model, seed=1)
+    logits = SegmentorLogits(switch_to_deploy(model)).eval()
+    inputs = torch.randn(
+        1, 3, 64, 128, generator=torch.Generator().manual_seed(0))
+    folded = copy.deepcopy(logits)
+    assert fold_psp_heads(folded) == 1
+    assert isinstance(folded.segmentor.decode_head, FoldedPSPHead)
+    own, exact = fp32_and_exact(logits, [inputs])
+    with torch.no_grad():
+        check = compare_outputs(folded(inputs), own[0], exact[0])
+    assert check.exact, check
 
 
 def test_what_cannot_be_folded_is_refused():

@@ -4,15 +4,18 @@ small factor of the reference model's *own* fp32 error from its exact
 precisions (bf16, int8) by how many labels they keep.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ..cli import option
 from ..errors import UsageError
 
 __all__ = [
     'relative_error', 'Fp32Tolerance', 'Fp32Comparison', 'compare_fp32',
-    'LabelComparison', 'compare_labels', 'tensors_of'
+    'LabelComparison', 'compare_labels', 'tensors_of', 'OutputComparison',
+    'compare_outputs'
 ]
 
 # Elements compared at a time: float64 temporaries of whole 1024x2048
@@ -50,12 +53,10 @@ class Fp32Tolerance:
         floor (float): Added to the limit, for outputs that the reference
             computes almost exactly (relative, about 8 fp32 ulps).
     """
-    factor: float = field(
-        default=10.0,
-        metadata=dict(help="times the reference model's own fp32 error "
-                      'from the exact outputs'))
-    floor: float = field(
-        default=1e-6, metadata=dict(help='added to the relative limit'))
+    factor: float = option(
+        10.0, "times the reference model's own fp32 error from the exact "
+        'outputs')
+    floor: float = option(1e-6, 'added to the relative limit')
 
     def __post_init__(self):
         if not (self.factor >= 1 and self.floor >= 0):
@@ -173,3 +174,44 @@ def compare_labels(labels, exact_logits, limit):
     scale = torch.maximum(exact_logits.amax(), -exact_logits.amin())
     tie = (top2[:, 0] - top2[:, 1]) <= (2 * limit * scale)
     return LabelComparison(int(differ.sum()), int((differ & ~tie).sum()))
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """How far a model's outputs are from a reference model's exact ones.
+
+    Attributes:
+        max_rel_error (float): Of the output nearest its limit.
+        limit (float): Its limit (:class:`Fp32Comparison`).
+        label_mismatches (int, optional): Pixels whose label differs from
+            the exact logits' (:func:`compare_labels`); None if not logits.
+        label_agreement (float, optional): The share of the other pixels.
+        exact (bool): Within the limit, labels flipped at near-ties only.
+    """
+    max_rel_error: float
+    limit: float
+    label_mismatches: Optional[int]
+    label_agreement: Optional[float]
+    exact: bool
+
+
+def compare_outputs(actual, own, exact, logits=True):
+    """Compare a model's fp32 outputs with a reference model's exact ones
+    (:class:`OutputComparison`), and if the first is logits, its labels.
+
+    Args:
+        actual: The outputs: a tensor, or nested sequences of them.
+        own: The reference model's fp32 outputs on the same inputs.
+        exact: Its float64 outputs.
+        logits (bool): Whether the first output is ``(N, C, H, W)`` logits.
+    """
+    actual, own, exact = (tensors_of(o) for o in (actual, own, exact))
+    check = compare_fp32(actual, own, exact)
+    if not logits:
+        return OutputComparison(check.error, check.limit, None, None,
+                                check.passed)
+    labels = actual[0].argmax(dim=1)
+    flips = compare_labels(labels, exact[0], check.limit)
+    return OutputComparison(check.error, check.limit, flips.differ,
+                            1 - flips.differ / labels.numel(), check.passed
+                            and not flips.untied)

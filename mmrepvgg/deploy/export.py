@@ -4,12 +4,13 @@ with their :class:`~mmrepvgg.deploy.model_info.ExportedModelInfo`),
 verified on the engines first.
 """
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
 from mmseg.models.segmentors import EncoderDecoder
 
+from ..cli import option
 from ..config import read_config
 from ..errors import ConfigError, MMRepVGGError, UsageError, VerificationError
 from ..fileio import check_output_path, write_files
@@ -51,17 +52,14 @@ class ExportSettings:
         dynamic (bool): Take any input size; the checks run at ``shape``
             and at 3/4 of it.
     """
-    shape: Optional[Tuple[int, int]] = field(
-        default=None,
-        metadata=dict(
-            metavar=('H', 'W'),
-            help="input height and width (default: a slide-mode config's "
-            "crop size, else what the config's test pipeline makes of a "
-            '1024x2048 Cityscapes frame)'))
-    dynamic: bool = field(
-        default=False,
-        metadata=dict(help='take any input size (checked at the shape and '
-                      'at 3/4 of it)'))
+    shape: Optional[Tuple[int, int]] = option(
+        None,
+        "input height and width (default: a slide-mode config's crop size, "
+        "else what the config's test pipeline makes of a 1024x2048 "
+        'Cityscapes frame)',
+        metavar=('H', 'W'))
+    dynamic: bool = option(
+        False, 'take any input size (checked at the shape and at 3/4 of it)')
 
     def check(self):
         """Raise UsageError for a shape the exported model cannot take."""

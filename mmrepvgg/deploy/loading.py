@@ -75,13 +75,14 @@ class LoadedModel:
     conversion: Optional[ConversionComparison] = None
 
 
-def load_model(cfg, checkpoint, config='config'):
+def load_model(cfg, checkpoint=None, config='config'):
     """Build ``cfg``'s model offline in the form of the checkpoint's
     weights (training or deploy) and load them strictly.
 
     Args:
         cfg (Config): The model's config (either form).
-        checkpoint (str): A checkpoint of either form.
+        checkpoint (str, optional): A checkpoint of either form; None
+            leaves the model in training form with random weights.
         config (str): Name of the config, for messages.
 
     Returns:
@@ -91,6 +92,9 @@ def load_model(cfg, checkpoint, config='config'):
         MMRepVGGError: An unreadable or unsafe checkpoint, a config that does
             not build, weights that fit neither form of the model.
     """
+    if checkpoint is None:
+        model = revert_sync_batchnorm(build_model(cfg)).eval()
+        return LoadedModel(model, Checkpoint('random weights', {}, ''), False)
     loaded = load_checkpoint(checkpoint)
     # RepVGG's fused convs say the form; other blocks' weights are tried
     # in both.

@@ -7,24 +7,21 @@ alternating order (a slow spell of a shared machine hits all alike), twice
 in each turn with the second run timed. Speed-ups are the median of the
 per-round ratios."""
 import copy
-import dataclasses
-import os.path as osp
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
-from mmengine.model import revert_sync_batchnorm
 
-from mmrepvgg.checkpoint import Checkpoint
-from mmrepvgg.config import build_model, read_config
-from mmrepvgg.deploy.compare import compare_fp32, compare_labels, tensors_of
+from mmrepvgg.cli import option
+from mmrepvgg.config import read_config, short_config_name
+from mmrepvgg.deploy.compare import compare_outputs
 from mmrepvgg.deploy.convert import switch_to_deploy
 from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.deploy.exact import exact_outputs
 from mmrepvgg.deploy.folded_psp import fold_psp_heads
 from mmrepvgg.deploy.images import as_batch, read_image, split_images
-from mmrepvgg.deploy.loading import LoadedModel, load_model
+from mmrepvgg.deploy.loading import load_model
 from mmrepvgg.deploy.logits import ImageSegmentor
 from mmrepvgg.errors import UsageError
 from mmrepvgg.quantization.ptq import Int8Settings
@@ -35,12 +32,6 @@ from .report import BenchmarkResult, Check, Int8Ceiling, Ratio, Timing
 
 PARTS = ('segmentor', 'backbone')
 CONV = 'conv3x3-256'
-
-
-def option(default, help, **metadata):
-    """A settings field that :func:`mmrepvgg.cli.add_settings` makes an
-    option of, with its help and metadata (``choices``, ``metavar``...)."""
-    return field(default=default, metadata=dict(metadata, help=help))
 
 
 @dataclass
@@ -132,61 +123,18 @@ class Entry:
         return f'{self.model} ({self.form})'
 
 
-def load_segmentor(config, checkpoint=None):
-    """A config and its segmentor, built offline in eval mode with plain
-    BN: with a checkpoint's weights (of either form), or random ones.
-
-    Returns:
-        tuple[Config, LoadedModel]
-    """
-    cfg = read_config(config)
-    if checkpoint is not None:
-        return cfg, load_model(cfg, checkpoint, config)
-    model = revert_sync_batchnorm(build_model(cfg)).eval()
-    return cfg, LoadedModel(model, Checkpoint('random weights', {}, ''), False)
-
-
-def short_name(config):
-    """A config's name up to its second ``_``, e.g. ``pspnet_r18-d8`` for
-    ``mmseg::pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024.py``."""
-    name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
-    return '_'.join(name.split('_')[:2])
-
-
-def compare_outputs(actual, own, exact, part):
-    """How far a model's outputs (a tensor or a sequence of them) are from
-    a reference model's exact ones, given the reference's own fp32 outputs
-    (see :mod:`mmrepvgg.deploy.compare`); segmentor logits as label maps
-    too (``label_*``: None for a backbone). ``exact``: within the limit,
-    labels flipped at near-ties only."""
-    actual, own, exact = (tensors_of(o) for o in (actual, own, exact))
-    check = compare_fp32(actual, own, exact)
-    mismatches = agreement = None
-    untied = 0
-    if part == 'segmentor':
-        labels = actual[0].argmax(dim=1)
-        flips = compare_labels(labels, exact[0], check.limit)
-        mismatches, untied = flips.differ, flips.untied
-        agreement = 1 - mismatches / labels.numel()
-    return dict(
-        max_rel_error=check.error,
-        limit=check.limit,
-        label_mismatches=mismatches,
-        label_agreement=agreement,
-        exact=check.passed and not untied)
-
-
 def _models(settings):
     """(name, form, config, cfg, loaded) of the train and deploy forms of
-    ours, and of the references."""
-    name = settings.name or short_name(settings.config)
-    cfg, train = load_segmentor(settings.config, settings.checkpoint)
-    deploy = dataclasses.replace(
-        train, model=switch_to_deploy(copy.deepcopy(train.model)))
+    ours, and of the references (random weights without a checkpoint)."""
+    name = settings.name or short_config_name(settings.config)
+    cfg = read_config(settings.config)
+    train = load_model(cfg, settings.checkpoint, settings.config)
+    deploy = replace(train, model=switch_to_deploy(copy.deepcopy(train.model)))
+    references = [(r, read_config(r)) for r in settings.references]
     return [(name, 'train', settings.config, cfg, train),
             (name, 'deploy', settings.config, cfg, deploy)
-            ] + [(short_name(r), 'reference', r, *load_segmentor(r))
-                 for r in settings.references]
+            ] + [(short_config_name(r), 'reference', r, c, load_model(c))
+                 for r, c in references]
 
 
 def _raw_images(settings):
@@ -299,16 +247,17 @@ def _warm_up_and_check(entries, settings, log):
         for e in dict.fromkeys([e.base for e in made] +
                                [e for e in made if e.form == 'deploy'])
     }
-    return [
-        Check(
-            e.part, e.name, e.base.name,
-            **compare_outputs(exact[e] if e.form == 'deploy' else outputs[e],
-                              outputs[e.base], exact[e.base], e.part))
-        for e in made
-    ]
+    checks = []
+    for e in made:
+        actual = exact[e] if e.form == 'deploy' else outputs[e]
+        comparison = compare_outputs(actual, outputs[e.base], exact[e.base],
+                                     e.part == 'segmentor')
+        checks.append(Check(*astuple(comparison), e.part, e.name, e.base.name))
+    return checks
 
 
 def _time_rounds(entries, rounds, device, log):
+    sync = torch.cuda.synchronize if device.type == 'cuda' else lambda _: None
     for index in range(rounds):
         order = entries if index % 2 == 0 else entries[::-1]
         for entry in order:
@@ -316,19 +265,14 @@ def _time_rounds(entries, rounds, device, log):
             # model, as frame after frame in deployment: no model inherits
             # the caches or the freed memory of another.
             entry.run(entry.input)
-            _synchronize(device)
+            sync(device)
             start = time.perf_counter()
             entry.run(entry.input)
-            _synchronize(device)
+            sync(device)
             entry.times_s.append(time.perf_counter() - start)
         log(f'round {index + 1}/{rounds}: ' +
             ', '.join(f'{e.part} {e.name} {e.times_s[-1]:.3f}s'
                       for e in entries))
-
-
-def _synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def _ratios(entries):

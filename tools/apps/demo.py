@@ -19,13 +19,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
+from mmrepvgg.cli import option
+from mmrepvgg.config import short_config_name
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.fileio import write_files
 from mmrepvgg.runner import check_work_dir
-from mmrepvgg.testing import (majority_class_miou, make_toy_cityscapes,
+from mmrepvgg.testing import (cityscapes_images, majority_class_miou,
+                              make_toy_cityscapes, write_cityscapes_config,
                               write_toy_config)
-from .benchmark import BenchmarkSettings, option, short_name
+from .benchmark import BenchmarkSettings
 from .engines import engine_forms, engine_settings, model_precision
 from .report import BenchmarkResult, format_report, write_json
 
@@ -34,16 +37,6 @@ DEFAULT_CONFIG = osp.join(
     osp.dirname(TOOLS), 'configs', 'pspnet',
     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 METRICS = ('aAcc', 'mIoU', 'mAcc')
-
-_REAL_DATA_CONFIG = '''\
-# Derived from {base} to train on the Cityscapes folder {data_root}.
-_base_ = {base!r}
-train_dataloader = dict(dataset=dict(data_root={data_root!r}))
-val_dataloader = dict(dataset=dict(data_root={data_root!r}))
-test_dataloader = val_dataloader
-train_cfg = dict(max_iters={iters}, val_interval={iters})
-default_hooks = dict(checkpoint=dict(by_epoch=False, interval={iters}))
-'''
 
 
 class DemoError(MMRepVGGError):
@@ -96,33 +89,6 @@ class DemoSettings:
                          'reuse a non-empty work dir, overwriting outputs')
 
 
-def _val_files(data_root, folder='leftImg8bit', suffix='.png'):
-    return sorted(
-        glob.glob(osp.join(data_root, folder, 'val', '*', f'*{suffix}')))
-
-
-def check_cityscapes(data_root):
-    """Raise DemoError for a folder that mmseg's Cityscapes dataset cannot
-    read: no ``leftImg8bit/val`` images or ``gtFine/val`` labels."""
-    if not _val_files(data_root):
-        raise DemoError(f'{data_root}: not a Cityscapes folder (no images in '
-                        'leftImg8bit/val/*/)')
-    if not _val_files(data_root, 'gtFine', '_gtFine_labelTrainIds.png'):
-        raise DemoError(
-            f'{data_root}: gtFine/val holds no *_labelTrainIds.png; create '
-            "them with mmseg's tools/dataset_converters/cityscapes.py")
-
-
-def write_cityscapes_config(base, data_root, out, iters):
-    """Write to ``out`` (and return it) a config that trains ``base`` on the
-    Cityscapes folder ``data_root`` for ``iters`` iterations, with
-    ``base``'s own pipelines and initialization."""
-    text = _REAL_DATA_CONFIG.format(
-        base=osp.abspath(base), data_root=osp.abspath(data_root), iters=iters)
-    write_files({out: text.encode()}, force=True)
-    return out
-
-
 @dataclass
 class DemoSummary:
     """What the demo did and measured, as ``summary.json`` holds it:
@@ -145,30 +111,29 @@ class DemoSummary:
     chart: str = ''
 
 
-def _run(step, command, log):
-    """Run a user's command, shown first with its output after it; a
-    failure raises :class:`DemoError` that names the step."""
-    command = [str(c) for c in command]
-    log('$ ' + shlex.join(command))
+def _run(command, log, step=None):
+    """Run a user's command, ``mim`` or a tool's file and the arguments,
+    shown first with its output after it; a failure raises
+    :class:`DemoError` that names the ``step`` (default: ``mim train``,
+    ``tools/test.py``...). Returns the step."""
+    tool, *args = map(str, command)
+    step = step or (f'mim {args[0]}' if tool == 'mim' else f'tools/{tool}')
+    runs = ['-m', 'mim'] if tool == 'mim' else [osp.join(TOOLS, tool)]
+    log('$ ' + shlex.join([sys.executable, *runs, *args]))
     sys.stdout.flush()
-    returncode = subprocess.run(command).returncode
+    returncode = subprocess.run([sys.executable, *runs, *args]).returncode
     if returncode != 0:
         raise DemoError(f'{step} failed with exit code {returncode} (its '
                         'output is above)')
+    return step
 
 
-def _mim(*args):
-    return [sys.executable, '-m', 'mim', *args]
-
-
-def _tool(name, *args):
-    return [sys.executable, osp.join(TOOLS, name), *args]
-
-
-def _test(step, command, work_dir, log):
-    """Run an evaluation; its metrics, which mmengine's logger writes as
-    the last JSON line of ``work_dir/TIMESTAMP/TIMESTAMP.json``."""
-    _run(step, command + ['--work-dir', work_dir], log)
+def _test(name, command, settings, log):
+    """Run an evaluation in ``work_dir/test_{name}``; its metrics, which
+    mmengine's logger writes there as the last JSON line of
+    ``TIMESTAMP/TIMESTAMP.json``."""
+    work_dir = osp.join(settings.work_dir, f'test_{name}')
+    step = _run(command + ['--work-dir', work_dir], log)
     logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     if not logs:
         raise DemoError(f'{step} wrote no metrics under {work_dir}')
@@ -192,7 +157,7 @@ def _check(settings):
         precisions=settings.precisions,
         calib_num=settings.calib_num).check()
     if settings.data_root is not None:
-        check_cityscapes(settings.data_root)
+        cityscapes_images(settings.data_root)
     check_work_dir(settings.work_dir)
     if (osp.isdir(settings.work_dir) and os.listdir(settings.work_dir)
             and not settings.force):
@@ -201,29 +166,24 @@ def _check(settings):
                         'overwrite its outputs')
 
 
-def _prepare_data(settings, train_config, summary, log):
+def _prepare_data(settings, config, summary, log):
     """Write the training config (and toy data)."""
     if settings.data_root is not None:
-        write_cityscapes_config(settings.config, settings.data_root,
-                                train_config, settings.iters)
+        write_cityscapes_config(settings.config, summary.data_root, config,
+                                settings.iters)
         summary.data = f'Cityscapes at {settings.data_root}'
-        summary.data_root = settings.data_root
         return
     height, width = settings.image_size
-    summary.data_root = make_toy_cityscapes(
-        osp.join(settings.work_dir, 'data'),
-        num_train=settings.num_train,
-        num_val=settings.num_val,
-        height=height,
-        width=width)
+    make_toy_cityscapes(summary.data_root, settings.num_train,
+                        settings.num_val, height, width)
     write_toy_config(
         settings.config,
         summary.data_root,
-        train_config,
-        iters=settings.iters,
-        crop=settings.image_size,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
+        config,
+        settings.iters,
+        settings.image_size,
+        settings.batch_size,
+        settings.lr,
         log_interval=max(1, settings.iters // 20))
     summary.data = (f'toy Cityscapes layout, {settings.num_train} train / '
                     f'{settings.num_val} val images of {height}x{width}')
@@ -231,25 +191,29 @@ def _prepare_data(settings, train_config, summary, log):
     log(f'wrote {summary.data} to {summary.data_root}')
 
 
+def _train(settings, config, summary, log):
+    train_dir = osp.dirname(summary.checkpoint)
+    _run(['mim', 'train', 'mmsegmentation', config, '--work-dir', train_dir],
+         log)
+    if not osp.isfile(summary.checkpoint):
+        raise DemoError(f'training wrote no {summary.checkpoint}')
+
+
 def _evaluate_and_convert(settings, config, summary, log):
-    work_dir, force = settings.work_dir, ['--force'] * settings.force
-    summary.metrics['train'] = _test(
-        'mim test',
-        _mim('test', 'mmsegmentation', config, '--checkpoint',
-             summary.checkpoint), osp.join(work_dir, 'test_train'), log)
-    summary.deploy_checkpoint = osp.join(work_dir, 'deploy', 'deploy.pth')
-    summary.deploy_config = osp.join(work_dir, 'deploy', 'deploy.py')
-    _run(
-        'tools/reparameterize.py',
-        _tool('reparameterize.py', config, summary.checkpoint,
-              summary.deploy_checkpoint, *force), log)
-    summary.metrics['deploy'] = _test(
-        'mim test',
-        _mim('test', 'mmsegmentation', summary.deploy_config,
-             '--checkpoint', summary.deploy_checkpoint),
-        osp.join(work_dir, 'test_deploy'), log)
-    summary.same_miou = (
-        summary.metrics['train']['mIoU'] == summary.metrics['deploy']['mIoU'])
+    metrics, force = summary.metrics, ['--force'] * settings.force
+    metrics['train'] = _test('train', [
+        'mim', 'test', 'mmsegmentation', config, '--checkpoint',
+        summary.checkpoint
+    ], settings, log)
+    _run([
+        'reparameterize.py', config, summary.checkpoint,
+        summary.deploy_checkpoint, *force
+    ], log)
+    metrics['deploy'] = _test('deploy', [
+        'mim', 'test', 'mmsegmentation', summary.deploy_config, '--checkpoint',
+        summary.deploy_checkpoint
+    ], settings, log)
+    summary.same_miou = metrics['train']['mIoU'] == metrics['deploy']['mIoU']
 
 
 def _export(settings, config, summary, precision, log):
@@ -264,9 +228,8 @@ def _export(settings, config, summary, precision, log):
             '--int8', '--calib-num', settings.calib_num, '--eval-num',
             settings.num_val, '--min-agreement', 0
         ]
-    _run(f'tools/export.py ({precision})',
-         _tool('export.py', config, summary.deploy_checkpoint, out, *options),
-         log)
+    _run(['export.py', config, summary.deploy_checkpoint, out, *options], log,
+         f'tools/export.py ({precision})')
     return out, read_model(out).info.agreement.get('labels')
 
 
@@ -280,29 +243,26 @@ def _export_and_evaluate(settings, config, summary, log):
     for backend, precision in forms:
         model, agreement = models[model_precision(precision)]
         engine = engine_settings(backend, precision, settings.threads)
-        metrics = _test(
-            'tools/test.py',
-            _tool('test.py', config, model, '--backend', backend,
-                  '--precision', engine.precision, '--threads',
-                  engine.threads),
-            osp.join(settings.work_dir, f'test_{backend}_{precision}'), log)
+        metrics = _test(f'{backend}_{precision}', [
+            'test.py', config, model, '--backend', backend, '--precision',
+            engine.precision, '--threads', engine.threads
+        ], settings, log)
         summary.engines[f'{backend} {precision}'] = dict(
             metrics, agreement=agreement)
 
 
 def _benchmark(settings, config, summary, log):
     out = osp.join(settings.work_dir, 'benchmark.json')
-    summary.chart = osp.join(settings.work_dir, 'speed.png')
     options = [
         '--checkpoint', summary.checkpoint, '--size', *settings.bench_size,
         '--rounds', settings.bench_rounds, '--warmup', 1, '--threads',
         settings.threads, '--name',
-        short_name(settings.config), '--backends', *settings.backends,
+        short_config_name(settings.config), '--backends', *settings.backends,
         '--precisions', *settings.precisions, '--image',
-        _val_files(summary.data_root)[0], '--calib-num', settings.calib_num,
-        '--json', out, '--chart', summary.chart
+        cityscapes_images(summary.data_root)[0], '--calib-num',
+        settings.calib_num, '--json', out, '--chart', summary.chart
     ] + ['--fold-psp'] * settings.fold_psp + ['--force'] * settings.force
-    _run('tools/benchmark.py', _tool('benchmark.py', config, *options), log)
+    _run(['benchmark.py', config, *options], log)
     with open(out) as f:
         summary.benchmark = json.load(f)
 
@@ -324,10 +284,17 @@ def run_demo(settings, log=print):
         MMRepVGGError: Bad settings or a failed step.
     """
     _check(settings)
-    settings.work_dir = osp.abspath(settings.work_dir)
-    os.makedirs(settings.work_dir, exist_ok=True)
-    config = osp.join(settings.work_dir, 'train_config.py')
-    summary = DemoSummary(settings.config, settings.iters)
+    work_dir = settings.work_dir = osp.abspath(settings.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    config = osp.join(work_dir, 'train_config.py')
+    summary = DemoSummary(
+        settings.config,
+        settings.iters,
+        data_root=settings.data_root or osp.join(work_dir, 'data'),
+        checkpoint=osp.join(work_dir, 'train', f'iter_{settings.iters}.pth'),
+        deploy_checkpoint=osp.join(work_dir, 'deploy', 'deploy.pth'),
+        deploy_config=osp.join(work_dir, 'deploy', 'deploy.py'),
+        chart=osp.join(work_dir, 'speed.png'))
     steps = [
         ('data', 'data', _prepare_data),
         ('train', f'training for {settings.iters} iterations', _train),
@@ -345,18 +312,8 @@ def run_demo(settings, log=print):
         summary.seconds[step] = round(time.perf_counter() - started, 1)
     table = format_report(
         BenchmarkResult.from_dict(summary.benchmark), summary)
-    write_files(
-        {osp.join(settings.work_dir, 'summary.txt'): table.encode() + b'\n'},
-        force=True)
-    write_json(asdict(summary), osp.join(settings.work_dir, 'summary.json'))
+    write_files({osp.join(work_dir, 'summary.txt'): table.encode() + b'\n'},
+                force=True)
+    write_json(asdict(summary), osp.join(work_dir, 'summary.json'))
     log(table)
     return summary
-
-
-def _train(settings, config, summary, log):
-    train_dir = osp.join(settings.work_dir, 'train')
-    _run('mim train',
-         _mim('train', 'mmsegmentation', config, '--work-dir', train_dir), log)
-    summary.checkpoint = osp.join(train_dir, f'iter_{settings.iters}.pth')
-    if not osp.isfile(summary.checkpoint):
-        raise DemoError(f'training wrote no {summary.checkpoint}')

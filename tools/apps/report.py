@@ -6,8 +6,9 @@ import json
 import os.path as osp
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List
 
+from mmrepvgg.deploy.compare import OutputComparison
 from mmrepvgg.fileio import write_files
 
 
@@ -54,18 +55,13 @@ class Ratio:
                    max(per_round))
 
 
-@dataclass
-class Check:
-    """How far a model's outputs are from a reference's (see
-    :func:`apps.benchmark.compare_outputs`)."""
+@dataclass(frozen=True)
+class Check(OutputComparison):
+    """How far a model's (``candidate``) outputs are from a ``reference``
+    model's."""
     part: str
     candidate: str
     reference: str
-    max_rel_error: float
-    limit: float
-    label_mismatches: Optional[int]
-    label_agreement: Optional[float]
-    exact: bool
 
 
 @dataclass
