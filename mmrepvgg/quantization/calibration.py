@@ -12,18 +12,16 @@ __all__ = [
     'average_activation_ranges'
 ]
 
-# Training images that the activation ranges of ``qat.equalize`` and the
-# quantizers' first ranges are measured on, as many as ``tools/export.py
-# --int8`` calibrates on by default.
+# Training images that ``qat.equalize`` and the first activation ranges are
+# measured on, as many as ``tools/export.py --int8`` calibrates on.
 CALIBRATION_IMAGES = 16
 
 
-@torch.no_grad()
 def calibrate_activation_ranges(model, images):
     """Start every activation quantizer that inference reaches from the
-    range its input takes over ``images`` in the float model, as
-    ``tools/export.py --int8`` calibrates (min/max), rather than from the
-    first training batch, which its moving average would take whole.
+    min/max its input takes over ``images`` in the float model, as
+    ``tools/export.py --int8`` calibrates, rather than from the first
+    training batch, which its moving average would take whole.
 
     Args:
         model (nn.Module): A segmentor made quantization-aware
@@ -37,10 +35,10 @@ def calibrate_activation_ranges(model, images):
     ranges = {}
 
     def observe(quantizer, args):
-        ranges.setdefault(
-            quantizer,
-            MinMaxObserver(dtype=torch.quint8, quant_min=0, quant_max=255))(
-                args[0])
+        if quantizer not in ranges:
+            ranges[quantizer] = MinMaxObserver(
+                dtype=torch.quint8, quant_min=0, quant_max=255)
+        ranges[quantizer](args[0])
 
     hooks = [
         quantizer.register_forward_pre_hook(observe)
@@ -53,9 +51,7 @@ def calibrate_activation_ranges(model, images):
         for hook in hooks:
             hook.remove()
     for quantizer, seen in ranges.items():
-        observer = quantizer.activation_post_process
-        observer.min_val.resize_(seen.min_val.shape).copy_(seen.min_val)
-        observer.max_val.resize_(seen.max_val.shape).copy_(seen.max_val)
+        quantizer.activation_post_process.load_state_dict(seen.state_dict())
         set_qparams(quantizer)
     return len(ranges)
 

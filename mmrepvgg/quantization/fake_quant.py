@@ -1,48 +1,32 @@
-"""Fake quantization of deploy-form segmentors, for QAT.
-
-The norms of the conv modules that keep one (mmseg's heads) are folded into
-their convs, and every ``nn.Conv2d`` becomes PyTorch's eager-mode QAT conv
-(``torch.ao.nn.qat.Conv2d``, fake-quantized weights) whose input is
-fake-quantized too. That is the cpu int8 scheme that export writes:
-symmetric signed 8-bit weights per output channel, unsigned 8-bit
-activations per tensor, with zero points (which OpenVINO needs). Module
-names stay those of the deploy model; the fake quantizers' ranges and
-scales are buffers beside each conv.
+"""Fake quantization of deploy-form segmentors, for QAT: the cpu int8
+scheme that export writes (symmetric signed 8-bit weights per output
+channel, unsigned 8-bit activations per tensor with zero points, which
+OpenVINO needs), under the deploy model's module names; the fake
+quantizers' ranges and scales are buffers beside each conv.
 """
 from contextlib import contextmanager
 
-import torch
 from mmcv.cnn import ConvModule
 from torch import nn
 from torch.ao.nn import qat as nnqat
-from torch.ao.quantization import (FakeQuantize, FakeQuantizeBase,
-                                   MovingAverageMinMaxObserver, QConfig)
-from torch.ao.quantization.fake_quantize import \
-    default_per_channel_weight_fake_quant
+from torch.ao.quantization import FakeQuantizeBase, QConfig
+from torch.ao.quantization.fake_quantize import (
+    default_fake_quant, default_per_channel_weight_fake_quant)
 
 from ..deploy.modules import replace_modules
 from ..models.fusion import fuse_conv_bn, is_batch_norm
 
 __all__ = [
-    'qat_qconfig', 'QATConv2d', 'QuantizedOutput', 'fold_conv_norms',
+    'QAT_QCONFIG', 'QATConv2d', 'QuantizedOutput', 'fold_conv_norms',
     'prepare_qat', 'fake_quantizers', 'activation_quantizers', 'set_observers',
     'float_mode', 'set_qparams'
 ]
 
-
-def qat_qconfig():
-    """The fake quantization trained with: per-tensor unsigned 8-bit
-    activations with a zero point, per-channel symmetric signed 8-bit
-    weights (each with moving-average min/max observers, as PyTorch's
-    default QAT qconfig has, but over the full 8 bits)."""
-    activation = FakeQuantize.with_args(
-        observer=MovingAverageMinMaxObserver,
-        quant_min=0,
-        quant_max=255,
-        dtype=torch.quint8,
-        qscheme=torch.per_tensor_affine)
-    return QConfig(
-        activation=activation, weight=default_per_channel_weight_fake_quant)
+# PyTorch's default QAT qconfig (moving-average min/max observers) over the
+# full 8 bits.
+QAT_QCONFIG = QConfig(
+    activation=default_fake_quant.with_args(reduce_range=False),
+    weight=default_per_channel_weight_fake_quant)
 
 
 class QATConv2d(nnqat.Conv2d):
@@ -59,11 +43,8 @@ class QATConv2d(nnqat.Conv2d):
 
 class QuantizedOutput(nn.Module):
     """An activation whose output is fake-quantized: that of a backbone
-    stage (its ``out_indices``), which the heads may read. An int8 engine
-    stores such a tensor once, quantized, and runs the conv before it in
-    int8 (ONNX Runtime fuses a conv into its int8 kernel only when a
-    QuantizeLinear takes its output, not where pooling, resizing or
-    concatenation read it).
+    stage (its ``out_indices``), which the heads read (ONNX Runtime runs a
+    conv in int8 only if a QuantizeLinear takes its output).
 
     Args:
         act (nn.Module): The activation.
@@ -105,7 +86,7 @@ def fold_conv_norms(model):
 def prepare_qat(model):
     """Make a deploy-form model quantization-aware, in place: norms folded
     (:func:`fold_conv_norms`), every ``nn.Conv2d`` a :class:`QATConv2d`
-    with :func:`qat_qconfig`, under the same name, and the activation of
+    with :data:`QAT_QCONFIG`, under the same name, and the activation of
     the last block of each backbone stage in ``out_indices`` a
     :class:`QuantizedOutput`.
 
@@ -113,12 +94,11 @@ def prepare_qat(model):
         nn.Module: ``model``.
     """
     fold_conv_norms(model)
-    qconfig = qat_qconfig()
 
     def swap(module):
         if type(module) is not nn.Conv2d:
             return None
-        module.qconfig = qconfig
+        module.qconfig = QAT_QCONFIG
         conv = QATConv2d.from_float(module)
         # Observed once, so that its ranges have one entry per channel, as
         # in the checkpoints that load into it.
@@ -127,7 +107,7 @@ def prepare_qat(model):
 
     replace_modules(model, swap)
     for block in model.backbone.output_blocks():
-        block.act = QuantizedOutput(block.act, qconfig.activation())
+        block.act = QuantizedOutput(block.act, QAT_QCONFIG.activation())
     return model
 
 
@@ -154,20 +134,20 @@ def set_observers(model, enabled):
 def float_mode(model):
     """Run ``model`` in float, in eval mode: every fake quantizer off, and
     back as it was after."""
-    quantizers = [q for _, q in fake_quantizers(model)]
-    states = [(bool(q.fake_quant_enabled[0]), bool(q.observer_enabled[0]))
-              for q in quantizers]
+    switches = [
+        switch for _, q in fake_quantizers(model)
+        for switch in (q.fake_quant_enabled, q.observer_enabled)
+    ]
+    states = [switch.clone() for switch in switches]
     training = model.training
-    for quantizer in quantizers:
-        quantizer.disable_fake_quant()
-        quantizer.disable_observer()
+    for switch in switches:
+        switch.zero_()
     try:
         yield model.eval()
     finally:
         model.train(training)
-        for quantizer, (fake_quant, observer) in zip(quantizers, states):
-            quantizer.enable_fake_quant(fake_quant)
-            quantizer.enable_observer(observer)
+        for switch, state in zip(switches, states):
+            switch.copy_(state)
 
 
 def set_qparams(quantizer):
