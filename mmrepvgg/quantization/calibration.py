@@ -28,9 +28,6 @@ def calibrate_activation_ranges(model, images):
             (:func:`prepare_qat`).
         images (Sequence[Tensor]): Image batches, as the exported model
             takes them.
-
-    Returns:
-        int: The quantizers calibrated.
     """
     ranges = {}
 
@@ -53,7 +50,6 @@ def calibrate_activation_ranges(model, images):
     for quantizer, seen in ranges.items():
         quantizer.activation_post_process.load_state_dict(seen.state_dict())
         set_qparams(quantizer)
-    return len(ranges)
 
 
 @torch.no_grad()

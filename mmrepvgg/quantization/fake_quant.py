@@ -63,12 +63,7 @@ class QuantizedOutput(nn.Module):
 def fold_conv_norms(model):
     """Fold the batch norm of every conv-norm ``ConvModule`` inside
     ``model`` into its conv, in place, so that the weights an int8 engine
-    quantizes are the ones trained; the norm becomes an identity.
-
-    Returns:
-        int: How many norms were folded.
-    """
-    folded = 0
+    quantizes are the ones trained; the norm becomes an identity."""
     for module in model.modules():
         if not (isinstance(module, ConvModule) and module.with_norm
                 and is_batch_norm(module.norm)
@@ -79,8 +74,6 @@ def fold_conv_norms(model):
         conv.weight = nn.Parameter(kernel.to(conv.weight.dtype))
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
         setattr(module, module.norm_name, nn.Identity())
-        folded += 1
-    return folded
 
 
 def prepare_qat(model):

@@ -2,7 +2,7 @@
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
 trained, and the model's labels on ONNX Runtime are checked against the QAT
 model's own."""
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import onnx
 import torch
@@ -62,12 +62,10 @@ class QATExportSettings:
 
 class FrozenFakeQuantize(nn.Module):
     """A fake quantizer's eval-mode computation with its scale and zero
-    point fixed, as PyTorch's own PT2E flow represents it (its
-    ``quantized_decomposed`` quantize and dequantize ops), which the ONNX
-    exporter writes as QuantizeLinear and DequantizeLinear.
-    ``torch.export`` traces neither the run-time switches of
-    ``FakeQuantize`` (branches on its buffers) nor its kernel at a free
-    batch size.
+    point fixed, in the ``quantized_decomposed`` ops of PyTorch's PT2E flow,
+    which the ONNX exporter writes as QuantizeLinear and DequantizeLinear
+    (``torch.export`` traces neither ``FakeQuantize``'s run-time switches
+    nor its kernel at a free batch size).
 
     Args:
         quantizer (FakeQuantizeBase): The trained fake quantizer.
@@ -88,24 +86,22 @@ class FrozenFakeQuantize(nn.Module):
             self.register_buffer('zero_point',
                                  zero_point.detach().int().clone())
 
-    def _qparams(self):
+    def _call(self, name, x):
+        ops = torch.ops.quantized_decomposed
         if self.axis is None:
-            return self.qparams
-        return self.scale, self.zero_point, self.axis
+            op, qparams = f'{name}_per_tensor', self.qparams
+        else:
+            op = f'{name}_per_channel'
+            qparams = (self.scale, self.zero_point, self.axis)
+        return getattr(ops, op)(x, *qparams, *self.bounds)
 
     def quantize(self, x):
         """The integers ``x`` rounds to."""
-        ops = torch.ops.quantized_decomposed
-        op = ops.quantize_per_tensor if self.axis is None else \
-            ops.quantize_per_channel
-        return op(x, *self._qparams(), *self.bounds)
+        return self._call('quantize', x)
 
     def dequantize(self, q):
         """The values of integers ``q``."""
-        ops = torch.ops.quantized_decomposed
-        op = ops.dequantize_per_tensor if self.axis is None else \
-            ops.dequantize_per_channel
-        return op(q, *self._qparams(), *self.bounds)
+        return self._call('dequantize', q)
 
     def forward(self, x):
         return self.dequantize(self.quantize(x))
@@ -155,15 +151,10 @@ def frozen_for_export(module):
 
 
 def export_qat(job, settings=QATExportSettings()):
-    """Export a QAT checkpoint as a QDQ ONNX model, checked on ONNX
-    Runtime, and write it.
-
-    Each fake quantizer becomes a QuantizeLinear/DequantizeLinear pair with
-    the scale and zero point it trained: uint8 activations with zero
-    points, int8 weights per output channel, as the cpu int8 scheme has
-    them. The model's labels on ONNX Runtime are compared with the QAT
-    model's own (PyTorch, fake-quantized) on images of the config's
-    validation set.
+    """Export a QAT checkpoint as a QDQ ONNX model in the cpu int8 scheme,
+    its labels on ONNX Runtime checked against the QAT model's own
+    (PyTorch, fake-quantized) on images of the config's validation set, and
+    write it.
 
     Args:
         job (ExportJob): What to export: the config QAT trained (the
@@ -198,7 +189,7 @@ def export_qat(job, settings=QATExportSettings()):
     agreement = measure_agreement(data, outputs, images, 'val')
     check_agreement(
         agreement, settings.min_agreement, reference='the QAT model')
-    info.agreement = dict(asdict(agreement), reference='qat')
+    info.agreement = dict(agreement.to_dict(), reference='qat')
     proto = onnx.load_from_string(data)
     set_info(proto, info)
     job.write(proto.SerializeToString())
