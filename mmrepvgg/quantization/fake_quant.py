@@ -1,25 +1,31 @@
 """Fake quantization of deploy-form segmentors, for QAT: the cpu int8
 scheme that export writes (symmetric signed 8-bit weights per output
 channel, unsigned 8-bit activations per tensor with zero points, which
-OpenVINO needs), under the deploy model's module names; the fake
-quantizers' ranges and scales are buffers beside each conv.
+OpenVINO needs), under the deploy model's module names; and the activation
+ranges that QAT starts from, and keeps alike across the processes of a
+distributed run.
 """
+from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 
+import torch
 from mmcv.cnn import ConvModule
+from mmengine.dist import all_reduce
 from torch import nn
 from torch.ao.nn import qat as nnqat
-from torch.ao.quantization import FakeQuantizeBase, QConfig
+from torch.ao.quantization import FakeQuantizeBase, MinMaxObserver, QConfig
 from torch.ao.quantization.fake_quantize import (
     default_fake_quant, default_per_channel_weight_fake_quant)
 
+from ..deploy.logits import run_on_images
 from ..deploy.modules import replace_modules
 from ..models.fusion import fuse_conv_bn, is_batch_norm
 
 __all__ = [
     'QAT_QCONFIG', 'QATConv2d', 'QuantizedOutput', 'fold_conv_norms',
     'prepare_qat', 'fake_quantizers', 'activation_quantizers', 'set_observers',
-    'float_mode', 'set_qparams'
+    'calibrate_activation_ranges', 'average_activation_ranges'
 ]
 
 # PyTorch's default QAT qconfig (moving-average min/max observers) over the
@@ -124,9 +130,8 @@ def set_observers(model, enabled):
 
 
 @contextmanager
-def float_mode(model):
-    """Run ``model`` in float, in eval mode: every fake quantizer off, and
-    back as it was after."""
+def _float_mode(model):
+    """``model`` in float (fake quantizers off) and eval mode, within."""
     switches = [
         switch for _, q in fake_quantizers(model)
         for switch in (q.fake_quant_enabled, q.observer_enabled)
@@ -143,9 +148,53 @@ def float_mode(model):
             switch.copy_(state)
 
 
-def set_qparams(quantizer):
-    """Set a fake quantizer's scale and zero point from its observer's
-    range."""
+def _set_qparams(quantizer):
+    """Set a fake quantizer's scale and zero point from its observer."""
     scale, zero_point = quantizer.calculate_qparams()
     quantizer.scale.resize_(scale.shape).copy_(scale)
     quantizer.zero_point.resize_(zero_point.shape).copy_(zero_point)
+
+
+def calibrate_activation_ranges(model, images):
+    """Start every activation quantizer that inference reaches from the
+    min/max its input takes over ``images`` in the float model, as
+    ``tools/export.py --int8`` calibrates, rather than from the first
+    training batch, which its moving average would take whole.
+
+    Args:
+        model (nn.Module): A segmentor made quantization-aware
+            (:func:`prepare_qat`).
+        images (Sequence[Tensor]): Image batches, as the exported model
+            takes them.
+    """
+    ranges = defaultdict(
+        partial(
+            MinMaxObserver, dtype=torch.quint8, quant_min=0, quant_max=255))
+    hooks = [
+        quantizer.register_forward_pre_hook(
+            lambda quantizer, args: ranges[quantizer](args[0]))
+        for _, quantizer in activation_quantizers(model)
+    ]
+    try:
+        with _float_mode(model):
+            run_on_images(model, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for quantizer, seen in ranges.items():
+        quantizer.activation_post_process.load_state_dict(seen.state_dict())
+        _set_qparams(quantizer)
+
+
+@torch.no_grad()
+def average_activation_ranges(model):
+    """Average the ranges that the activation quantizers of ``model``
+    observed over the processes of a distributed run, and set their scales
+    and zero points from them: DDP keeps the weights alike, not buffers."""
+    for _, quantizer in activation_quantizers(model):
+        if not quantizer.observer_enabled[0]:
+            continue
+        observer = quantizer.activation_post_process
+        for value in (observer.min_val, observer.max_val):
+            all_reduce(value, op='mean')
+        _set_qparams(quantizer)

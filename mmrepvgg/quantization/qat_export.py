@@ -1,13 +1,13 @@
 """Exporting a QAT checkpoint: each fake quantizer becomes a
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
-trained, and the model's labels on ONNX Runtime are checked against the QAT
-model's own."""
+trained."""
 from dataclasses import dataclass, field
 
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.quantization import FakeQuantizeBase
 # Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
 from torch.ao.quantization.fx import _decomposed  # noqa: F401
 
@@ -20,7 +20,7 @@ from ..deploy.model_info import set_info
 from ..deploy.modules import replace_modules
 from ..errors import UsageError
 from .agreement import check_agreement, measure_agreement
-from .fake_quant import QATConv2d, QuantizedOutput
+from .fake_quant import QATConv2d
 from .training import QAT_META_KEY, QAT_SCHEME, load_qat_model
 
 __all__ = [
@@ -62,10 +62,10 @@ class QATExportSettings:
 
 class FrozenFakeQuantize(nn.Module):
     """A fake quantizer's eval-mode computation with its scale and zero
-    point fixed, in the ``quantized_decomposed`` ops of PyTorch's PT2E flow,
-    which the ONNX exporter writes as QuantizeLinear and DequantizeLinear
-    (``torch.export`` traces neither ``FakeQuantize``'s run-time switches
-    nor its kernel at a free batch size).
+    point fixed, in PyTorch's ``quantized_decomposed`` ops, which the ONNX
+    exporter writes as QuantizeLinear and DequantizeLinear (``torch.export``
+    traces neither ``FakeQuantize``'s switches nor its kernel at a free
+    batch size).
 
     Args:
         quantizer (FakeQuantizeBase): The trained fake quantizer.
@@ -76,15 +76,13 @@ class FrozenFakeQuantize(nn.Module):
         self.bounds = (quantizer.quant_min, quantizer.quant_max,
                        torch.uint8 if quantizer.quant_min == 0 else torch.int8)
         self.axis = quantizer.ch_axis if quantizer.is_per_channel else None
-        # The scale and zero point it computes with, as last observed.
-        scale, zero_point = quantizer.scale, quantizer.zero_point
+        scale, zero_point = quantizer.scale.detach(), quantizer.zero_point
         if self.axis is None:
             # Python numbers: constants to the exporter.
             self.qparams = (float(scale), int(zero_point))
         else:
-            self.register_buffer('scale', scale.detach().float().clone())
-            self.register_buffer('zero_point',
-                                 zero_point.detach().int().clone())
+            self.register_buffer('scale', scale.float().clone())
+            self.register_buffer('zero_point', zero_point.int().clone())
 
     def _call(self, name, x):
         ops = torch.ops.quantized_decomposed
@@ -110,8 +108,7 @@ class FrozenFakeQuantize(nn.Module):
 class FrozenQATConv2d(nn.Module):
     """A trained :class:`QATConv2d` for export: its input fake-quantized
     with fixed parameters, its weights stored as the int8 values they round
-    to, so that the ONNX model holds int8 weights behind a
-    DequantizeLinear, as OpenVINO and ONNX Runtime take int8 convs.
+    to, behind a DequantizeLinear, as OpenVINO and ONNX Runtime take them.
 
     Args:
         conv (QATConv2d): The trained conv.
@@ -139,14 +136,13 @@ class FrozenQATConv2d(nn.Module):
 
 
 def frozen_for_export(module):
-    """The export form of a trained QAT module (a :class:`QATConv2d` or
-    :class:`QuantizedOutput`), or None for another (for
+    """The export form of a trained :class:`QATConv2d` or fake quantizer,
+    or None for another module (for
     :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
     if isinstance(module, QATConv2d):
         return FrozenQATConv2d(module)
-    if isinstance(module, QuantizedOutput):
-        return nn.Sequential(module.act,
-                             FrozenFakeQuantize(module.output_fake_quant))
+    if isinstance(module, FakeQuantizeBase):
+        return FrozenFakeQuantize(module)
     return None
 
 
@@ -157,14 +153,12 @@ def export_qat(job, settings=QATExportSettings()):
     write it.
 
     Args:
-        job (ExportJob): What to export: the config QAT trained (the
-            model's own, or the one written to the work dir) and a QAT
-            checkpoint, without images (it is checked on the config's).
+        job (ExportJob): What to export: the config QAT trained (its own,
+            or the one written to the work dir) and a QAT checkpoint.
         settings (QATExportSettings): How it is checked.
 
     Returns:
-        ExportResult: What was written; its ``info.agreement`` is the
-        check.
+        ExportResult: What was written; ``info.agreement`` is the check.
 
     Raises:
         UsageError: Images to check on, or not a QAT checkpoint.

@@ -1,10 +1,7 @@
 """Quantization-aware training (QAT) of RepVGG segmentors in deploy form,
-with the mmengine Runner: :class:`QATRunner` (``runner_type='QATRunner'``
-with ``qat = dict(checkpoint=...)``, which ``tools/train.py --qat`` sets)
-trains the QAT model of a trained checkpoint with the config's own dataset,
-optimizer wrapper, hooks and launchers. Module names stay those of the
-deploy model, so checkpoints and ``--resume`` work as for any model; the
-checkpoints are marked (:data:`QAT_META_KEY`) for :mod:`.qat_export`.
+under the deploy model's module names, by the mmengine Runner
+(:class:`QATRunner`) with the config's own dataset, optimizer wrapper,
+hooks and launchers (``docs/deployment/int8.md``).
 """
 import copy
 import os.path as osp
@@ -28,20 +25,23 @@ from ..deploy.images import split_images
 from ..deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
 from ..errors import ConfigError, MMRepVGGError, UsageError
 from ..models.weight_layouts import is_deploy_form
-from .calibration import (CALIBRATION_IMAGES, average_activation_ranges,
-                          calibrate_activation_ranges)
-from .fake_quant import prepare_qat, set_observers
+from .fake_quant import (average_activation_ranges,
+                         calibrate_activation_ranges, prepare_qat,
+                         set_observers)
 
 __all__ = [
-    'QAT_META_KEY', 'QAT_SCHEME', 'is_qat_checkpoint', 'check_qat_start',
-    'use_qat', 'build_qat_model', 'load_qat_model', 'Distillation', 'QATHook',
-    'QATRunner'
+    'QAT_META_KEY', 'QAT_SCHEME', 'CALIBRATION_IMAGES', 'is_qat_checkpoint',
+    'check_qat_start', 'use_qat', 'build_qat_model', 'load_qat_model',
+    'Distillation', 'QATHook', 'QATRunner'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
 QAT_META_KEY = 'mmrepvgg_qat'
 # The int8 scheme trained for: the one ``tools/export.py --int8`` writes.
 QAT_SCHEME = 'cpu'
+# Training images that ``qat.equalize`` and the first activation ranges are
+# measured on, as many as ``tools/export.py --int8`` calibrates on.
+CALIBRATION_IMAGES = 16
 
 
 def is_qat_checkpoint(checkpoint):
@@ -87,12 +87,10 @@ def check_qat_start(cfg, checkpoint, config='config'):
 
 def use_qat(cfg, checkpoint, config='config', equalize=False, distill=False):
     """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint
-    (:func:`build_qat_model` says what ``equalize`` and ``distill`` do),
-    once :func:`check_qat_start` passes: it sets ``qat = dict(checkpoint=...,
-    equalize=..., distill=...)``, ``runner_type='QATRunner'`` and this
-    module in ``custom_imports``, so that the config written to the work dir
-    resumes, tests and trains the same way, with mmseg's tools and ``mim``.
-    """
+    (:func:`build_qat_model`), once :func:`check_qat_start` passes: it sets
+    ``qat = dict(...)``, ``runner_type='QATRunner'`` and this module in
+    ``custom_imports``, so that the config written to the work dir resumes,
+    tests and trains the same way, with mmseg's tools and ``mim`` too."""
     check_qat_start(cfg, checkpoint, config)
     cfg.qat = dict(checkpoint=checkpoint, equalize=equalize, distill=distill)
     cfg.runner_type = 'QATRunner'
@@ -144,8 +142,7 @@ def build_qat_model(cfg,
 
 
 def _heads(segmentor):
-    """A segmentor's decode head and auxiliary heads, by the prefix of
-    their losses."""
+    """A segmentor's heads, by the prefix of their losses."""
     heads = dict(decode=segmentor.decode_head)
     auxiliary = getattr(segmentor, 'auxiliary_head', None)
     if isinstance(auxiliary, nn.ModuleList):
@@ -209,8 +206,7 @@ class Distillation(BaseModel):
         return losses
 
     def _as_own_state(self, state_dict, prefix, *args):
-        """Give a checkpoint's student weights their names in this module,
-        and the teacher its own weights."""
+        """Load a checkpoint's student weights, and the teacher's own."""
         for key in [k for k in state_dict if k.startswith(prefix)]:
             state_dict[f'{prefix}student.{key[len(prefix):]}'] = \
                 state_dict.pop(key)
@@ -218,8 +214,7 @@ class Distillation(BaseModel):
 
 
 def _student_state(module, state_dict, prefix, local_metadata):
-    """A :class:`Distillation`'s state: its student's, under the student's
-    own names."""
+    """A :class:`Distillation`'s state: the student's, under its own names."""
     student = prefix + 'student.'
     return OrderedDict((prefix + key[len(student):], value)
                        for key, value in state_dict.items()
@@ -249,12 +244,11 @@ def load_qat_model(cfg, checkpoint, config='config'):
 
 @HOOKS.register_module()
 class QATHook(Hook):
-    """Marks the checkpoints of a QAT run (:data:`QAT_META_KEY`: the scheme
-    and the trained checkpoint QAT started from), keeps the observers still
-    while the model is evaluated, averages the activation ranges over the
-    processes of a distributed run after each iteration, and saves
-    PyTorch's random state (for dropout), which mmengine does not restore
-    when it resumes a run."""
+    """Marks a QAT run's checkpoints (:data:`QAT_META_KEY`: the scheme and
+    the trained checkpoint it started from) and saves PyTorch's random state
+    in them (for dropout), which mmengine does not restore on resuming;
+    keeps the observers still in evaluation; averages the activation ranges
+    over the processes after each iteration."""
     priority = 'VERY_HIGH'
 
     def before_save_checkpoint(self, runner, checkpoint):
@@ -322,5 +316,4 @@ class QATRunner(Runner):
         self.register_hook(QATHook())
 
     def _init_model_weights(self):
-        """Nothing to initialize: the weights come from the trained
-        checkpoint."""
+        """Nothing: the weights come from the trained checkpoint."""
