@@ -28,8 +28,7 @@ __all__ = [
     'calibrate_activation_ranges', 'average_activation_ranges'
 ]
 
-# PyTorch's default QAT qconfig (moving-average min/max observers) over the
-# full 8 bits.
+# PyTorch's default QAT qconfig (moving-average min/max), over full 8 bits.
 QAT_QCONFIG = QConfig(
     activation=default_fake_quant.with_args(reduce_range=False),
     weight=default_per_channel_weight_fake_quant)
