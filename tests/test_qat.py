@@ -33,11 +33,11 @@ from mmrepvgg.deploy.logits import run_on_images
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.errors import VerificationError
 from mmrepvgg.quantization.agreement import Agreement, check_agreement
-from mmrepvgg.quantization.calibration import CALIBRATION_IMAGES
 from mmrepvgg.quantization.fake_quant import (activation_quantizers,
                                               fold_conv_norms)
 from mmrepvgg.quantization.qat_export import MIN_QAT_AGREEMENT
-from mmrepvgg.quantization.training import QAT_META_KEY, Distillation, use_qat
+from mmrepvgg.quantization.training import (CALIBRATION_IMAGES, QAT_META_KEY,
+                                            Distillation, use_qat)
 from mmrepvgg.runner import build_runner
 from mmrepvgg.runtime import Segmenter
 from tests.helpers import (TOY_SIZE, assert_refused, logged_metrics, output,

@@ -1,13 +1,13 @@
 """Exporting a QAT checkpoint: each fake quantizer becomes a
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
-trained, and the model's labels on ONNX Runtime are checked against the QAT
-model's own."""
-from dataclasses import asdict, dataclass, field
+trained."""
+from dataclasses import dataclass, field
 
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.quantization import FakeQuantizeBase
 # Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
 from torch.ao.quantization.fx import _decomposed  # noqa: F401
 
@@ -20,7 +20,7 @@ from ..deploy.model_info import set_info
 from ..deploy.modules import replace_modules
 from ..errors import UsageError
 from .agreement import check_agreement, measure_agreement
-from .fake_quant import QATConv2d, QuantizedOutput
+from .fake_quant import QATConv2d
 from .training import QAT_META_KEY, QAT_SCHEME, load_qat_model
 
 __all__ = [
@@ -62,12 +62,10 @@ class QATExportSettings:
 
 class FrozenFakeQuantize(nn.Module):
     """A fake quantizer's eval-mode computation with its scale and zero
-    point fixed, as PyTorch's own PT2E flow represents it (its
-    ``quantized_decomposed`` quantize and dequantize ops), which the ONNX
-    exporter writes as QuantizeLinear and DequantizeLinear.
-    ``torch.export`` traces neither the run-time switches of
-    ``FakeQuantize`` (branches on its buffers) nor its kernel at a free
-    batch size.
+    point fixed, in PyTorch's ``quantized_decomposed`` ops, which the ONNX
+    exporter writes as QuantizeLinear and DequantizeLinear (``torch.export``
+    traces neither ``FakeQuantize``'s switches nor its kernel at a free
+    batch size).
 
     Args:
         quantizer (FakeQuantizeBase): The trained fake quantizer.
@@ -78,34 +76,30 @@ class FrozenFakeQuantize(nn.Module):
         self.bounds = (quantizer.quant_min, quantizer.quant_max,
                        torch.uint8 if quantizer.quant_min == 0 else torch.int8)
         self.axis = quantizer.ch_axis if quantizer.is_per_channel else None
-        # The scale and zero point it computes with, as last observed.
-        scale, zero_point = quantizer.scale, quantizer.zero_point
+        scale, zero_point = quantizer.scale.detach(), quantizer.zero_point
         if self.axis is None:
             # Python numbers: constants to the exporter.
             self.qparams = (float(scale), int(zero_point))
         else:
-            self.register_buffer('scale', scale.detach().float().clone())
-            self.register_buffer('zero_point',
-                                 zero_point.detach().int().clone())
+            self.register_buffer('scale', scale.float().clone())
+            self.register_buffer('zero_point', zero_point.int().clone())
 
-    def _qparams(self):
+    def _call(self, name, x):
+        ops = torch.ops.quantized_decomposed
         if self.axis is None:
-            return self.qparams
-        return self.scale, self.zero_point, self.axis
+            op, qparams = f'{name}_per_tensor', self.qparams
+        else:
+            op = f'{name}_per_channel'
+            qparams = (self.scale, self.zero_point, self.axis)
+        return getattr(ops, op)(x, *qparams, *self.bounds)
 
     def quantize(self, x):
         """The integers ``x`` rounds to."""
-        ops = torch.ops.quantized_decomposed
-        op = ops.quantize_per_tensor if self.axis is None else \
-            ops.quantize_per_channel
-        return op(x, *self._qparams(), *self.bounds)
+        return self._call('quantize', x)
 
     def dequantize(self, q):
         """The values of integers ``q``."""
-        ops = torch.ops.quantized_decomposed
-        op = ops.dequantize_per_tensor if self.axis is None else \
-            ops.dequantize_per_channel
-        return op(q, *self._qparams(), *self.bounds)
+        return self._call('dequantize', q)
 
     def forward(self, x):
         return self.dequantize(self.quantize(x))
@@ -114,8 +108,7 @@ class FrozenFakeQuantize(nn.Module):
 class FrozenQATConv2d(nn.Module):
     """A trained :class:`QATConv2d` for export: its input fake-quantized
     with fixed parameters, its weights stored as the int8 values they round
-    to, so that the ONNX model holds int8 weights behind a
-    DequantizeLinear, as OpenVINO and ONNX Runtime take int8 convs.
+    to, behind a DequantizeLinear, as OpenVINO and ONNX Runtime take them.
 
     Args:
         conv (QATConv2d): The trained conv.
@@ -143,37 +136,29 @@ class FrozenQATConv2d(nn.Module):
 
 
 def frozen_for_export(module):
-    """The export form of a trained QAT module (a :class:`QATConv2d` or
-    :class:`QuantizedOutput`), or None for another (for
+    """The export form of a trained :class:`QATConv2d` or fake quantizer,
+    or None for another module (for
     :func:`~mmrepvgg.deploy.modules.replace_modules`)."""
     if isinstance(module, QATConv2d):
         return FrozenQATConv2d(module)
-    if isinstance(module, QuantizedOutput):
-        return nn.Sequential(module.act,
-                             FrozenFakeQuantize(module.output_fake_quant))
+    if isinstance(module, FakeQuantizeBase):
+        return FrozenFakeQuantize(module)
     return None
 
 
 def export_qat(job, settings=QATExportSettings()):
-    """Export a QAT checkpoint as a QDQ ONNX model, checked on ONNX
-    Runtime, and write it.
-
-    Each fake quantizer becomes a QuantizeLinear/DequantizeLinear pair with
-    the scale and zero point it trained: uint8 activations with zero
-    points, int8 weights per output channel, as the cpu int8 scheme has
-    them. The model's labels on ONNX Runtime are compared with the QAT
-    model's own (PyTorch, fake-quantized) on images of the config's
-    validation set.
+    """Export a QAT checkpoint as a QDQ ONNX model in the cpu int8 scheme,
+    its labels on ONNX Runtime checked against the QAT model's own
+    (PyTorch, fake-quantized) on images of the config's validation set, and
+    write it.
 
     Args:
-        job (ExportJob): What to export: the config QAT trained (the
-            model's own, or the one written to the work dir) and a QAT
-            checkpoint, without images (it is checked on the config's).
+        job (ExportJob): What to export: the config QAT trained (its own,
+            or the one written to the work dir) and a QAT checkpoint.
         settings (QATExportSettings): How it is checked.
 
     Returns:
-        ExportResult: What was written; its ``info.agreement`` is the
-        check.
+        ExportResult: What was written; ``info.agreement`` is the check.
 
     Raises:
         UsageError: Images to check on, or not a QAT checkpoint.
@@ -198,7 +183,7 @@ def export_qat(job, settings=QATExportSettings()):
     agreement = measure_agreement(data, outputs, images, 'val')
     check_agreement(
         agreement, settings.min_agreement, reference='the QAT model')
-    info.agreement = dict(asdict(agreement), reference='qat')
+    info.agreement = dict(agreement.to_dict(), reference='qat')
     proto = onnx.load_from_string(data)
     set_info(proto, info)
     job.write(proto.SerializeToString())

@@ -1,14 +1,7 @@
-"""Quantization-aware training (QAT) of RepVGG segmentors in deploy form.
-
-A trained (training-form) checkpoint is converted to deploy form and
-checked (:func:`mmrepvgg.deploy.loading.deploy_model`) and made
-quantization-aware (:mod:`.fake_quant`). Module names stay those of the
-deploy model, so checkpoints, ``--resume`` and the mmengine Runner work as
-for any model: :class:`QATRunner` (a config's ``runner_type='QATRunner'``
-with ``qat = dict(checkpoint=...)``, which ``tools/train.py --qat
-CHECKPOINT`` sets) trains it with the config's own dataset, optimizer
-wrapper, hooks and launchers, and marks the checkpoints it saves
-(:data:`QAT_META_KEY`). :mod:`.qat_export` exports them.
+"""Quantization-aware training (QAT) of RepVGG segmentors in deploy form,
+under the deploy model's module names, by the mmengine Runner
+(:class:`QATRunner`) with the config's own dataset, optimizer wrapper,
+hooks and launchers (``docs/deployment/int8.md``).
 """
 import copy
 import os.path as osp
@@ -27,25 +20,28 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import build_model, config_dicts, is_repvgg_node
-from ..deploy.convert import equalize_checked
+from ..deploy import convert
 from ..deploy.images import split_images
 from ..deploy.loading import DEFAULT_CHECK_SIZE, deploy_model
 from ..errors import ConfigError, MMRepVGGError, UsageError
 from ..models.weight_layouts import is_deploy_form
-from .calibration import (CALIBRATION_IMAGES, average_activation_ranges,
-                          calibrate_activation_ranges)
-from .fake_quant import prepare_qat, set_observers
+from .fake_quant import (average_activation_ranges,
+                         calibrate_activation_ranges, prepare_qat,
+                         set_observers)
 
 __all__ = [
-    'QAT_META_KEY', 'QAT_SCHEME', 'is_qat_checkpoint', 'check_qat_start',
-    'use_qat', 'build_qat_model', 'load_qat_model', 'Distillation', 'QATHook',
-    'QATRunner'
+    'QAT_META_KEY', 'QAT_SCHEME', 'CALIBRATION_IMAGES', 'is_qat_checkpoint',
+    'check_qat_start', 'use_qat', 'build_qat_model', 'load_qat_model',
+    'Distillation', 'QATHook', 'QATRunner'
 ]
 
 # The key under a checkpoint's meta that marks it as a QAT checkpoint.
 QAT_META_KEY = 'mmrepvgg_qat'
 # The int8 scheme trained for: the one ``tools/export.py --int8`` writes.
 QAT_SCHEME = 'cpu'
+# Training images that ``qat.equalize`` and the first activation ranges are
+# measured on, as many as ``tools/export.py --int8`` calibrates on.
+CALIBRATION_IMAGES = 16
 
 
 def is_qat_checkpoint(checkpoint):
@@ -62,10 +58,14 @@ def is_qat_checkpoint(checkpoint):
     return QAT_META_KEY in checkpoint.meta
 
 
-def _check_repvgg_config(cfg, config):
+def _load_for_repvgg(cfg, checkpoint, config):
+    """``checkpoint`` loaded, once ``cfg`` builds a RepVGG model."""
+    if not isinstance(cfg.get('model'), dict):
+        raise ConfigError(f'{config}: has no model to build')
     if not any(is_repvgg_node(node) for node in config_dicts(cfg.model)):
         raise ConfigError(f'{config}: QAT fine-tunes RepVGG models in deploy '
                           'form; this config builds no RepVGG backbone')
+    return load_checkpoint(checkpoint)
 
 
 def check_qat_start(cfg, checkpoint, config='config'):
@@ -76,10 +76,7 @@ def check_qat_start(cfg, checkpoint, config='config'):
         CheckpointError: The file is missing or unreadable.
         UsageError: It is a deploy or a QAT checkpoint, not a trained one.
     """
-    if not isinstance(cfg.get('model'), dict):
-        raise ConfigError(f'{config}: has no model to build')
-    _check_repvgg_config(cfg, config)
-    loaded = load_checkpoint(checkpoint)
+    loaded = _load_for_repvgg(cfg, checkpoint, config)
     if is_qat_checkpoint(loaded):
         raise UsageError(f'{checkpoint}: is a QAT checkpoint already; '
                          'continue its training with --resume')
@@ -89,22 +86,17 @@ def check_qat_start(cfg, checkpoint, config='config'):
 
 
 def use_qat(cfg, checkpoint, config='config', equalize=False, distill=False):
-    """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint,
-    after checking that it can (:func:`check_qat_start`); with
-    ``equalize``, from its backbone equalized first
-    (:mod:`mmrepvgg.models.equalization`); with ``distill``, learning the
-    trained model's predictions instead of the labels (:class:`Distillation`).
-
-    Sets ``qat = dict(checkpoint=..., equalize=..., distill=...)`` and
-    ``runner_type='QATRunner'`` and imports this module with the config,
-    so that the config written to the work dir resumes, tests and trains
-    the same way, with mmseg's tools and ``mim`` too.
-    """
+    """Make ``cfg`` fine-tune its model with QAT from a trained checkpoint
+    (:func:`build_qat_model`), once :func:`check_qat_start` passes: it sets
+    ``qat = dict(...)``, ``runner_type='QATRunner'`` and this module in
+    ``custom_imports``, so that the config written to the work dir resumes,
+    tests and trains the same way, with mmseg's tools and ``mim`` too."""
     check_qat_start(cfg, checkpoint, config)
     cfg.qat = dict(checkpoint=checkpoint, equalize=equalize, distill=distill)
     cfg.runner_type = 'QATRunner'
     imports = dict(cfg.get('custom_imports') or {})
-    modules = list(imports.get('imports') or [])
+    modules = imports.get('imports') or []
+    modules = [modules] if isinstance(modules, str) else list(modules)
     if __name__ not in modules:
         modules.append(__name__)
     cfg.custom_imports = dict(imports, imports=modules)
@@ -116,15 +108,14 @@ def build_qat_model(cfg,
                     equalize=False,
                     distill=False,
                     calibrate=False):
-    """The QAT model of a trained checkpoint: converted to deploy form,
-    checked, its backbone equalized if asked
-    (:func:`~mmrepvgg.deploy.convert.equalize_checked`, checked too), and
-    made quantization-aware (:func:`prepare_qat`), its activation ranges
-    calibrated if asked (:func:`calibrate_activation_ranges`); with
-    ``distill``, it is the student of a :class:`Distillation` from the
-    model before.
-    Equalization and calibration measure the model on
-    :data:`CALIBRATION_IMAGES` training images through the test pipeline.
+    """The QAT model of a trained checkpoint: its deploy form, checked, its
+    backbone equalized if asked
+    (:func:`~mmrepvgg.deploy.convert.equalize_checked`), made
+    quantization-aware (:func:`prepare_qat`) and its activation ranges
+    calibrated if asked (:func:`calibrate_activation_ranges`), both on
+    :data:`CALIBRATION_IMAGES` training images through the test pipeline;
+    with ``distill``, the student of a :class:`Distillation` from the model
+    before it was made quantization-aware.
 
     Returns:
         nn.Module: The model (or its :class:`Distillation`), in training
@@ -140,7 +131,7 @@ def build_qat_model(cfg,
         partial(split_images, cfg, 'train', CALIBRATION_IMAGES, None))
     if equalize:
         try:
-            equalize_checked(model, images, DEFAULT_CHECK_SIZE)
+            convert.equalize_checked(model, images, DEFAULT_CHECK_SIZE)
         except MMRepVGGError as error:
             raise type(error)(f'{config}: qat.equalize: {error}') from None
     teacher = copy.deepcopy(model) if distill else None
@@ -151,8 +142,7 @@ def build_qat_model(cfg,
 
 
 def _heads(segmentor):
-    """A segmentor's decode head and auxiliary heads, by the prefix of
-    their losses."""
+    """A segmentor's heads, by the prefix of their losses."""
     heads = dict(decode=segmentor.decode_head)
     auxiliary = getattr(segmentor, 'auxiliary_head', None)
     if isinstance(auxiliary, nn.ModuleList):
@@ -165,18 +155,13 @@ def _heads(segmentor):
 @MODELS.register_module()
 class Distillation(BaseModel):
     """A QAT segmentor (the student) that learns the fp32 model it started
-    from (the teacher) rather than the labels, as one model: its loss is,
-    for each head, the KL divergence of the student's class probabilities
-    from the teacher's, averaged over the pixels (``{head}.loss_distill``);
-    it predicts as the student does.
-
-    The student's heads lose their dropout: the target is the fp32 model's
-    deterministic output, and dropout's noise would be half the loss
-    (the decode head's KL over QAT's first iterations on a trained toy
-    PSPNet: 0.012 with dropout, 0.007 without). The teacher stays frozen
-    and in eval mode, and its checkpoints hold the student's weights
-    alone, under the student's own names: they load into a QAT model as
-    any QAT checkpoint does, and back into a Distillation.
+    from (the teacher) rather than the labels: each head's loss is the KL
+    divergence of the student's class probabilities from the teacher's,
+    averaged over the pixels (``{head}.loss_distill``); it predicts as the
+    student does. The student's heads lose their dropout, whose noise was
+    half the decode head's KL on a toy PSPNet. The teacher stays frozen, in
+    eval mode; checkpoints hold the student's weights alone, under its own
+    names, and load into a QAT model as any QAT checkpoint does.
 
     Args:
         student (BaseModel): The QAT segmentor.
@@ -221,8 +206,7 @@ class Distillation(BaseModel):
         return losses
 
     def _as_own_state(self, state_dict, prefix, *args):
-        """Give a checkpoint's student weights their names in this module,
-        and the teacher its own weights."""
+        """Load a checkpoint's student weights, and the teacher's own."""
         for key in [k for k in state_dict if k.startswith(prefix)]:
             state_dict[f'{prefix}student.{key[len(prefix):]}'] = \
                 state_dict.pop(key)
@@ -230,8 +214,7 @@ class Distillation(BaseModel):
 
 
 def _student_state(module, state_dict, prefix, local_metadata):
-    """A :class:`Distillation`'s state: its student's, under the student's
-    own names."""
+    """A :class:`Distillation`'s state: the student's, under its own names."""
     student = prefix + 'student.'
     return OrderedDict((prefix + key[len(student):], value)
                        for key, value in state_dict.items()
@@ -249,8 +232,7 @@ def load_qat_model(cfg, checkpoint, config='config'):
         UsageError: The checkpoint carries no QAT marker.
         CheckpointError: It does not fit the config's model.
     """
-    _check_repvgg_config(cfg, config)
-    loaded = load_checkpoint(checkpoint)
+    loaded = _load_for_repvgg(cfg, checkpoint, config)
     if not is_qat_checkpoint(loaded):
         raise UsageError(f'{checkpoint}: is not a QAT checkpoint (its meta '
                          f'has no {QAT_META_KEY!r} marker)')
@@ -262,25 +244,17 @@ def load_qat_model(cfg, checkpoint, config='config'):
 
 @HOOKS.register_module()
 class QATHook(Hook):
-    """Marks the checkpoints of a QAT run, keeps the observers still while
-    the model is evaluated, and makes a resumed run continue as the
-    uninterrupted one would.
-
-    Checkpoints get :data:`QAT_META_KEY` in their meta (the scheme and the
-    trained checkpoint QAT started from) and PyTorch's random state (for
-    dropout): mmengine re-seeds a resumed run and replays the data loader,
-    but not the random numbers that the skipped iterations drew. In a
-    distributed run the observed input ranges are averaged over the
-    processes after each iteration (:func:`average_activation_ranges`).
-    """
+    """Marks a QAT run's checkpoints (:data:`QAT_META_KEY`: the scheme and
+    the trained checkpoint it started from) and saves PyTorch's random state
+    in them (for dropout), which mmengine does not restore on resuming;
+    keeps the observers still in evaluation; averages the activation ranges
+    over the processes after each iteration."""
     priority = 'VERY_HIGH'
 
-    def __init__(self, source=''):
-        self.source = source
-
     def before_save_checkpoint(self, runner, checkpoint):
+        source = (runner.cfg.get('qat') or {}).get('checkpoint', '')
         checkpoint.setdefault('meta', {})[QAT_META_KEY] = dict(
-            scheme=QAT_SCHEME, source=osp.basename(self.source))
+            scheme=QAT_SCHEME, source=osp.basename(source))
         checkpoint['torch_rng_state'] = torch.get_rng_state()
 
     def after_load_checkpoint(self, runner, checkpoint):
@@ -288,11 +262,7 @@ class QATHook(Hook):
         if isinstance(state, torch.Tensor):
             torch.set_rng_state(state)
 
-    def after_train_iter(self,
-                         runner,
-                         batch_idx,
-                         data_batch=None,
-                         outputs=None):
+    def after_train_iter(self, runner, **kwargs):
         if get_world_size() > 1:
             average_activation_ranges(_unwrapped(runner.model))
 
@@ -302,8 +272,7 @@ class QATHook(Hook):
     def after_val_epoch(self, runner, metrics=None):
         set_observers(_unwrapped(runner.model), True)
 
-    def before_test_epoch(self, runner):
-        set_observers(_unwrapped(runner.model), False)
+    before_test_epoch = before_val_epoch
 
 
 def _unwrapped(model):
@@ -313,14 +282,10 @@ def _unwrapped(model):
 @RUNNERS.register_module()
 class QATRunner(Runner):
     """An mmengine Runner that fine-tunes a config's RepVGG model with QAT
-    from the trained checkpoint named by the config's
-    ``qat = dict(checkpoint=...)``; otherwise the config's own Runner.
-
-    The model starts from that checkpoint's weights (converted when it is
-    built), not from its initializers; ``load_from`` and ``resume`` then
-    load QAT checkpoints over it (with nothing equalized first: the
-    checkpoint holds the weights that equalization gave).
-    """
+    from the trained checkpoint of the config's ``qat = dict(checkpoint=...)``
+    (:func:`build_qat_model`), not from its initializers; ``load_from`` and
+    ``resume`` load QAT checkpoints over it (with nothing equalized or
+    calibrated first: the checkpoint holds what they would give)."""
 
     def build_model(self, model):
         if isinstance(model, nn.Module):
@@ -330,8 +295,7 @@ class QATRunner(Runner):
             raise ConfigError(f'{self.cfg.filename}: a QATRunner needs '
                               'qat = dict(checkpoint=TRAINED_CHECKPOINT)')
         # The whole config: equalization and calibration read its training
-        # images. A QAT checkpoint loaded over the model next replaces
-        # every weight and range that they would compute.
+        # images.
         cfg = Config(dict(self.cfg.to_dict(), model=model))
         fresh = not self._loads_checkpoint()
         return build_qat_model(
@@ -349,9 +313,7 @@ class QATRunner(Runner):
 
     def register_hooks(self, default_hooks=None, custom_hooks=None):
         super().register_hooks(default_hooks, custom_hooks)
-        self.register_hook(
-            QATHook((self.cfg.get('qat') or {}).get('checkpoint', '')))
+        self.register_hook(QATHook())
 
     def _init_model_weights(self):
-        """Nothing to initialize: the weights come from the trained
-        checkpoint."""
+        """Nothing: the weights come from the trained checkpoint."""
