@@ -12,6 +12,7 @@ import importlib.util
 import os.path as osp
 import re
 import signal
+import sys
 
 from docutils import nodes
 from docutils.statemachine import StringList
@@ -38,8 +39,9 @@ def tool_names():
 
 @functools.lru_cache(maxsize=None)
 def load_parser(name):
-    """The parser of ``tools/NAME.py``, imported by path (``tools/`` must
-    be on ``sys.path``), named as a user runs it.
+    """The parser of ``tools/NAME.py``, imported by path with ``tools/``
+    first on ``sys.path``, as Python puts a script's folder (the tools
+    import their applications as ``apps``), named as a user runs it.
 
     A tool's first import sets Ctrl-C and SIGTERM handlers that end the
     process (``apps.interrupts``); the caller's handlers are put back.
@@ -49,11 +51,13 @@ def load_parser(name):
         s: signal.getsignal(s)
         for s in (signal.SIGINT, signal.SIGTERM)
     }
+    sys.path.insert(0, TOOLS)
     try:
         spec = importlib.util.spec_from_file_location(f'_tool_{name}', path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
+        sys.path.remove(TOOLS)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     parser = module.build_parser()
