@@ -5,13 +5,14 @@ A QDQ model from :func:`mmrepvgg.quantization.ptq.quantize_int8` and the
 fp32 model it came from name their operators alike, so any operator of the
 int8 model can be given back its fp32 inputs (the tensor before the
 QuantizeLinear/DequantizeLinear pair, its fp32 weights and bias): it then
-computes in fp32, and the pairs that fed only it are dropped. ONNX
+computes in fp32, and the pairs that fed only it are dropped; the other way
+round, any operator of the fp32 model can be given its int8 inputs. ONNX
 Runtime's ``nodes_to_exclude`` alone is not enough for this: it leaves the
 excluded conv's input quantized by its producer's pair. One calibration
 serves every such model:
 
 - the sensitivity of a conv is how far the logits move when it alone is
-  int8 (every other operator in fp32), on the calibration images;
+  int8 (every other operator in fp32), on the first calibration images;
 - mixed precision keeps the most sensitive convs in fp32.
 """
 import copy
@@ -19,12 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..deploy.engines import onnxruntime_session
-from ..deploy.model_info import INPUT, ConvSensitivity
+from ..deploy.model_info import ConvSensitivity
+from .agreement import run_onnx
 
-__all__ = ['Conv', 'convs_of', 'keep_float', 'sensitivities']
+__all__ = [
+    'RANKING_PIXELS', 'Conv', 'convs_of', 'transplant', 'drop_unread',
+    'sensitivities'
+]
 
 _QDQ = ('QuantizeLinear', 'DequantizeLinear')
+# The sensitivity is measured on the first images up to this many pixels
+# (at least one image): each costs a run of the model per conv.
+RANKING_PIXELS = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,57 +70,62 @@ def _module_name(name):
     return name[name.index(prefix) + len(prefix):] if prefix in name else name
 
 
-def keep_float(int8, fp32, nodes):
-    """A copy of a QDQ model in which the named operators compute in fp32.
+def transplant(model, source, nodes, tag):
+    """A copy of ``model`` in which the named operators read their inputs
+    as ``source`` computes them.
 
-    Each reads the fp32 value of its inputs as the int8 model computes
-    them, and its own fp32 weights. Where the quantizer dropped an
-    operator (a ReLU that a zero point at the bottom of an unsigned range
-    does), it is put back on the paths into fp32 operators only, so that
-    the int8 convs keep their fused int8 kernels.
+    The two models are an int8 QDQ model and the fp32 model it came from,
+    either way round. Each named operator reads the value of its
+    ``source`` inputs as ``model`` computes them, and its ``source``
+    weights: given the fp32 model as ``source``, it computes in fp32; given
+    the int8 one, in int8. The ``source`` operators on the way that
+    ``model`` lacks are put in, named with a ``_{tag}`` suffix (a ReLU that
+    the quantizer dropped, where a zero point at the bottom of an unsigned
+    range does its work, comes back on the paths into fp32 operators only,
+    so that the int8 convs keep their fused int8 kernels), and the
+    operators and weights that nothing reads any more are dropped.
 
     Args:
-        int8 (onnx.ModelProto): The QDQ model.
-        fp32 (onnx.ModelProto): The fp32 model it was quantized from.
-        nodes (Iterable[str]): Names of operators (of both models) to
-            compute in fp32.
+        model (onnx.ModelProto): The model copied.
+        source (onnx.ModelProto): The other model.
+        nodes (Collection[str]): Names of operators of both models.
+        tag (str): Names the operators put in.
 
     Returns:
-        onnx.ModelProto: The model, without the QDQ pairs and quantized
-        weights that no int8 operator reads any more.
+        onnx.ModelProto: The copy.
     """
-    proto = copy.deepcopy(int8)
-    graph = _Rebuild(proto, fp32)
-    for node in list(proto.graph.node):
+    proto = copy.deepcopy(model)
+    graph = _Rebuild(proto, source, tag)
+    for node in proto.graph.node:
         if node.name in nodes and node.op_type not in _QDQ:
             node.input[:] = [
                 graph.resolve(i) for i in graph.sources[node.name].input
             ]
     graph.finish()
-    _prune(proto)
+    drop_unread(proto)
     return proto
 
 
 class _Rebuild:
-    """Finds, in an int8 model, the tensor that holds the value of an fp32
-    model's tensor, re-creating dropped operators where needed."""
+    """Finds, in a model, the tensor that holds the value of a source
+    model's tensor, re-creating the source's operators where needed."""
 
-    def __init__(self, proto, fp32):
-        self.proto = proto
-        self.sources = {n.name: n for n in fp32.graph.node}
-        self.weights = {t.name: t for t in fp32.graph.initializer}
+    def __init__(self, proto, source, tag):
+        self.proto, self.suffix = proto, f'_{tag}'
+        self.sources = {n.name: n for n in source.graph.node}
+        self.weights = {t.name: t for t in source.graph.initializer}
         self.tensors = {o for n in proto.graph.node for o in n.output}
-        self.alias = {i.name: i.name for i in fp32.graph.input}
-        int8_nodes = {n.name: n for n in proto.graph.node}
-        for node in fp32.graph.node:
-            if node.name in int8_nodes:
-                self.alias.update(
-                    zip(node.output, int8_nodes[node.name].output))
-        self.producers = {o: n for n in fp32.graph.node for o in n.output}
+        self.tensors.update(t.name for t in proto.graph.initializer)
+        self.alias = {i.name: i.name for i in source.graph.input}
+        own = {n.name: n for n in proto.graph.node}
+        for node in source.graph.node:
+            if node.name in own:
+                self.alias.update(zip(node.output, own[node.name].output))
+        self.producers = {o: n for n in source.graph.node for o in n.output}
         self.needed, self.added = set(), []
 
     def resolve(self, name):
-        """The int8 model's tensor with the value of fp32 tensor ``name``."""
+        """The model's tensor with the value of source tensor ``name``."""
         if name in self.weights:
             self.needed.add(name)
             return name
@@ -121,17 +133,18 @@ class _Rebuild:
             node = copy.deepcopy(self.producers[name])
             node.input[:] = [self.resolve(i) for i in node.input]
             renamed = [
-                f'{o}_fp32' if o in self.tensors else o for o in node.output
+                o + self.suffix if o in self.tensors else o
+                for o in node.output
             ]
             self.alias.update(zip(node.output, renamed))
             node.output[:] = renamed
-            node.name += '_fp32'
+            node.name += self.suffix
             self.added.append(node)
         return self.alias.get(name, name)
 
     def finish(self):
-        """Put the fp32 weights and the re-created operators in: a float
-        weight replaces the DequantizeLinear that gave its value."""
+        """Put the source's weights and the re-created operators in: a
+        source weight replaces the operator that gave its value."""
         graph = self.proto.graph
         for node in [n for n in graph.node if set(n.output) & self.needed]:
             graph.node.remove(node)
@@ -163,8 +176,9 @@ def _insert_sorted(graph, added):
     graph.node.extend(order)
 
 
-def _prune(proto):
-    """Drop the operators and initializers whose outputs nothing reads."""
+def drop_unread(proto):
+    """Drop the operators and initializers of a model whose outputs
+    nothing reads, in place: ONNX Runtime runs them all."""
     graph = proto.graph
     used = {o.name for o in graph.output}
     kept = []
@@ -180,8 +194,9 @@ def _prune(proto):
 
 
 def _logits(model, images):
-    session = onnxruntime_session(model.SerializeToString())
-    return [session.run(['logits'], {INPUT: b.numpy()})[0] for b in images]
+    return [
+        logits for logits, _ in run_onnx(model.SerializeToString(), images)
+    ]
 
 
 def _noise_to_signal(logits, reference):
@@ -197,21 +212,21 @@ def sensitivities(int8, fp32, images):
     Args:
         int8 (onnx.ModelProto): The QDQ model.
         fp32 (onnx.ModelProto): The fp32 model it was quantized from.
-        images (Sequence[Tensor]): Image batches to measure on.
+        images (Sequence[Tensor]): Image batches, the first of which
+            (:data:`RANKING_PIXELS`) are measured on.
 
     Returns:
         list[ConvSensitivity]: Every conv with ``error``, the energy of
         the change of the logits over their own (``sum (q - f)^2 / sum
         f^2``), the most sensitive first.
     """
-    convs = convs_of(fp32)
+    images = images[:max(1, RANKING_PIXELS // images[0][0, 0].numel())]
     reference = _logits(fp32, images)
-    others = {n.name for n in fp32.graph.node}
-    ranking = []
-    for conv in convs:
-        alone = keep_float(int8, fp32, others - {conv.node})
-        ranking.append(
-            ConvSensitivity(
-                conv.name, _noise_to_signal(_logits(alone, images),
-                                            reference)))
+    ranking = [
+        ConvSensitivity(
+            conv.name,
+            _noise_to_signal(
+                _logits(transplant(fp32, int8, {conv.node}, 'int8'), images),
+                reference)) for conv in convs_of(fp32)
+    ]
     return sorted(ranking, key=lambda s: -s.error)
