@@ -21,18 +21,13 @@ and runs unsigned weights in fp32, so activations are unsigned and weights
 signed; the image normalization before the first conv and the resize and
 argmax after the last one stay in fp32.
 """
-import copy
 import os.path as osp
 import tempfile
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
 
-import numpy as np
-
 from ..deploy.compare import Fp32Tolerance
-from ..deploy.engines import onnxruntime_session
 from ..deploy.export import export_fp32
 from ..deploy.images import split_images
 from ..deploy.model_info import INPUT, INT8_SCHEMES, set_info
@@ -40,7 +35,7 @@ from ..errors import UsageError
 from ..logs import quiet
 from ..models.equalization import equalizable
 from .agreement import Agreement, check_agreement, measure_agreement, run_onnx
-from .mixed_precision import convs_of, drop_unread, sensitivities, transplant
+from .mixed_precision import convs_of, sensitivities, transplant
 
 __all__ = [
     'EQUALIZE_MODES', 'Int8Settings', 'quantize_int8', 'int8_model',
@@ -135,136 +130,26 @@ class Int8Settings:
                              f'{", ".join(INT8_SCHEMES)}; got {self.scheme!r}')
 
 
+class _Batches:
+    """An ONNX Runtime calibration data reader over image batches."""
+
+    def __init__(self, batches):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT: batch.numpy()}
+
+    def rewind(self):
+        raise NotImplementedError('calibration reads its images once')
+
+
 def _outer_nodes(proto):
     # The normalization before the first conv and the resize and argmax
     # after the last one.
     nodes = list(proto.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == 'Conv']
     return [n.name for n in nodes[:convs[0]] + nodes[convs[-1] + 1:]]
-
-
-# Operators whose outputs are not negative where their float inputs are
-# not (Resize but in its cubic mode).
-_SIGN_KEEPING = {
-    'Concat', 'Slice', 'Split', 'Reshape', 'Flatten', 'Transpose', 'Squeeze',
-    'Unsqueeze', 'MaxPool', 'AveragePool', 'GlobalMaxPool',
-    'GlobalAveragePool', 'ReduceMean', 'ReduceMax', 'Resize'
-}
-
-
-def activation_ranges(proto, images, excluded=()):
-    """The MinMax ranges that ONNX Runtime's quantizer takes for the float
-    tensors that an fp32 model's operators to quantize read or write, over
-    ``images``, in one optimized ONNX Runtime session (its own calibrator
-    runs an unoptimized copy that reduces every tensor).
-
-    The session reduces each tensor with GlobalMaxPool, of it and of its
-    negation, in ONNX Runtime's blocked layout: its ReduceMin and ReduceMax
-    took longer than the model. A tensor that only a ReLU (or Clip) reads
-    takes the range of its output, as the quantizer gives it; one that
-    cannot be negative, 0 as its lowest value, where the quantizer's ranges
-    start anyway.
-
-    Args:
-        proto (onnx.ModelProto): The fp32 model.
-        images (Sequence[Tensor]): Image batches.
-        excluded (Collection[str]): Names of operators kept in fp32.
-
-    Returns:
-        TensorsData: Each tensor's lowest and highest value.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, TensorsData
-    from onnxruntime.quantization.registry import (QDQRegistry,
-                                                   QLinearOpsRegistry)
-    graph = onnx.shape_inference.infer_shapes(proto).graph
-    weights = {t.name for t in graph.initializer}
-    ranks = {
-        v.name: len(v.type.tensor_type.shape.dim)
-        for v in (*graph.value_info, *graph.input, *graph.output)
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-        and v.name not in weights
-    }
-    nodes = [
-        n for n in graph.node if n.name not in excluded
-        and n.op_type in {*QDQRegistry, *QLinearOpsRegistry}
-    ]
-    # Each float tensor, and the one whose range it takes.
-    range_of = {t: t for n in nodes for t in (*n.input, *n.output)}
-    readers = Counter(i for n in graph.node for i in n.input)
-    for node in nodes:
-        if node.op_type in ('Relu', 'Clip') and readers[node.input[0]] == 1:
-            range_of[node.input[0]] = node.output[0]
-    range_of = {t: s for t, s in range_of.items() if t in ranks}
-    measured = {s: ranks[s] for s in range_of.values()}
-    ranges = _min_max(proto, measured, _not_negative(graph, ranks), images)
-    return TensorsData(CalibrationMethod.MinMax, {
-        t: ranges[s]
-        for t, s in range_of.items()
-    })
-
-
-def _not_negative(graph, floats):
-    """The float tensors that cannot be negative: ReLU outputs, and what
-    :data:`_SIGN_KEEPING` operators make of such tensors alone."""
-    found = set()
-    for node in graph.node:
-        keeps_sign = node.op_type in _SIGN_KEEPING and all(
-            i in found for i in node.input if i in floats)
-        cubic = any(a.s == b'cubic' for a in node.attribute
-                    if a.name == 'mode')
-        if node.op_type == 'Relu' or keeps_sign and not cubic:
-            found.update(node.output)
-    return found
-
-
-def _min_max(proto, ranks, not_negative, images):
-    """``{tensor: (lowest, highest)}`` over ``images``, as float32 arrays of
-    one value, of the tensors of ``{name: rank}``; those ``not_negative``
-    have 0 as their lowest."""
-    import onnx
-    model = copy.deepcopy(proto)
-    graph = model.graph
-    del graph.output[:]
-    flat = onnx.numpy_helper.from_array(np.array([1, 1, -1]), 'range/flat')
-    graph.initializer.append(flat)
-    for name, rank in ranks.items():
-        value = name
-        if rank < 3:  # GlobalMaxPool's least
-            value = _append(graph, 'Reshape', [name, flat.name], f'{name}/1d')
-        _append_max(graph, value, f'{name}/max')
-        if name not in not_negative:
-            negated = _append(graph, 'Neg', [value], f'{name}/negated')
-            _append_max(graph, negated, f'{name}/min')
-    drop_unread(model)  # the operators after the last tensor measured
-    session = onnxruntime_session(model.SerializeToString())
-    names = [o.name for o in graph.output]
-    found = {}
-    for batch in images:
-        for name, value in zip(names, session.run(None,
-                                                  {INPUT: batch.numpy()})):
-            found[name] = np.fmax(found.get(name, value), value.reshape(1))
-    zero = np.zeros(1, np.float32)
-    return {
-        name: (-found[f'{name}/min'] if name not in not_negative else zero,
-               found[f'{name}/max'])
-        for name in ranks
-    }
-
-
-def _append(graph, op, inputs, output, **attributes):
-    from onnx.helper import make_node
-    graph.node.append(make_node(op, inputs, [output], **attributes))
-    return output
-
-
-def _append_max(graph, tensor, output):
-    """Make the largest value of ``tensor`` an output of ``graph``."""
-    from onnx import TensorProto
-    from onnx.helper import make_tensor_value_info
-    pooled = _append(graph, 'GlobalMaxPool', [tensor], f'{output}/pooled')
-    _append(graph, 'ReduceMax', [pooled], output, keepdims=0)
-    graph.output.append(make_tensor_value_info(output, TensorProto.FLOAT, []))
 
 
 # quantize_static's options of each scheme; weights are per-channel,
@@ -283,7 +168,7 @@ def quantize_int8(model, calibration, scheme='cpu', outer_fp32=True):
     Args:
         model (bytes): The fp32 ONNX model.
         calibration (Sequence[Tensor]): Image batches the activation ranges
-            are calibrated on (:func:`activation_ranges`).
+            are calibrated on.
         scheme (str): One of :data:`~.model_info.INT8_SCHEMES`.
         outer_fp32 (bool): Keep the operators before the first conv and
             after the last in fp32 (a segmentor's normalization, resize and
@@ -294,28 +179,24 @@ def quantize_int8(model, calibration, scheme='cpu', outer_fp32=True):
     """
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static,
-                                          save_tensors_data)
+                                          QuantType, quantize_static)
     proto = onnx.load_from_string(model)
-    excluded = _outer_nodes(proto) if outer_fp32 else []
-    ranges = activation_ranges(proto, calibration, excluded)
     options = _SCHEMES[scheme]
-    # ONNX Runtime reads the ranges from a file and writes the model to one.
+    # ONNX Runtime writes the model, and its calibration copy, to files.
     with _quiet_quantizer(), tempfile.TemporaryDirectory(
             prefix='mmrepvgg_int8_') as folder:
-        out, saved = osp.join(folder, 'int8.onnx'), osp.join(folder, 'ranges')
-        save_tensors_data(ranges, saved)
+        out = osp.join(folder, 'int8.onnx')
         quantize_static(
             proto,
             out,
+            _Batches(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType[options['activation_type']],
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=excluded,
-            extra_options=dict(options['extra_options']),
-            calibration_cache_path=saved)
+            nodes_to_exclude=_outer_nodes(proto) if outer_fp32 else [],
+            extra_options=dict(options['extra_options']))
         return onnx.load(out)
 
 
