@@ -23,10 +23,7 @@ import numpy as np
 from ..deploy.model_info import ConvSensitivity
 from .agreement import run_onnx
 
-__all__ = [
-    'RANKING_PIXELS', 'Conv', 'convs_of', 'transplant', 'drop_unread',
-    'sensitivities'
-]
+__all__ = ['RANKING_PIXELS', 'Conv', 'convs_of', 'transplant', 'sensitivities']
 
 _QDQ = ('QuantizeLinear', 'DequantizeLinear')
 # The sensitivity is measured on the first images up to this many pixels
@@ -102,7 +99,7 @@ def transplant(model, source, nodes, tag):
                 graph.resolve(i) for i in graph.sources[node.name].input
             ]
     graph.finish()
-    drop_unread(proto)
+    _drop_unread(proto)
     return proto
 
 
@@ -176,7 +173,7 @@ def _insert_sorted(graph, added):
     graph.node.extend(order)
 
 
-def drop_unread(proto):
+def _drop_unread(proto):
     """Drop the operators and initializers of a model whose outputs
     nothing reads, in place: ONNX Runtime runs them all."""
     graph = proto.graph
