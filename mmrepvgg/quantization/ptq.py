@@ -24,9 +24,10 @@ argmax after the last one stay in fp32.
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache, partial
 
+from ..cli import option
 from ..deploy.compare import Fp32Tolerance
 from ..deploy.export import export_fp32
 from ..deploy.images import split_images
@@ -72,44 +73,33 @@ class Int8Settings:
             even when no conv is kept in fp32 (one ONNX Runtime session per
             conv, run on the first calibration images).
     """
-    calib_num: int = field(
-        default=16, metadata=dict(help='training images to calibrate on'))
-    eval_num: int = field(
-        default=8,
-        metadata=dict(help='validation images to measure the agreement on'))
-    min_agreement: float = field(
-        default=0.99,
-        metadata=dict(help="share of pixels whose int8 label must equal the "
-                      "fp32 one"))
-    max_float: int = field(
-        default=3,
-        metadata=dict(help='the most convs kept in fp32, the most sensitive '
-                      'first, if full int8 misses --min-agreement'))
-    scheme: str = field(
-        default='cpu',
-        metadata=dict(
-            flag='--int8-scheme',
-            help='cpu: unsigned activations with zero points (ONNX Runtime, '
-            'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
-            "(TensorRT's explicit quantization)"))
-    equalize: str = field(
-        default='auto',
-        metadata=dict(
-            flag='--int8-equalize',
-            metavar='{' + ','.join(EQUALIZE_MODES) + '}',
-            help="equalize the ranges of the channels between the RepVGG "
-            "backbone's blocks, as the calibration images activate them, "
-            'before calibrating (for models whose BN statistics made a few '
-            'channels far wider than the rest): auto, when full int8 misses '
-            '--min-agreement, before any conv is kept in fp32; always; '
-            'never'))
-    report: bool = field(
-        default=False,
-        metadata=dict(
-            flag='--int8-report',
-            help='rank every conv by how much it alone moves the logits in '
-            'int8, print the ranking and keep it in the metadata (measured '
-            'anyway when a conv is kept in fp32)'))
+    calib_num: int = option(16, 'training images to calibrate on')
+    eval_num: int = option(8, 'validation images to measure the agreement on')
+    min_agreement: float = option(
+        0.99, "share of pixels whose int8 label must equal the fp32 one")
+    max_float: int = option(
+        3, 'the most convs kept in fp32, the most sensitive first, if full '
+        'int8 misses --min-agreement')
+    scheme: str = option(
+        'cpu', 'cpu: unsigned activations with zero points (ONNX Runtime, '
+        'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
+        "(TensorRT's explicit quantization)",
+        flag='--int8-scheme')
+    equalize: str = option(
+        'auto',
+        "equalize the ranges of the channels between the RepVGG backbone's "
+        'blocks, as the calibration images activate them, before '
+        'calibrating (for models whose BN statistics made a few channels '
+        'far wider than the rest): auto, when full int8 misses '
+        '--min-agreement, before any conv is kept in fp32; always; never',
+        flag='--int8-equalize',
+        metavar='{' + ','.join(EQUALIZE_MODES) + '}')
+    report: bool = option(
+        False,
+        'rank every conv by how much it alone moves the logits in int8, '
+        'print the ranking and keep it in the metadata (measured anyway '
+        'when a conv is kept in fp32)',
+        flag='--int8-report')
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""

@@ -1,7 +1,7 @@
 """Exporting a QAT checkpoint: each fake quantizer becomes a
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
 trained."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 import torch
@@ -11,6 +11,7 @@ from torch.ao.quantization import FakeQuantizeBase
 # Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
 from torch.ao.quantization.fx import _decomposed  # noqa: F401
 
+from ..cli import option
 from ..deploy.export import ExportResult
 from ..deploy.graph import exportable, to_onnx
 from ..deploy.images import split_images
@@ -42,14 +43,12 @@ class QATExportSettings:
         min_agreement (float): The share of their pixels whose ONNX Runtime
             label must equal the QAT model's own, or nothing is written.
     """
-    eval_num: int = field(
-        default=8,
-        metadata=dict(help='validation images to compare the exported QAT '
-                      'model with the QAT model on'))
-    min_agreement: float = field(
-        default=MIN_QAT_AGREEMENT,
-        metadata=dict(help='share of pixels whose ONNX Runtime label must '
-                      "equal the QAT model's own"))
+    eval_num: int = option(
+        8, 'validation images to compare the exported QAT model with the '
+        'QAT model on')
+    min_agreement: float = option(
+        MIN_QAT_AGREEMENT, 'share of pixels whose ONNX Runtime label must '
+        "equal the QAT model's own")
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
