@@ -1,31 +1,19 @@
-"""Calibrated post-training INT8 of exported segmentors.
+"""Calibrated post-training INT8 of exported segmentors
+(``docs/deployment/int8.md`` says how, and why these choices).
 
 An fp32 model exported and checked by
-:func:`mmrepvgg.deploy.export.export_fp32` becomes a
-QDQ model with per-channel 8-bit weights, in one of two schemes: ``cpu``
-(unsigned 8-bit activations with zero points, which ONNX Runtime and
-OpenVINO both run in int8) or ``tensorrt`` (signed 8-bit activations with
-zero point 0, as TensorRT's explicit quantization takes them). Its
-activation ranges are calibrated on images of the config's training set,
-read through its test pipeline; its agreement with the fp32 model is
-measured on images of the validation set. When too few labels agree, the
-channels between a RepVGG backbone's blocks are equalized
-(:mod:`mmrepvgg.models.equalization`), and if that is not enough either, the
-convs that move the logits most (:mod:`.mixed_precision`) are kept in fp32,
-fewest first, up to a limit: each step costs less speed than the next.
-
-The choices were measured (a PSPNet-RepVGG-A0, 512x1024): MinMax ranges
-agree with fp32 as well as entropy or percentile ones and take a third of
-the time; OpenVINO computes wrong results with signed 8-bit activations
-and runs unsigned weights in fp32, so activations are unsigned and weights
-signed; the image normalization before the first conv and the resize and
-argmax after the last one stay in fp32.
+:func:`mmrepvgg.deploy.export.export_fp32` becomes a QDQ model with
+per-channel 8-bit weights in one of :data:`~.model_info.INT8_SCHEMES`,
+calibrated on images of the config's training set; its agreement with the
+fp32 model is measured on images of the validation set. When too few labels
+agree, the RepVGG backbone is equalized, then the convs that move the
+logits most are kept in fp32, fewest first, up to a limit.
 """
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import cache, partial
+from functools import cached_property, partial
 
 from ..cli import option
 from ..deploy.compare import Fp32Tolerance
@@ -62,7 +50,7 @@ class Int8Settings:
             equal the fp32 one, or nothing is written.
         max_float (int): The most convs kept in fp32 to reach
             ``min_agreement``, the most sensitive first.
-        scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
+        scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the docs).
         equalize (str): When to equalize the ranges of the channels
             between the RepVGG backbone's blocks, as the calibration images
             activate them (:mod:`mmrepvgg.models.equalization`), before
@@ -208,13 +196,41 @@ def _quiet_quantizer():
 
 @dataclass(frozen=True)
 class _Candidate:
-    """An fp32 model, its int8 model with every conv in int8, their
-    :class:`Agreement` with the fp32 model's labels and the conv pairs
-    equalized in them."""
+    """An fp32 model to quantize: the model, its full int8 model (every
+    conv in int8) and that model's :class:`Agreement`, the conv pairs
+    equalized in it, and how its int8 models are checked. :meth:`keep`
+    gives its int8 models with its most sensitive convs in fp32; the convs'
+    sensitivity is measured only for a conv to keep (or the metadata of the
+    model written)."""
     fp32: object  # onnx.ModelProto
     int8: object
     agreement: Agreement
     equalized_pairs: int
+    measure: '_Measure'
+
+    @cached_property
+    def ranking(self):
+        """:func:`~.mixed_precision.sensitivities` of its convs."""
+        return sensitivities(self.int8, self.fp32, self.measure.calibration)
+
+    def __len__(self):
+        """The convs it can keep in fp32."""
+        return len(convs_of(self.fp32))
+
+    def keep(self, count):
+        """The :class:`_Int8` with the ``count`` most sensitive convs in
+        fp32 (none: the full int8 model)."""
+        if not count:
+            return _Int8(self.int8, self.agreement, [], self)
+        kept = [s.conv for s in self.ranking[:count]]
+        nodes = {c.node for c in convs_of(self.fp32) if c.name in kept}
+        model = transplant(self.int8, self.fp32, nodes, 'fp32')
+        agreement = replace(
+            self.measure.agreement(model),
+            all_int8_labels=self.agreement.labels,
+            unequalized_labels=self.agreement.unequalized_labels,
+            equalized_labels=self.agreement.equalized_labels)
+        return _Int8(model, agreement, kept, self)
 
 
 @dataclass(frozen=True)
@@ -225,7 +241,6 @@ class _Int8:
     agreement: Agreement
     kept: list
     candidate: _Candidate
-    ranking: object  # () -> list[ConvSensitivity]
 
 
 @dataclass(frozen=True)
@@ -243,7 +258,7 @@ class _Measure:
         int8 = quantize_int8(fp32, self.calibration, self.scheme)
         return _Candidate(
             onnx.load_from_string(fp32), int8, self.agreement(int8),
-            equalized_pairs)
+            equalized_pairs, self)
 
     def agreement(self, int8):
         return measure_agreement(int8.SerializeToString(), self.reference,
@@ -270,57 +285,16 @@ def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
     return sorted([plain, equalized], key=lambda c: -c.agreement.labels)
 
 
-class _Ladder:
-    """A candidate's int8 models with its most sensitive convs in fp32. The
-    convs' sensitivity is measured only for a conv to keep (or the metadata
-    of the model written).
-
-    Args:
-        candidate (_Candidate): The model to quantize.
-        measure (_Measure): How its int8 models are checked.
-    """
-
-    def __init__(self, candidate, measure):
-        self.candidate = candidate
-        self._measure = measure
-        self.ranking = cache(
-            partial(sensitivities, candidate.int8, candidate.fp32,
-                    measure.calibration))
-        self._nodes = {c.name: c.node for c in convs_of(candidate.fp32)}
-
-    def __len__(self):
-        """The convs it can keep in fp32."""
-        return len(self._nodes)
-
-    def keep(self, count):
-        """The :class:`_Int8` with the ``count`` most sensitive convs in
-        fp32 (none: the full int8 model)."""
-        candidate = self.candidate
-        if not count:
-            return _Int8(candidate.int8, candidate.agreement, [], candidate,
-                         self.ranking)
-        kept = [s.conv for s in self.ranking()[:count]]
-        model = transplant(candidate.int8, candidate.fp32,
-                           {self._nodes[k]
-                            for k in kept}, 'fp32')
-        agreement = replace(
-            self._measure.agreement(model),
-            all_int8_labels=candidate.agreement.labels,
-            unequalized_labels=candidate.agreement.unequalized_labels,
-            equalized_labels=candidate.agreement.equalized_labels)
-        return _Int8(model, agreement, kept, candidate, self.ranking)
-
-
-def _fewest_float(ladders, min_agreement, max_float):
+def _fewest_float(candidates, min_agreement, max_float):
     """The first :class:`_Int8` whose labels agree as asked, with the fewest
     convs in fp32 (at most ``max_float``) and, at equal count, from the
-    first ladder; else, of each ladder's model with the most convs in fp32,
-    the one that agreed most."""
+    first candidate; else, of each candidate's model with the most convs in
+    fp32, the one that agreed most."""
     last = {}
     for count in range(max_float + 1):
-        for index, ladder in enumerate(ladders):
-            if count <= len(ladder):
-                last[index] = ladder.keep(count)
+        for index, candidate in enumerate(candidates):
+            if count <= len(candidate):
+                last[index] = candidate.keep(count)
                 if last[index].agreement.labels >= min_agreement:
                     return last[index]
     return max(last.values(), key=lambda t: t.agreement.labels)
@@ -359,12 +333,10 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     measure = _Measure(
         split_images(cfg, 'train', settings.calib_num, size), held_out,
         run_onnx(fp32, held_out), settings.scheme)
-    ladders = [
-        _Ladder(c, measure)
-        for c in _candidates(measure, fp32, info.equalized_pairs, equalize,
+    candidates = _candidates(measure, fp32, info.equalized_pairs, equalize,
                              settings.min_agreement)
-    ]
-    best = _fewest_float(ladders, settings.min_agreement, settings.max_float)
+    best = _fewest_float(candidates, settings.min_agreement,
+                         settings.max_float)
     check_agreement(best.agreement, settings.min_agreement, len(best.kept))
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
@@ -372,7 +344,8 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     info.agreement = best.agreement.to_dict()
     info.float_convs = best.kept
     # One ONNX Runtime session per conv: measured when needed or asked.
-    info.sensitivity = best.ranking() if best.kept or settings.report else []
+    info.sensitivity = (
+        best.candidate.ranking if best.kept or settings.report else [])
     info.equalized_pairs = best.candidate.equalized_pairs
     set_info(best.model, info)
     return best.model.SerializeToString()
