@@ -39,28 +39,13 @@ EQUALIZE_MODES = ('auto', 'always', 'never')
 
 @dataclass
 class Int8Settings:
-    """How :func:`export_int8` quantizes to int8.
-
-    Attributes:
-        calib_num (int): Images of the config's training set that the
-            activation ranges are calibrated on.
-        eval_num (int): Images of the validation set that the agreement
-            with fp32 is measured on.
-        min_agreement (float): The share of pixels whose int8 label must
-            equal the fp32 one, or nothing is written.
-        max_float (int): The most convs kept in fp32 to reach
-            ``min_agreement``, the most sensitive first.
-        scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the docs).
-        equalize (str): When to equalize the ranges of the channels
-            between the RepVGG backbone's blocks, as the calibration images
-            activate them (:mod:`mmrepvgg.models.equalization`), before
-            calibrating: one of :data:`EQUALIZE_MODES`. The equalized fp32
-            model computes the same function with other weights; it is
-            exported and checked on the engines as the model is.
-        report (bool): Measure every conv's sensitivity for the metadata
-            even when no conv is kept in fp32 (one ONNX Runtime session per
-            conv, run on the first calibration images).
-    """
+    """How :func:`export_int8` quantizes to int8. Each field is an option
+    of ``tools/export.py``, whose help says what it sets. Labels that agree
+    less than ``min_agreement`` with ``max_float`` convs in fp32 write
+    nothing; the model that ``equalize`` gives
+    (:mod:`mmrepvgg.models.equalization`) computes the same function with
+    other weights, and is exported and checked on the engines as the model
+    is."""
     calib_num: int = option(16, 'training images to calibrate on')
     eval_num: int = option(8, 'validation images to measure the agreement on')
     min_agreement: float = option(

@@ -35,14 +35,9 @@ MIN_QAT_AGREEMENT = 0.999
 
 @dataclass
 class QATExportSettings:
-    """How :func:`export_qat` checks an exported QAT model.
-
-    Attributes:
-        eval_num (int): Images of the config's validation set to compare
-            on.
-        min_agreement (float): The share of their pixels whose ONNX Runtime
-            label must equal the QAT model's own, or nothing is written.
-    """
+    """How :func:`export_qat` checks an exported QAT model (each field is
+    an option of ``tools/export.py``, whose help says what it sets); labels
+    that agree less than ``min_agreement`` write nothing."""
     eval_num: int = option(
         8, 'validation images to compare the exported QAT model with the '
         'QAT model on')
