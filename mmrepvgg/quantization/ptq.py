@@ -12,7 +12,7 @@ logits most are kept in fp32, fewest first, up to a limit.
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
 
 from ..cli import option
@@ -326,7 +326,7 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
     info.calibration = dict(split='train', images=len(measure.calibration))
-    info.agreement = best.agreement.to_dict()
+    info.agreement = asdict(best.agreement)
     info.float_convs = best.kept
     # One ONNX Runtime session per conv: measured when needed or asked.
     info.sensitivity = (

@@ -1,7 +1,7 @@
 """Exporting a QAT checkpoint: each fake quantizer becomes a
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
 trained."""
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import onnx
 import torch
@@ -177,7 +177,7 @@ def export_qat(job, settings=QATExportSettings()):
     agreement = measure_agreement(data, outputs, images, 'val')
     check_agreement(
         agreement, settings.min_agreement, reference='the QAT model')
-    info.agreement = dict(agreement.to_dict(), reference='qat')
+    info.agreement = dict(asdict(agreement), reference='qat')
     proto = onnx.load_from_string(data)
     set_info(proto, info)
     job.write(proto.SerializeToString())
