@@ -11,7 +11,6 @@ import re
 import cv2
 import numpy as np
 import torch
-from mmengine.utils import mkdir_or_exist
 
 from .checkpoint import load_checkpoint
 from .errors import UsageError
@@ -30,6 +29,8 @@ _COLOURS = {
 CITY = 'toytown'
 # Cityscapes' label of pixels that no class covers.
 IGNORE_INDEX = 255
+# The end of the names of Cityscapes' train-id label maps.
+_LABELS = '_gtFine_labelTrainIds.png'
 
 __all__ = [
     'make_toy_cityscapes', 'write_toy_config', 'majority_class_miou',
@@ -89,21 +90,20 @@ def make_toy_cityscapes(root,
         str: ``root``.
     """
     rng = np.random.default_rng(seed)
+    files = {}
     for split, count in (('train', num_train), ('val', num_val)):
-        image_dir = osp.join(root, 'leftImg8bit', split, CITY)
-        label_dir = osp.join(root, 'gtFine', split, CITY)
-        mkdir_or_exist(image_dir)
-        mkdir_or_exist(label_dir)
         for index in range(count):
             image, labels = _draw_scene(rng, height, width)
-            stem = f'{CITY}_{index:06d}_000019'
-            cv2.imwrite(
-                osp.join(image_dir, f'{stem}_leftImg8bit.png'),
-                cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            cv2.imwrite(
-                osp.join(label_dir, f'{stem}_gtFine_labelTrainIds.png'),
-                labels)
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            stem = f'{split}/{CITY}/{CITY}_{index:06d}_000019'
+            files[f'{root}/leftImg8bit/{stem}_leftImg8bit.png'] = _png(image)
+            files[f'{root}/gtFine/{stem}{_LABELS}'] = _png(labels)
+    write_files(files, force=True)
     return root
+
+
+def _png(image):
+    return cv2.imencode('.png', image)[1].tobytes()
 
 
 def majority_class_miou(data_root, split='val'):
@@ -114,9 +114,7 @@ def majority_class_miou(data_root, split='val'):
     scores 0.
     """
     counts = np.zeros(IGNORE_INDEX + 1, np.int64)
-    for path in glob.glob(
-            osp.join(data_root, 'gtFine', split, '*',
-                     '*_gtFine_labelTrainIds.png')):
+    for path in _label_maps(data_root, split):
         labels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         counts += np.bincount(labels.ravel(), minlength=counts.size)
     counts = counts[:IGNORE_INDEX]
@@ -214,9 +212,7 @@ def write_toy_config(base,
         checkpoint_interval=checkpoint_interval or iters,
         log_interval=log_interval,
         seed=seed)
-    mkdir_or_exist(osp.dirname(osp.abspath(out)))
-    with open(out, 'w') as f:
-        f.write(text)
+    write_files({out: text.encode()}, force=True)
     return out
 
 
@@ -296,6 +292,10 @@ def make_quantization_hostile(checkpoint,
     return out
 
 
+def _label_maps(data_root, split):
+    return glob.glob(osp.join(data_root, 'gtFine', split, '*', '*' + _LABELS))
+
+
 def cityscapes_images(data_root, split='val'):
     """The images of a split of a Cityscapes folder, sorted.
 
@@ -311,9 +311,7 @@ def cityscapes_images(data_root, split='val'):
     if not images:
         raise UsageError(f'{data_root}: not a Cityscapes folder (no images in '
                          f'leftImg8bit/{split}/*/)')
-    if not glob.glob(
-            osp.join(data_root, 'gtFine', split, '*',
-                     '*_gtFine_labelTrainIds.png')):
+    if not _label_maps(data_root, split):
         raise UsageError(
             f'{data_root}: gtFine/{split} holds no *_labelTrainIds.png; '
             "create them with mmseg's tools/dataset_converters/cityscapes.py")

@@ -281,7 +281,7 @@ def test_each_candidate_records_what_the_other_kept_in_full_int8():
     measure = SimpleNamespace(
         calibration=[],
         candidate=lambda fp32, pairs: _Candidate(
-            fp32, None, Agreement(full_int8[fp32], 0., 4, 'val'), pairs))
+            fp32, None, Agreement(full_int8[fp32], 0., 4, 'val'), pairs, None))
 
     def equalize(images):
         return 'equalized', 18

@@ -42,16 +42,8 @@ _MIN_DYNAMIC = 11
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """The input size of an exported model.
-
-    Attributes:
-        shape (tuple[int], optional): ``(height, width)`` of the input;
-            None: a slide-mode config's crop size, else what the config's
-            test pipeline makes of a Cityscapes frame (1024x2048 for the
-            shipped configs).
-        dynamic (bool): Take any input size; the checks run at ``shape``
-            and at 3/4 of it.
-    """
+    """The input size of an exported model (each field is an option of
+    ``tools/export.py``, whose help says what it sets)."""
     shape: Optional[Tuple[int, int]] = option(
         None,
         "input height and width (default: a slide-mode config's crop size, "

@@ -1,13 +1,8 @@
-"""Cross-layer equalization of a deploy-form RepVGG, before int8.
-
-Between two blocks' fused convs, joined by a ReLU, dividing output channel
-``i`` of the first by ``s_i > 0`` and multiplying input channel ``i`` of the
-second by it computes the same. ``s_i = sqrt(a_i / w_i)`` (``a_i``: the
-channel's largest activation on calibration images, ``w_i``: its largest
-weight magnitude in the second conv) gives both the range
-``sqrt(a_i * w_i)``, as SmoothQuant does (Xiao et al., ICML 2023), repeated
-along the chain until the scales settle. The int8 page of the docs says why
-and how well.
+"""Cross-layer equalization of a deploy-form RepVGG, before int8: between
+two blocks' fused convs, joined by a ReLU, output channel ``i`` of the first
+divided by ``s_i > 0`` and input channel ``i`` of the second multiplied by
+it, so that the activation and the weights share their range
+(``docs/deployment/int8.md`` gives ``s_i``, why and how well).
 """
 import functools
 

@@ -14,16 +14,37 @@ from .weight_layouts import check_weights_fit, to_mmrepvgg_layout
 
 __all__ = ['RepVGG']
 
-# Blocks counted from the stem (stem = 0) that the paper's g2/g4 variants
-# build as grouped convolutions.
-_GROUPED_BLOCKS = range(2, 27, 2)
-_G2 = dict.fromkeys(_GROUPED_BLOCKS, 2)
-_G4 = dict.fromkeys(_GROUPED_BLOCKS, 4)
-_A = dict(num_blocks=(2, 4, 14, 1))
 # Block arguments that the backbone gives each block.
 _PLACED_BY_BACKBONE = ('in_channels', 'out_channels', 'stride', 'dilation',
                        'groups', 'deploy')
-_B = dict(num_blocks=(4, 6, 16, 1))
+_A = (2, 4, 14, 1)
+_B = (4, 6, 16, 1)
+# The paper's archs, before the grouped variants of B1, B2 and B3.
+_UNGROUPED_ARCHS = dict(
+    A0=dict(num_blocks=_A, width_factor=(0.75, 0.75, 0.75, 2.5)),
+    A1=dict(num_blocks=_A, width_factor=(1, 1, 1, 2.5)),
+    A2=dict(num_blocks=_A, width_factor=(1.5, 1.5, 1.5, 2.75)),
+    B0=dict(num_blocks=_B, width_factor=(1, 1, 1, 2.5)),
+    B1=dict(num_blocks=_B, width_factor=(2, 2, 2, 4)),
+    B2=dict(num_blocks=_B, width_factor=(2.5, 2.5, 2.5, 5)),
+    B3=dict(num_blocks=_B, width_factor=(3, 3, 3, 5)),
+    D2se=dict(
+        num_blocks=(8, 14, 24, 1),
+        width_factor=(2.5, 2.5, 2.5, 5),
+        se_cfg=dict(ratio=16)))
+
+
+def _with_grouped_variants(archs):
+    """``archs`` with the paper's g2 and g4 variant after B1, B2 and B3
+    (``B1g2``, ``B1g4``, ...): the blocks 2, 4, ..., 26 counted from the
+    stem (stem = 0) built as convolutions of 2 or 4 groups."""
+    settings = {}
+    for name, arch in archs.items():
+        settings[name] = arch
+        for groups in (2, 4) if name in ('B1', 'B2', 'B3') else ():
+            settings[f'{name}g{groups}'] = dict(
+                arch, group_layer_map=dict.fromkeys(range(2, 27, 2), groups))
+    return settings
 
 
 class RepVGG(BaseModule):
@@ -72,39 +93,7 @@ class RepVGG(BaseModule):
             Defaults to Kaiming for convs and ones for norms.
     """
 
-    arch_settings = {
-        'A0':
-        dict(**_A, width_factor=(0.75, 0.75, 0.75, 2.5)),
-        'A1':
-        dict(**_A, width_factor=(1, 1, 1, 2.5)),
-        'A2':
-        dict(**_A, width_factor=(1.5, 1.5, 1.5, 2.75)),
-        'B0':
-        dict(**_B, width_factor=(1, 1, 1, 2.5)),
-        'B1':
-        dict(**_B, width_factor=(2, 2, 2, 4)),
-        'B1g2':
-        dict(**_B, width_factor=(2, 2, 2, 4), group_layer_map=_G2),
-        'B1g4':
-        dict(**_B, width_factor=(2, 2, 2, 4), group_layer_map=_G4),
-        'B2':
-        dict(**_B, width_factor=(2.5, 2.5, 2.5, 5)),
-        'B2g2':
-        dict(**_B, width_factor=(2.5, 2.5, 2.5, 5), group_layer_map=_G2),
-        'B2g4':
-        dict(**_B, width_factor=(2.5, 2.5, 2.5, 5), group_layer_map=_G4),
-        'B3':
-        dict(**_B, width_factor=(3, 3, 3, 5)),
-        'B3g2':
-        dict(**_B, width_factor=(3, 3, 3, 5), group_layer_map=_G2),
-        'B3g4':
-        dict(**_B, width_factor=(3, 3, 3, 5), group_layer_map=_G4),
-        'D2se':
-        dict(
-            num_blocks=(8, 14, 24, 1),
-            width_factor=(2.5, 2.5, 2.5, 5),
-            se_cfg=dict(ratio=16)),
-    }
+    arch_settings = _with_grouped_variants(_UNGROUPED_ARCHS)
 
     def __init__(self,
                  arch,

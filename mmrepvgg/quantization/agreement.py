@@ -1,7 +1,7 @@
 """How an int8 model's predictions agree with those of its reference (the
 fp32 model, or the QAT model it was exported from), measured on ONNX
 Runtime."""
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,9 +41,6 @@ class Agreement:
     all_int8_labels: Optional[float] = None
     unequalized_labels: Optional[float] = None
     equalized_labels: Optional[float] = None
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def run_onnx(model, images):

@@ -1,32 +1,21 @@
-"""Calibrated post-training INT8 of exported segmentors.
+"""Calibrated post-training INT8 of exported segmentors
+(``docs/deployment/int8.md`` says how, and why these choices).
 
 An fp32 model exported and checked by
-:func:`mmrepvgg.deploy.export.export_fp32` becomes a
-QDQ model with per-channel 8-bit weights, in one of two schemes: ``cpu``
-(unsigned 8-bit activations with zero points, which ONNX Runtime and
-OpenVINO both run in int8) or ``tensorrt`` (signed 8-bit activations with
-zero point 0, as TensorRT's explicit quantization takes them). Its
-activation ranges are calibrated on images of the config's training set,
-read through its test pipeline; its agreement with the fp32 model is
-measured on images of the validation set. When too few labels agree, the
-channels between a RepVGG backbone's blocks are equalized
-(:mod:`mmrepvgg.models.equalization`), and if that is not enough either, the
-convs that move the logits most (:mod:`.mixed_precision`) are kept in fp32,
-fewest first, up to a limit: each step costs less speed than the next.
-
-The choices were measured (a PSPNet-RepVGG-A0, 512x1024): MinMax ranges
-agree with fp32 as well as entropy or percentile ones and take a third of
-the time; OpenVINO computes wrong results with signed 8-bit activations
-and runs unsigned weights in fp32, so activations are unsigned and weights
-signed; the image normalization before the first conv and the resize and
-argmax after the last one stay in fp32.
+:func:`mmrepvgg.deploy.export.export_fp32` becomes a QDQ model with
+per-channel 8-bit weights in one of :data:`~.model_info.INT8_SCHEMES`,
+calibrated on images of the config's training set; its agreement with the
+fp32 model is measured on images of the validation set. When too few labels
+agree, the RepVGG backbone is equalized, then the convs that move the
+logits most are kept in fp32, fewest first, up to a limit.
 """
 import os.path as osp
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from functools import cache, partial
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property, partial
 
+from ..cli import option
 from ..deploy.compare import Fp32Tolerance
 from ..deploy.export import export_fp32
 from ..deploy.images import split_images
@@ -50,66 +39,40 @@ EQUALIZE_MODES = ('auto', 'always', 'never')
 
 @dataclass
 class Int8Settings:
-    """How :func:`export_int8` quantizes to int8.
-
-    Attributes:
-        calib_num (int): Images of the config's training set that the
-            activation ranges are calibrated on.
-        eval_num (int): Images of the validation set that the agreement
-            with fp32 is measured on.
-        min_agreement (float): The share of pixels whose int8 label must
-            equal the fp32 one, or nothing is written.
-        max_float (int): The most convs kept in fp32 to reach
-            ``min_agreement``, the most sensitive first.
-        scheme (str): ``'cpu'`` or ``'tensorrt'`` (see the module).
-        equalize (str): When to equalize the ranges of the channels
-            between the RepVGG backbone's blocks, as the calibration images
-            activate them (:mod:`mmrepvgg.models.equalization`), before
-            calibrating: one of :data:`EQUALIZE_MODES`. The equalized fp32
-            model computes the same function with other weights; it is
-            exported and checked on the engines as the model is.
-        report (bool): Measure every conv's sensitivity for the metadata
-            even when no conv is kept in fp32 (one ONNX Runtime session per
-            conv, run on the first calibration images).
-    """
-    calib_num: int = field(
-        default=16, metadata=dict(help='training images to calibrate on'))
-    eval_num: int = field(
-        default=8,
-        metadata=dict(help='validation images to measure the agreement on'))
-    min_agreement: float = field(
-        default=0.99,
-        metadata=dict(help="share of pixels whose int8 label must equal the "
-                      "fp32 one"))
-    max_float: int = field(
-        default=3,
-        metadata=dict(help='the most convs kept in fp32, the most sensitive '
-                      'first, if full int8 misses --min-agreement'))
-    scheme: str = field(
-        default='cpu',
-        metadata=dict(
-            flag='--int8-scheme',
-            help='cpu: unsigned activations with zero points (ONNX Runtime, '
-            'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
-            "(TensorRT's explicit quantization)"))
-    equalize: str = field(
-        default='auto',
-        metadata=dict(
-            flag='--int8-equalize',
-            metavar='{' + ','.join(EQUALIZE_MODES) + '}',
-            help="equalize the ranges of the channels between the RepVGG "
-            "backbone's blocks, as the calibration images activate them, "
-            'before calibrating (for models whose BN statistics made a few '
-            'channels far wider than the rest): auto, when full int8 misses '
-            '--min-agreement, before any conv is kept in fp32; always; '
-            'never'))
-    report: bool = field(
-        default=False,
-        metadata=dict(
-            flag='--int8-report',
-            help='rank every conv by how much it alone moves the logits in '
-            'int8, print the ranking and keep it in the metadata (measured '
-            'anyway when a conv is kept in fp32)'))
+    """How :func:`export_int8` quantizes to int8. Each field is an option
+    of ``tools/export.py``, whose help says what it sets. Labels that agree
+    less than ``min_agreement`` with ``max_float`` convs in fp32 write
+    nothing; the model that ``equalize`` gives
+    (:mod:`mmrepvgg.models.equalization`) computes the same function with
+    other weights, and is exported and checked on the engines as the model
+    is."""
+    calib_num: int = option(16, 'training images to calibrate on')
+    eval_num: int = option(8, 'validation images to measure the agreement on')
+    min_agreement: float = option(
+        0.99, "share of pixels whose int8 label must equal the fp32 one")
+    max_float: int = option(
+        3, 'the most convs kept in fp32, the most sensitive first, if full '
+        'int8 misses --min-agreement')
+    scheme: str = option(
+        'cpu', 'cpu: unsigned activations with zero points (ONNX Runtime, '
+        'OpenVINO); tensorrt: signed symmetric activations, zero point 0 '
+        "(TensorRT's explicit quantization)",
+        flag='--int8-scheme')
+    equalize: str = option(
+        'auto',
+        "equalize the ranges of the channels between the RepVGG backbone's "
+        'blocks, as the calibration images activate them, before '
+        'calibrating (for models whose BN statistics made a few channels '
+        'far wider than the rest): auto, when full int8 misses '
+        '--min-agreement, before any conv is kept in fp32; always; never',
+        flag='--int8-equalize',
+        metavar='{' + ','.join(EQUALIZE_MODES) + '}')
+    report: bool = option(
+        False,
+        'rank every conv by how much it alone moves the logits in int8, '
+        'print the ranking and keep it in the metadata (measured anyway '
+        'when a conv is kept in fp32)',
+        flag='--int8-report')
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -218,13 +181,41 @@ def _quiet_quantizer():
 
 @dataclass(frozen=True)
 class _Candidate:
-    """An fp32 model, its int8 model with every conv in int8, their
-    :class:`Agreement` with the fp32 model's labels and the conv pairs
-    equalized in them."""
+    """An fp32 model to quantize: the model, its full int8 model (every
+    conv in int8) and that model's :class:`Agreement`, the conv pairs
+    equalized in it, and how its int8 models are checked. :meth:`keep`
+    gives its int8 models with its most sensitive convs in fp32; the convs'
+    sensitivity is measured only for a conv to keep (or the metadata of the
+    model written)."""
     fp32: object  # onnx.ModelProto
     int8: object
     agreement: Agreement
     equalized_pairs: int
+    measure: '_Measure'
+
+    @cached_property
+    def ranking(self):
+        """:func:`~.mixed_precision.sensitivities` of its convs."""
+        return sensitivities(self.int8, self.fp32, self.measure.calibration)
+
+    def __len__(self):
+        """The convs it can keep in fp32."""
+        return len(convs_of(self.fp32))
+
+    def keep(self, count):
+        """The :class:`_Int8` with the ``count`` most sensitive convs in
+        fp32 (none: the full int8 model)."""
+        if not count:
+            return _Int8(self.int8, self.agreement, [], self)
+        kept = [s.conv for s in self.ranking[:count]]
+        nodes = {c.node for c in convs_of(self.fp32) if c.name in kept}
+        model = transplant(self.int8, self.fp32, nodes, 'fp32')
+        agreement = replace(
+            self.measure.agreement(model),
+            all_int8_labels=self.agreement.labels,
+            unequalized_labels=self.agreement.unequalized_labels,
+            equalized_labels=self.agreement.equalized_labels)
+        return _Int8(model, agreement, kept, self)
 
 
 @dataclass(frozen=True)
@@ -235,7 +226,6 @@ class _Int8:
     agreement: Agreement
     kept: list
     candidate: _Candidate
-    ranking: object  # () -> list[ConvSensitivity]
 
 
 @dataclass(frozen=True)
@@ -253,7 +243,7 @@ class _Measure:
         int8 = quantize_int8(fp32, self.calibration, self.scheme)
         return _Candidate(
             onnx.load_from_string(fp32), int8, self.agreement(int8),
-            equalized_pairs)
+            equalized_pairs, self)
 
     def agreement(self, int8):
         return measure_agreement(int8.SerializeToString(), self.reference,
@@ -280,57 +270,16 @@ def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
     return sorted([plain, equalized], key=lambda c: -c.agreement.labels)
 
 
-class _Ladder:
-    """A candidate's int8 models with its most sensitive convs in fp32. The
-    convs' sensitivity is measured only for a conv to keep (or the metadata
-    of the model written).
-
-    Args:
-        candidate (_Candidate): The model to quantize.
-        measure (_Measure): How its int8 models are checked.
-    """
-
-    def __init__(self, candidate, measure):
-        self.candidate = candidate
-        self._measure = measure
-        self.ranking = cache(
-            partial(sensitivities, candidate.int8, candidate.fp32,
-                    measure.calibration))
-        self._nodes = {c.name: c.node for c in convs_of(candidate.fp32)}
-
-    def __len__(self):
-        """The convs it can keep in fp32."""
-        return len(self._nodes)
-
-    def keep(self, count):
-        """The :class:`_Int8` with the ``count`` most sensitive convs in
-        fp32 (none: the full int8 model)."""
-        candidate = self.candidate
-        if not count:
-            return _Int8(candidate.int8, candidate.agreement, [], candidate,
-                         self.ranking)
-        kept = [s.conv for s in self.ranking()[:count]]
-        model = transplant(candidate.int8, candidate.fp32,
-                           {self._nodes[k]
-                            for k in kept}, 'fp32')
-        agreement = replace(
-            self._measure.agreement(model),
-            all_int8_labels=candidate.agreement.labels,
-            unequalized_labels=candidate.agreement.unequalized_labels,
-            equalized_labels=candidate.agreement.equalized_labels)
-        return _Int8(model, agreement, kept, candidate, self.ranking)
-
-
-def _fewest_float(ladders, min_agreement, max_float):
+def _fewest_float(candidates, min_agreement, max_float):
     """The first :class:`_Int8` whose labels agree as asked, with the fewest
     convs in fp32 (at most ``max_float``) and, at equal count, from the
-    first ladder; else, of each ladder's model with the most convs in fp32,
-    the one that agreed most."""
+    first candidate; else, of each candidate's model with the most convs in
+    fp32, the one that agreed most."""
     last = {}
     for count in range(max_float + 1):
-        for index, ladder in enumerate(ladders):
-            if count <= len(ladder):
-                last[index] = ladder.keep(count)
+        for index, candidate in enumerate(candidates):
+            if count <= len(candidate):
+                last[index] = candidate.keep(count)
                 if last[index].agreement.labels >= min_agreement:
                     return last[index]
     return max(last.values(), key=lambda t: t.agreement.labels)
@@ -369,20 +318,19 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
     measure = _Measure(
         split_images(cfg, 'train', settings.calib_num, size), held_out,
         run_onnx(fp32, held_out), settings.scheme)
-    ladders = [
-        _Ladder(c, measure)
-        for c in _candidates(measure, fp32, info.equalized_pairs, equalize,
+    candidates = _candidates(measure, fp32, info.equalized_pairs, equalize,
                              settings.min_agreement)
-    ]
-    best = _fewest_float(ladders, settings.min_agreement, settings.max_float)
+    best = _fewest_float(candidates, settings.min_agreement,
+                         settings.max_float)
     check_agreement(best.agreement, settings.min_agreement, len(best.kept))
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
     info.calibration = dict(split='train', images=len(measure.calibration))
-    info.agreement = best.agreement.to_dict()
+    info.agreement = asdict(best.agreement)
     info.float_convs = best.kept
     # One ONNX Runtime session per conv: measured when needed or asked.
-    info.sensitivity = best.ranking() if best.kept or settings.report else []
+    info.sensitivity = (
+        best.candidate.ranking if best.kept or settings.report else [])
     info.equalized_pairs = best.candidate.equalized_pairs
     set_info(best.model, info)
     return best.model.SerializeToString()

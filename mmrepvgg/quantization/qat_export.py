@@ -1,7 +1,7 @@
 """Exporting a QAT checkpoint: each fake quantizer becomes a
 QuantizeLinear/DequantizeLinear pair with the scale and zero point it
 trained."""
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import onnx
 import torch
@@ -11,6 +11,7 @@ from torch.ao.quantization import FakeQuantizeBase
 # Defines the quantized_decomposed ops that FrozenFakeQuantize calls.
 from torch.ao.quantization.fx import _decomposed  # noqa: F401
 
+from ..cli import option
 from ..deploy.export import ExportResult
 from ..deploy.graph import exportable, to_onnx
 from ..deploy.images import split_images
@@ -34,22 +35,15 @@ MIN_QAT_AGREEMENT = 0.999
 
 @dataclass
 class QATExportSettings:
-    """How :func:`export_qat` checks an exported QAT model.
-
-    Attributes:
-        eval_num (int): Images of the config's validation set to compare
-            on.
-        min_agreement (float): The share of their pixels whose ONNX Runtime
-            label must equal the QAT model's own, or nothing is written.
-    """
-    eval_num: int = field(
-        default=8,
-        metadata=dict(help='validation images to compare the exported QAT '
-                      'model with the QAT model on'))
-    min_agreement: float = field(
-        default=MIN_QAT_AGREEMENT,
-        metadata=dict(help='share of pixels whose ONNX Runtime label must '
-                      "equal the QAT model's own"))
+    """How :func:`export_qat` checks an exported QAT model (each field is
+    an option of ``tools/export.py``, whose help says what it sets); labels
+    that agree less than ``min_agreement`` write nothing."""
+    eval_num: int = option(
+        8, 'validation images to compare the exported QAT model with the '
+        'QAT model on')
+    min_agreement: float = option(
+        MIN_QAT_AGREEMENT, 'share of pixels whose ONNX Runtime label must '
+        "equal the QAT model's own")
 
     def check(self):
         """Raise UsageError for settings that cannot be met."""
@@ -183,7 +177,7 @@ def export_qat(job, settings=QATExportSettings()):
     agreement = measure_agreement(data, outputs, images, 'val')
     check_agreement(
         agreement, settings.min_agreement, reference='the QAT model')
-    info.agreement = dict(agreement.to_dict(), reference='qat')
+    info.agreement = dict(asdict(agreement), reference='qat')
     proto = onnx.load_from_string(data)
     set_info(proto, info)
     job.write(proto.SerializeToString())
