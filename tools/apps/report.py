@@ -1,12 +1,12 @@
-"""The benchmark's results: typed records, a text table (inside the demo's
-summary table, for the demo), JSON and a PNG chart."""
+"""The benchmark's and the demo's results: typed records, a text table
+(the benchmark's inside the demo's), JSON and a PNG chart."""
 import dataclasses
 import io
 import json
 import os.path as osp
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 from mmrepvgg.deploy.compare import OutputComparison
 from mmrepvgg.fileio import write_files
@@ -98,6 +98,28 @@ class BenchmarkResult:
                                    dataclasses.fields(cls)[1:])))
 
 
+@dataclass
+class DemoSummary:
+    """What the demo did and measured, as ``summary.json`` holds it:
+    ``metrics`` of the ``train`` and ``deploy`` forms, and of each engine
+    form in ``engines`` with its int8 ``agreement`` (labels equal to fp32's
+    on the val set); ``seconds`` per step; the benchmark's result."""
+    config: str
+    iters: int
+    data: str = ''
+    data_root: str = ''
+    majority_class_miou: Optional[float] = None
+    checkpoint: str = ''
+    deploy_checkpoint: str = ''
+    deploy_config: str = ''
+    metrics: dict = field(default_factory=dict)
+    same_miou: bool = False
+    engines: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    benchmark: dict = field(default_factory=dict)
+    chart: str = ''
+
+
 def _describe(settings):
     shape = 'x'.join(map(str, settings['shape']))
     return (f'{settings["device"]}, {settings["threads"]} thread(s), input '
@@ -117,7 +139,7 @@ def _verdict(check):
 def format_report(result, summary=None):
     """The timings, speed-ups and output checks of a
     :class:`BenchmarkResult` as a text table; given the
-    demo's :class:`apps.demo.DemoSummary`, inside the demo's table: the
+    demo's :class:`DemoSummary`, inside the demo's table: the
     accuracy and speed of every form, the run's files and its steps."""
     width = max(len(t.name) for t in result.timings)
     lines = [
