@@ -105,11 +105,14 @@ def _run(command, log, step=None):
     return step
 
 
-def _test(name, command, settings, log):
-    """Run an evaluation in ``work_dir/test_{name}``; its metrics, which
-    mmengine's logger writes there as the last JSON line of
+def _test(name, config, model, settings, log, *engine):
+    """Evaluate in ``work_dir/test_{name}``, a checkpoint with ``mim test``
+    or an ONNX model with ``tools/test.py`` and the ``engine`` options; the
+    metrics, which mmengine's logger writes there as the last JSON line of
     ``TIMESTAMP/TIMESTAMP.json``."""
     work_dir = osp.join(settings.work_dir, f'test_{name}')
+    mim = ['mim', 'test', 'mmsegmentation', config, '--checkpoint', model]
+    command = ['test.py', config, model, *engine] if engine else mim
     step = _run(command + ['--work-dir', work_dir], log)
     logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     if not logs:
@@ -170,18 +173,13 @@ def _train(settings, config, summary, log):
 
 def _evaluate_and_convert(settings, config, summary, log):
     metrics, force = summary.metrics, ['--force'] * settings.force
-    metrics['train'] = _test('train', [
-        'mim', 'test', 'mmsegmentation', config, '--checkpoint',
-        summary.checkpoint
-    ], settings, log)
-    _run([
-        'reparameterize.py', config, summary.checkpoint,
-        summary.deploy_checkpoint, *force
-    ], log)
-    metrics['deploy'] = _test('deploy', [
-        'mim', 'test', 'mmsegmentation', summary.deploy_config, '--checkpoint',
-        summary.deploy_checkpoint
-    ], settings, log)
+    deploy = summary.deploy_checkpoint
+    metrics['train'] = _test('train', config, summary.checkpoint, settings,
+                             log)
+    _run(['reparameterize.py', config, summary.checkpoint, deploy, *force],
+         log)
+    metrics['deploy'] = _test('deploy', summary.deploy_config, deploy,
+                              settings, log)
     summary.same_miou = metrics['train']['mIoU'] == metrics['deploy']['mIoU']
 
 
@@ -212,10 +210,9 @@ def _export_and_evaluate(settings, config, summary, log):
     for backend, precision in forms:
         model, agreement = models[model_precision(precision)]
         engine = engine_settings(backend, precision, settings.threads)
-        metrics = _test(f'{backend}_{precision}', [
-            'test.py', config, model, '--backend', backend, '--precision',
-            engine.precision, '--threads', engine.threads
-        ], settings, log)
+        metrics = _test(f'{backend}_{precision}', config, model, settings, log,
+                        '--backend', backend, '--precision', engine.precision,
+                        '--threads', engine.threads)
         summary.engines[f'{backend} {precision}'] = dict(
             metrics, agreement=agreement)
 

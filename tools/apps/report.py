@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 from mmrepvgg.deploy.compare import OutputComparison
+from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.fileio import write_files
 
 
@@ -96,6 +97,43 @@ class BenchmarkResult:
             *([record(**d) for d in data[f.name]]
               for record, f in zip((Timing, Ratio, Check, Int8Ceiling),
                                    dataclasses.fields(cls)[1:])))
+
+
+def speedups(entries):
+    """The speed-ups that the benchmark reports of its timed ``entries``
+    (:class:`apps.benchmark.Entry`, ours first): our deploy form over each
+    reference; each entry made from another over it, and ours in each
+    engine form over each reference in it."""
+    ours, pairs = entries[0].model, []
+    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
+    for entry in entries:
+        if entry.form == 'reference':
+            pairs.append((index[ours, entry.part, 'deploy'], entry))
+        elif entry.base is not None:
+            pairs += [(entry, entry.base),
+                      (index[ours, entry.part, entry.form], entry)]
+    return [Ratio.of(a, b) for a, b in pairs if a is not b]
+
+
+def int8_ceilings(entries):
+    """Each engine's int8 speed-up of our segmentor (the first entry's
+    model) and of one conv (the part ``conv``), as :func:`speedups` takes
+    the entries."""
+    ours = {
+        (e.part, e.form): e
+        for e in reversed(entries)
+        if e.model == entries[0].model or e.part == 'conv'
+    }
+    ceilings = []
+    for backend in BACKENDS:
+        pairs = [[
+            ours.get((part, f'{backend} {precision}'))
+            for precision in ('int8', 'fp32')
+        ] for part in ('segmentor', 'conv')]
+        if None not in pairs[0] + pairs[1]:
+            model, conv = (Ratio.of(*pair).speedup for pair in pairs)
+            ceilings.append(Int8Ceiling(backend, model, conv, model / conv))
+    return ceilings
 
 
 @dataclass
