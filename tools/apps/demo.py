@@ -15,7 +15,6 @@ import os.path as osp
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
@@ -30,7 +29,8 @@ from mmrepvgg.testing import (cityscapes_images, majority_class_miou,
                               write_toy_config)
 from .benchmark import BenchmarkSettings
 from .engines import engine_forms, engine_settings, model_precision
-from .report import BenchmarkResult, DemoSummary, format_report, write_json
+from .report import (BenchmarkResult, DemoSummary, format_report, timed,
+                     write_json)
 
 TOOLS = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join(
@@ -273,9 +273,8 @@ def run_demo(settings, log=print):
     ]
     for index, (step, title, function) in enumerate(steps, 1):
         log(f'== {index}/{len(steps)} {title}')
-        started = time.perf_counter()
-        function(settings, config, summary, log)
-        summary.seconds[step] = round(time.perf_counter() - started, 1)
+        seconds, _ = timed(function, settings, config, summary, log)
+        summary.seconds[step] = round(seconds, 1)
     table = format_report(
         BenchmarkResult.from_dict(summary.benchmark), summary)
     write_files({osp.join(work_dir, 'summary.txt'): table.encode() + b'\n'},

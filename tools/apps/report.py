@@ -5,12 +5,21 @@ import io
 import json
 import os.path as osp
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 from mmrepvgg.deploy.compare import OutputComparison
 from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.fileio import write_files
+
+
+def timed(function, *args, **kwargs):
+    """The seconds that ``function(*args, **kwargs)`` takes, and what it
+    returns."""
+    start = time.perf_counter()
+    outcome = function(*args, **kwargs)
+    return time.perf_counter() - start, outcome
 
 
 @dataclass
