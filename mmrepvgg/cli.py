@@ -113,7 +113,8 @@ def _flag(setting, prefix):
 
 def settings_from(args, settings_cls, prefix='', **overrides):
     """The settings record of ``args`` parsed with the options of
-    :func:`add_settings` (sequences as tuples)."""
+    :func:`add_settings` (sequences as tuples), or of any object with
+    attributes so named, such as another settings record."""
     values = {}
     for setting in dataclasses.fields(settings_cls):
         dest = _dest(prefix, setting.name)

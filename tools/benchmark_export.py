@@ -23,10 +23,10 @@ import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os.path as osp
 import statistics
 import tempfile
-import time
 
 import torch
 
+from apps.report import timed
 from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
 from mmrepvgg.deploy.export import ExportJob, ExportSettings, export_onnx
@@ -40,12 +40,6 @@ DEFAULT_CONFIG = osp.join(
     'pspnet_repvgg-a0-d8_4xb2-80k_cityscapes-512x1024.py')
 # make_quantization_hostile's factor in the tests' hostile model.
 HOSTILE_FACTOR = 1024.0
-
-
-def _timed(function):
-    start = time.perf_counter()
-    outcome = function()
-    return time.perf_counter() - start, outcome
 
 
 def _tasks(config, shape, folder):
@@ -128,7 +122,7 @@ def main(args):
         tasks = _tasks(args.config, tuple(args.shape), folder)
         for _ in range(args.rounds):
             for name, task in tasks.items():
-                seconds, outcome = _timed(task)
+                seconds, outcome = timed(task)
                 times.setdefault(name, []).append(seconds)
                 print(f'{name}: {seconds:.1f} s ({outcome})', flush=True)
     # Ratios within a round share the machine's load at the time.

@@ -13,10 +13,10 @@ import apps.interrupts  # noqa: F401, isort: skip  (before the heavy imports)
 import os.path as osp
 import statistics
 import tempfile
-import time
 
 import torch
 
+from apps.report import timed
 from mmrepvgg.checkpoint import load_checkpoint
 from mmrepvgg.cli import run_cli, tool_parser
 from mmrepvgg.config import build_model, read_config
@@ -28,12 +28,6 @@ from mmrepvgg.fileio import serialize, write_files
 DEFAULT_CONFIG = osp.join(
     osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'pspnet',
     'pspnet_repvgg-b1g2-d8_4xb2-80k_cityscapes-512x1024.py')
-
-
-def _timed(function):
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def _tasks(config, folder):
@@ -87,7 +81,7 @@ def main(args):
         times = {name: [] for name in tasks}
         for _ in range(args.rounds):
             for name, task in tasks.items():
-                times[name].append(_timed(task))
+                times[name].append(timed(task)[0])
     conversions = times.pop('reparameterize')
     print(f'reparameterize: {statistics.median(conversions):.2f} s '
           f'(median of {args.rounds} rounds)')

@@ -28,10 +28,9 @@ from mmrepvgg.quantization.ptq import Int8Settings
 from .engines import (CONV_SHAPE, FORM_PRECISIONS, check_engines, conv_models,
                       engine_forms, engine_runner, exported_models,
                       model_precision)
-from .report import BenchmarkResult, Check, Int8Ceiling, Ratio, Timing
+from .report import BenchmarkResult, Check, Timing, int8_ceilings, speedups
 
 PARTS = ('segmentor', 'backbone')
-CONV = 'conv3x3-256'
 
 
 @dataclass
@@ -224,7 +223,7 @@ def _conv_entries(settings, log):
     log('quantizing one 3x3 conv of 256 channels')
     models, inputs = conv_models(settings.seed), torch.rand(*CONV_SHAPE)
     return [
-        Entry(CONV, 'conv', f'{backend} {precision}',
+        Entry('conv3x3-256', 'conv', f'{backend} {precision}',
               engine_runner(model, backend, 'fp32', settings.threads), inputs)
         for backend in BACKENDS if backend in settings.backends
         for precision, model in models.items()
@@ -275,35 +274,6 @@ def _time_rounds(entries, rounds, device, log):
                       for e in entries))
 
 
-def _ratios(entries):
-    """Our deploy form over each reference; each entry made from another
-    over it, and ours in each engine form over each reference in it."""
-    ours, pairs = entries[0].model, []
-    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
-    for entry in entries:
-        if entry.form == 'reference':
-            pairs.append((index[ours, entry.part, 'deploy'], entry))
-        elif entry.base is not None:
-            pairs += [(entry, entry.base),
-                      (index[ours, entry.part, entry.form], entry)]
-    return [Ratio.of(a, b) for a, b in pairs if a is not b]
-
-
-def _int8_ceilings(entries):
-    """Each engine's int8 speed-up of our segmentor and of one conv."""
-    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
-    ceilings = []
-    for backend in BACKENDS:
-        pairs = [[
-            index.get((model, part, f'{backend} {precision}'))
-            for precision in ('int8', 'fp32')
-        ] for model, part in ((entries[0].model, 'segmentor'), (CONV, 'conv'))]
-        if None not in pairs[0] + pairs[1]:
-            model, conv = (Ratio.of(*pair).speedup for pair in pairs)
-            ceilings.append(Int8Ceiling(backend, model, conv, model / conv))
-    return ceilings
-
-
 def _prepare_device(settings):
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -324,8 +294,8 @@ def run_benchmark(settings, log=print):
         log (callable): Receives progress lines. Defaults to ``print``.
 
     Returns:
-        BenchmarkResult: Timings, speed-ups (:func:`_ratios`), output checks
-        and the int8 speed-ups against the engines' ceilings.
+        BenchmarkResult: Timings, speed-ups (:func:`apps.report.speedups`),
+        output checks and the int8 speed-ups against the engines' ceilings.
     """
     settings.check()
     device = _prepare_device(settings)
@@ -341,4 +311,4 @@ def run_benchmark(settings, log=print):
         device=str(device),
         torch=torch.__version__)
     return BenchmarkResult(described, [Timing.of(e) for e in entries],
-                           _ratios(entries), checks, _int8_ceilings(entries))
+                           speedups(entries), checks, int8_ceilings(entries))

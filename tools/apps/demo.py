@@ -15,11 +15,10 @@ import os.path as osp
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
-from mmrepvgg.cli import option
+from mmrepvgg.cli import option, settings_from
 from mmrepvgg.config import short_config_name
 from mmrepvgg.deploy.model_info import read_model
 from mmrepvgg.errors import MMRepVGGError
@@ -30,7 +29,8 @@ from mmrepvgg.testing import (cityscapes_images, majority_class_miou,
                               write_toy_config)
 from .benchmark import BenchmarkSettings
 from .engines import engine_forms, engine_settings, model_precision
-from .report import BenchmarkResult, format_report, write_json
+from .report import (BenchmarkResult, DemoSummary, format_report, timed,
+                     write_json)
 
 TOOLS = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.join(
@@ -54,8 +54,8 @@ def _benchmark_option(name, **changes):
 @dataclass
 class DemoSettings:
     """What :func:`run_demo` does; each field is an option of
-    ``tools/demo.py``, the benchmark's as :class:`BenchmarkSettings` has
-    them."""
+    ``tools/demo.py``. The fields that :class:`BenchmarkSettings` has too
+    are the benchmark's options, as it has them."""
     work_dir: str = option(
         'work_dirs/demo', 'where every output goes; '
         'must be new or empty unless --force')
@@ -73,10 +73,9 @@ class DemoSettings:
     num_val: int = option(4, 'toy validation images')
     batch_size: int = option(4, 'training batch size on toy data')
     lr: float = option(0.01, 'learning rate on toy data')
-    bench_size: Tuple[int, int] = _benchmark_option(
-        'size', help='benchmark input size')
-    bench_rounds: int = _benchmark_option(
-        'rounds', default=3, help='timed benchmark rounds')
+    size: Tuple[int, int] = _benchmark_option(
+        'size', flag='--bench-size', help='benchmark input size')
+    rounds: int = _benchmark_option('rounds', default=3, flag='--bench-rounds')
     fold_psp: bool = _benchmark_option('fold_psp')
     threads: int = _benchmark_option('threads')
     backends: Tuple[str, ...] = _benchmark_option(
@@ -87,28 +86,6 @@ class DemoSettings:
     calib_num: int = _benchmark_option('calib_num')
     force: bool = option(False,
                          'reuse a non-empty work dir, overwriting outputs')
-
-
-@dataclass
-class DemoSummary:
-    """What the demo did and measured, as ``summary.json`` holds it:
-    ``metrics`` of the ``train`` and ``deploy`` forms, and of each engine
-    form in ``engines`` with its int8 ``agreement`` (labels equal to fp32's
-    on the val set); ``seconds`` per step; the benchmark's result."""
-    config: str
-    iters: int
-    data: str = ''
-    data_root: str = ''
-    majority_class_miou: Optional[float] = None
-    checkpoint: str = ''
-    deploy_checkpoint: str = ''
-    deploy_config: str = ''
-    metrics: dict = field(default_factory=dict)
-    same_miou: bool = False
-    engines: dict = field(default_factory=dict)
-    seconds: dict = field(default_factory=dict)
-    benchmark: dict = field(default_factory=dict)
-    chart: str = ''
 
 
 def _run(command, log, step=None):
@@ -128,11 +105,14 @@ def _run(command, log, step=None):
     return step
 
 
-def _test(name, command, settings, log):
-    """Run an evaluation in ``work_dir/test_{name}``; its metrics, which
-    mmengine's logger writes there as the last JSON line of
+def _test(name, config, model, settings, log, *engine):
+    """Evaluate in ``work_dir/test_{name}``, a checkpoint with ``mim test``
+    or an ONNX model with ``tools/test.py`` and the ``engine`` options; the
+    metrics, which mmengine's logger writes there as the last JSON line of
     ``TIMESTAMP/TIMESTAMP.json``."""
     work_dir = osp.join(settings.work_dir, f'test_{name}')
+    mim = ['mim', 'test', 'mmsegmentation', config, '--checkpoint', model]
+    command = ['test.py', config, model, *engine] if engine else mim
     step = _run(command + ['--work-dir', work_dir], log)
     logs = sorted(glob.glob(osp.join(work_dir, '*', '*.json')))
     if not logs:
@@ -147,15 +127,7 @@ def _check(settings):
         raise DemoError('--iters must be at least 1')
     if not osp.isfile(settings.config):
         raise DemoError(f'{settings.config}: no such config file')
-    BenchmarkSettings(
-        settings.config,
-        size=settings.bench_size,
-        rounds=settings.bench_rounds,
-        threads=settings.threads,
-        fold_psp=settings.fold_psp,
-        backends=settings.backends,
-        precisions=settings.precisions,
-        calib_num=settings.calib_num).check()
+    settings_from(settings, BenchmarkSettings).check()
     if settings.data_root is not None:
         cityscapes_images(settings.data_root)
     check_work_dir(settings.work_dir)
@@ -201,18 +173,13 @@ def _train(settings, config, summary, log):
 
 def _evaluate_and_convert(settings, config, summary, log):
     metrics, force = summary.metrics, ['--force'] * settings.force
-    metrics['train'] = _test('train', [
-        'mim', 'test', 'mmsegmentation', config, '--checkpoint',
-        summary.checkpoint
-    ], settings, log)
-    _run([
-        'reparameterize.py', config, summary.checkpoint,
-        summary.deploy_checkpoint, *force
-    ], log)
-    metrics['deploy'] = _test('deploy', [
-        'mim', 'test', 'mmsegmentation', summary.deploy_config, '--checkpoint',
-        summary.deploy_checkpoint
-    ], settings, log)
+    deploy = summary.deploy_checkpoint
+    metrics['train'] = _test('train', config, summary.checkpoint, settings,
+                             log)
+    _run(['reparameterize.py', config, summary.checkpoint, deploy, *force],
+         log)
+    metrics['deploy'] = _test('deploy', summary.deploy_config, deploy,
+                              settings, log)
     summary.same_miou = metrics['train']['mIoU'] == metrics['deploy']['mIoU']
 
 
@@ -243,10 +210,9 @@ def _export_and_evaluate(settings, config, summary, log):
     for backend, precision in forms:
         model, agreement = models[model_precision(precision)]
         engine = engine_settings(backend, precision, settings.threads)
-        metrics = _test(f'{backend}_{precision}', [
-            'test.py', config, model, '--backend', backend, '--precision',
-            engine.precision, '--threads', engine.threads
-        ], settings, log)
+        metrics = _test(f'{backend}_{precision}', config, model, settings, log,
+                        '--backend', backend, '--precision', engine.precision,
+                        '--threads', engine.threads)
         summary.engines[f'{backend} {precision}'] = dict(
             metrics, agreement=agreement)
 
@@ -254,8 +220,8 @@ def _export_and_evaluate(settings, config, summary, log):
 def _benchmark(settings, config, summary, log):
     out = osp.join(settings.work_dir, 'benchmark.json')
     options = [
-        '--checkpoint', summary.checkpoint, '--size', *settings.bench_size,
-        '--rounds', settings.bench_rounds, '--warmup', 1, '--threads',
+        '--checkpoint', summary.checkpoint, '--size', *settings.size,
+        '--rounds', settings.rounds, '--warmup', 1, '--threads',
         settings.threads, '--name',
         short_config_name(settings.config), '--backends', *settings.backends,
         '--precisions', *settings.precisions, '--image',
@@ -307,9 +273,8 @@ def run_demo(settings, log=print):
     ]
     for index, (step, title, function) in enumerate(steps, 1):
         log(f'== {index}/{len(steps)} {title}')
-        started = time.perf_counter()
-        function(settings, config, summary, log)
-        summary.seconds[step] = round(time.perf_counter() - started, 1)
+        seconds, _ = timed(function, settings, config, summary, log)
+        summary.seconds[step] = round(seconds, 1)
     table = format_report(
         BenchmarkResult.from_dict(summary.benchmark), summary)
     write_files({osp.join(work_dir, 'summary.txt'): table.encode() + b'\n'},

@@ -1,15 +1,25 @@
-"""The benchmark's results: typed records, a text table (inside the demo's
-summary table, for the demo), JSON and a PNG chart."""
+"""The benchmark's and the demo's results: typed records, a text table
+(the benchmark's inside the demo's), JSON and a PNG chart."""
 import dataclasses
 import io
 import json
 import os.path as osp
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 from mmrepvgg.deploy.compare import OutputComparison
+from mmrepvgg.deploy.engines import BACKENDS
 from mmrepvgg.fileio import write_files
+
+
+def timed(function, *args, **kwargs):
+    """The seconds that ``function(*args, **kwargs)`` takes, and what it
+    returns."""
+    start = time.perf_counter()
+    outcome = function(*args, **kwargs)
+    return time.perf_counter() - start, outcome
 
 
 @dataclass
@@ -98,6 +108,65 @@ class BenchmarkResult:
                                    dataclasses.fields(cls)[1:])))
 
 
+def speedups(entries):
+    """The speed-ups that the benchmark reports of its timed ``entries``
+    (:class:`apps.benchmark.Entry`, ours first): our deploy form over each
+    reference; each entry made from another over it, and ours in each
+    engine form over each reference in it."""
+    ours, pairs = entries[0].model, []
+    index = {(e.model, e.part, e.form): e for e in reversed(entries)}
+    for entry in entries:
+        if entry.form == 'reference':
+            pairs.append((index[ours, entry.part, 'deploy'], entry))
+        elif entry.base is not None:
+            pairs += [(entry, entry.base),
+                      (index[ours, entry.part, entry.form], entry)]
+    return [Ratio.of(a, b) for a, b in pairs if a is not b]
+
+
+def int8_ceilings(entries):
+    """Each engine's int8 speed-up of our segmentor (the first entry's
+    model) and of one conv (the part ``conv``), as :func:`speedups` takes
+    the entries."""
+    ours = {
+        (e.part, e.form): e
+        for e in reversed(entries)
+        if e.model == entries[0].model or e.part == 'conv'
+    }
+    ceilings = []
+    for backend in BACKENDS:
+        pairs = [[
+            ours.get((part, f'{backend} {precision}'))
+            for precision in ('int8', 'fp32')
+        ] for part in ('segmentor', 'conv')]
+        if None not in pairs[0] + pairs[1]:
+            model, conv = (Ratio.of(*pair).speedup for pair in pairs)
+            ceilings.append(Int8Ceiling(backend, model, conv, model / conv))
+    return ceilings
+
+
+@dataclass
+class DemoSummary:
+    """What the demo did and measured, as ``summary.json`` holds it:
+    ``metrics`` of the ``train`` and ``deploy`` forms, and of each engine
+    form in ``engines`` with its int8 ``agreement`` (labels equal to fp32's
+    on the val set); ``seconds`` per step; the benchmark's result."""
+    config: str
+    iters: int
+    data: str = ''
+    data_root: str = ''
+    majority_class_miou: Optional[float] = None
+    checkpoint: str = ''
+    deploy_checkpoint: str = ''
+    deploy_config: str = ''
+    metrics: dict = field(default_factory=dict)
+    same_miou: bool = False
+    engines: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    benchmark: dict = field(default_factory=dict)
+    chart: str = ''
+
+
 def _describe(settings):
     shape = 'x'.join(map(str, settings['shape']))
     return (f'{settings["device"]}, {settings["threads"]} thread(s), input '
@@ -117,7 +186,7 @@ def _verdict(check):
 def format_report(result, summary=None):
     """The timings, speed-ups and output checks of a
     :class:`BenchmarkResult` as a text table; given the
-    demo's :class:`apps.demo.DemoSummary`, inside the demo's table: the
+    demo's :class:`DemoSummary`, inside the demo's table: the
     accuracy and speed of every form, the run's files and its steps."""
     width = max(len(t.name) for t in result.timings)
     lines = [
