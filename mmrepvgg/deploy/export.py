@@ -23,7 +23,7 @@ from .exact import fp32_and_exact
 from .graph import exportable, exported_model_info, to_onnx
 from .images import (TestPipeline, as_batch, check_input_size, fit_within,
                      image_size, read_image)
-from .loading import DEFAULT_CHECK_SIZE, deploy_model
+from .loading import DEFAULT_CHECK_SIZE, LoadedModel, deploy_model
 from .logits import ImageSegmentor
 from .model_info import ExportedModelInfo, read_model
 from .test_settings import slide_crop_size
@@ -113,20 +113,20 @@ class ExportResult:
     info: ExportedModelInfo
 
 
-def _check_inputs(size, imgs, dynamic):
-    """Random images at the size (and 3/4 of it, if dynamic), then the
+def _check_inputs(job):
+    """Random images at the job's size (and 3/4 of it, if dynamic), then its
     image files: at the size, or within its pixels if dynamic."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [size]
-    if dynamic:
-        sizes.append((size[0] * 3 // 4, size[1] * 3 // 4))
+    sizes = [job.size]
+    if job.dynamic:
+        sizes.append((job.size[0] * 3 // 4, job.size[1] * 3 // 4))
     inputs = [torch.rand(1, 3, *s, generator=generator) * 255 for s in sizes]
-    pixels = size[0] * size[1]
+    pixels = job.size[0] * job.size[1]
     return inputs + [
         as_batch(
             read_image(img),
-            fit_within(image_size(img), pixels) if dynamic else size)
-        for img in imgs
+            fit_within(image_size(img), pixels) if job.dynamic else job.size)
+        for img in job.imgs
     ]
 
 
@@ -259,19 +259,22 @@ class Fp32Export:
     """An fp32 ONNX model checked on the engines, not written yet.
 
     Attributes:
-        data (bytes): The model, with its metadata.
-        model (nn.Module): The deploy-form segmentor it was exported from.
-        inputs (list[Tensor]): The image batches it was checked on.
+        job (ExportJob): What it was exported for.
+        loaded (LoadedModel): The deploy-form segmentor of the checkpoint.
         tolerance (Fp32Tolerance): How close its logits had to be.
+        model (nn.Module): The segmentor it was exported from: ``loaded``'s,
+            or an equalized copy of it.
+        data (bytes): The model, with its metadata.
         result (ExportResult): What it is and how closely it matches.
     """
-    data: bytes
-    model: torch.nn.Module
-    inputs: list
+    job: ExportJob
+    loaded: LoadedModel
     tolerance: Fp32Tolerance
+    model: torch.nn.Module
+    data: bytes
     result: ExportResult
 
-    def equalized(self, job, read_images):
+    def equalized(self, read_images):
         """The fp32 model with its RepVGG backbone equalized, its activation
         ranges measured on the images ``read_images()`` gives, checked on
         the engines as this one was.
@@ -280,8 +283,7 @@ class Fp32Export:
             MMRepVGGError: A backbone that cannot be equalized, or an
                 equalized model that computes otherwise.
         """
-        return _checked(self.model, self.result.info, self.inputs, job,
-                        self.tolerance, self.result.conversion, read_images)
+        return _checked(self.job, self.loaded, self.tolerance, read_images)
 
 
 def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
@@ -307,14 +309,13 @@ def export_fp32(job, tolerance=Fp32Tolerance(), equalize_on=None):
     if not isinstance(loaded.model, EncoderDecoder):
         raise ConfigError(f'{job.config}: exports mmseg EncoderDecoder '
                           f'segmentors, not a {type(loaded.model).__name__}')
-    inputs = _check_inputs(job.size, job.imgs, job.dynamic)
-    return _checked(loaded.model, job.info(loaded), inputs, job, tolerance,
-                    loaded.conversion, equalize_on)
+    return _checked(job, loaded, tolerance, equalize_on)
 
 
-def _checked(model, info, inputs, job, tolerance, conversion, equalize_on):
-    """The model exported and checked on the engines; equalized first (a
-    copy, checked) if ``equalize_on`` gives images."""
+def _checked(job, loaded, tolerance, equalize_on):
+    """The loaded model exported and checked on the engines; equalized first
+    (a copy, checked) if ``equalize_on`` gives images."""
+    model, info = loaded.model, job.info(loaded)
     if equalize_on is not None:
         model = copy.deepcopy(model)
         try:
@@ -323,13 +324,14 @@ def _checked(model, info, inputs, job, tolerance, conversion, equalize_on):
             raise type(error)(f'{job.config}: --int8-equalize: {error}; '
                               'nothing written') from None
         info = replace(info, equalized_pairs=pairs)
+    inputs = _check_inputs(job)
     data = to_onnx(exportable(model), job.size, job.dynamic, info)
     check, labels = check_on_engines(data, ImageSegmentor(model), inputs,
                                      tolerance)
     return Fp32Export(
-        data, model, inputs, tolerance,
+        job, loaded, tolerance, model, data,
         ExportResult(job.out, job.size, job.dynamic, check, labels.differ,
-                     len(inputs), list(BACKENDS), conversion, info))
+                     len(inputs), list(BACKENDS), loaded.conversion, info))
 
 
 def export_onnx(job, tolerance=Fp32Tolerance()):

@@ -237,28 +237,27 @@ class _Measure:
     reference: list
     scheme: str
 
-    def candidate(self, fp32, equalized_pairs):
-        """The :class:`_Candidate` of an fp32 model (bytes)."""
+    def candidate(self, fp32):
+        """The :class:`_Candidate` of an :class:`Fp32Export`."""
         import onnx
-        int8 = quantize_int8(fp32, self.calibration, self.scheme)
+        int8 = quantize_int8(fp32.data, self.calibration, self.scheme)
         return _Candidate(
-            onnx.load_from_string(fp32), int8, self.agreement(int8),
-            equalized_pairs, self)
+            onnx.load_from_string(fp32.data), int8, self.agreement(int8),
+            fp32.result.info.equalized_pairs, self)
 
     def agreement(self, int8):
         return measure_agreement(int8.SerializeToString(), self.reference,
                                  self.held_out, 'val')
 
 
-def _candidates(measure, fp32, equalized_pairs, equalize, min_agreement):
+def _candidates(measure, fp32, equalize, min_agreement):
     """The models to quantize, the one whose full int8 keeps more labels
     first: the fp32 model and, if its full int8 misses ``min_agreement``
-    and ``equalize`` is given, the equalized one."""
-    plain = measure.candidate(fp32, equalized_pairs)
-    if plain.agreement.labels >= min_agreement or equalize is None:
+    and ``equalize``, the equalized one."""
+    plain = measure.candidate(fp32)
+    if plain.agreement.labels >= min_agreement or not equalize:
         return [plain]
-    data, pairs = equalize(measure.calibration)
-    equalized = measure.candidate(data, pairs)
+    equalized = measure.candidate(fp32.equalized(lambda: measure.calibration))
     equalized = replace(
         equalized,
         agreement=replace(
@@ -285,27 +284,24 @@ def _fewest_float(candidates, min_agreement, max_float):
     return max(last.values(), key=lambda t: t.agreement.labels)
 
 
-def int8_model(cfg, fp32, info, size, settings, equalize=None):
+def int8_model(fp32, settings, equalize=False):
     """An int8 model of an fp32 one, calibrated and checked as ``settings``
     say, with its calibration, the convs kept in fp32, their sensitivity
     (measured only to keep a conv or for ``settings.report``) and its
     agreement in its metadata.
 
     When full int8 misses ``settings.min_agreement``, the equalized model
-    (if ``equalize`` gives one) is quantized too; then the most sensitive
-    convs are put in fp32, fewest first, each count tried in the model
-    whose full int8 kept more labels, then in the other.
+    (:meth:`~mmrepvgg.deploy.export.Fp32Export.equalized`, if
+    ``equalize``) is quantized too; then the most sensitive convs are put
+    in fp32, fewest first, each count tried in the model whose full int8
+    kept more labels, then in the other.
 
     Args:
-        cfg (Config): The model's config, whose training set calibrates and
-            whose validation set checks the int8 model.
-        fp32 (bytes): The fp32 ONNX model.
-        info (ExportedModelInfo): Its metadata; updated.
-        size (tuple[int]): The model's input size.
+        fp32 (Fp32Export): The fp32 model; its config's training set
+            calibrates and its validation set checks the int8 model. Its
+            ``result.info`` is updated.
         settings (Int8Settings): How to quantize.
-        equalize (callable, optional): Given the calibration images,
-            returns the fp32 ONNX model with its backbone equalized
-            (checked) and the number of conv pairs equalized.
+        equalize (bool): Whether to try the equalized model too.
 
     Returns:
         bytes: The int8 model.
@@ -314,15 +310,16 @@ def int8_model(cfg, fp32, info, size, settings, equalize=None):
         VerificationError: Its labels agree less than asked, with as many
             convs in fp32 as allowed.
     """
+    cfg, size = fp32.job.cfg, fp32.job.size
     held_out = split_images(cfg, 'val', settings.eval_num, size)
     measure = _Measure(
         split_images(cfg, 'train', settings.calib_num, size), held_out,
-        run_onnx(fp32, held_out), settings.scheme)
-    candidates = _candidates(measure, fp32, info.equalized_pairs, equalize,
-                             settings.min_agreement)
+        run_onnx(fp32.data, held_out), settings.scheme)
+    candidates = _candidates(measure, fp32, equalize, settings.min_agreement)
     best = _fewest_float(candidates, settings.min_agreement,
                          settings.max_float)
     check_agreement(best.agreement, settings.min_agreement, len(best.kept))
+    info = fp32.result.info
     info.precision = 'int8'
     info.int8_scheme = settings.scheme
     info.calibration = dict(split='train', images=len(measure.calibration))
@@ -362,12 +359,5 @@ def export_int8(job, settings, tolerance=Fp32Tolerance()):
     fp32 = export_fp32(job, tolerance,
                        calibration if settings.equalize == 'always' else None)
     auto = settings.equalize == 'auto' and equalizable(fp32.model)
-    data = int8_model(job.cfg, fp32.data, fp32.result.info, job.size, settings,
-                      partial(_equalized, fp32, job) if auto else None)
-    job.write(data)
+    job.write(int8_model(fp32, settings, auto))
     return fp32.result
-
-
-def _equalized(fp32, job, calibration):
-    equalized = fp32.equalized(job, lambda: calibration)
-    return equalized.data, equalized.result.info.equalized_pairs
