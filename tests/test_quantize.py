@@ -91,8 +91,8 @@ def test_calibration_reads_the_training_images(trained_qarepvgg, int8_export):
 
 
 def test_int8_where_full_int8_agrees_ranks_no_conv(int8_export):
-    # Ranking the convs takes an ONNX Runtime session per conv: measured
-    # to keep one in fp32 or for --int8-report, not for this model.
+    # Ranking the convs takes a run of a model with two of every conv:
+    # measured to keep one in fp32 or for --int8-report, not for this model.
     _, result, _ = int8_export
     assert result.info.float_convs == []
     assert result.info.sensitivity == []

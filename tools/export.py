@@ -38,7 +38,7 @@ def build_parser():
         "images of the config's training set, if its labels agree with the "
         "fp32 model's on the validation set; if they do not, equalizing "
         "the backbone's channels (see --int8-equalize), then keeping the "
-        'convs that move its logits most in fp32 (see --max-float)')
+        'convs whose outputs int8 moves most in fp32 (see --max-float)')
     add_settings(
         parser, QATExportSettings, 'int8 of a QAT checkpoint', prefix='qat')
     parser.add_argument(
@@ -136,7 +136,7 @@ def report_int8(info, ranking):
     print(f'convs kept in fp32: {len(info.float_convs)}{of} ({kept})' +
           (f'; with every conv in int8, {every:.2%} agreed' if every else ''))
     if ranking:
-        print('rank  logits error alone in int8  conv')
+        print('rank  output error alone in int8  conv')
         for rank, conv in enumerate(info.sensitivity, 1):
             mark = '  (fp32)' if conv.conv in info.float_convs else ''
             print(f'{rank:4d}  {conv.error:26.3e}  {conv.conv}{mark}')

@@ -11,8 +11,10 @@ Runtime's ``nodes_to_exclude`` alone is not enough for this: it leaves the
 excluded conv's input quantized by its producer's pair. One calibration
 serves every such model:
 
-- the sensitivity of a conv is how far the logits move when it alone is
-  int8 (every other operator in fp32), on the first calibration images;
+- the sensitivity of a conv is how far its output moves when it alone
+  computes in int8 (its inputs and weights as the int8 model quantizes
+  them), measured for every conv in one run on the first calibration
+  images;
 - mixed precision keeps the most sensitive convs in fp32.
 """
 import copy
@@ -27,7 +29,8 @@ __all__ = ['RANKING_PIXELS', 'Conv', 'convs_of', 'transplant', 'sensitivities']
 
 _QDQ = ('QuantizeLinear', 'DequantizeLinear')
 # The sensitivity is measured on the first images up to this many pixels
-# (at least one image): each costs a run of the model per conv.
+# (at least one image), each in one run of the model with an int8 copy of
+# every conv beside it.
 RANKING_PIXELS = 512 * 1024
 
 
@@ -190,21 +193,43 @@ def _drop_unread(proto):
     graph.initializer.extend(initializers)
 
 
-def _logits(model, images):
-    return [
-        logits for logits, _ in run_onnx(model.SerializeToString(), images)
-    ]
-
-
-def _noise_to_signal(logits, reference):
-    noise = sum(
-        float(np.square(a - b).sum()) for a, b in zip(logits, reference))
-    signal = sum(float(np.square(b).sum()) for b in reference)
-    return noise / signal if signal else noise
+def _beside(fp32, int8, nodes):
+    """A copy of the fp32 model with, beside each named conv, the same conv
+    reading its inputs and weights as the int8 model computes them; its
+    outputs are, for each conv, the energy of the difference of the two
+    convs' outputs and the energy of the fp32 output."""
+    from onnx import TensorProto, helper
+    proto = copy.deepcopy(fp32)
+    graph = _Rebuild(proto, int8, 'int8')
+    fp32_outputs = {n.name: n.output[0] for n in proto.graph.node}
+    del proto.graph.output[:]
+    for name in nodes:
+        quantized = copy.deepcopy(graph.sources[name])
+        quantized.input[:] = [graph.resolve(i) for i in quantized.input]
+        quantized.name += '_int8'
+        quantized.output[:] = [o + '_int8' for o in quantized.output]
+        difference, energies = f'{name}_difference', (f'{name}_noise',
+                                                      f'{name}_signal')
+        graph.added += [
+            quantized,
+            helper.make_node('Sub', [quantized.output[0], fp32_outputs[name]],
+                             [difference]),
+            helper.make_node(
+                'ReduceSumSquare', [difference], [energies[0]], keepdims=0),
+            helper.make_node(
+                'ReduceSumSquare', [fp32_outputs[name]], [energies[1]],
+                keepdims=0)
+        ]
+        proto.graph.output.extend(
+            helper.make_tensor_value_info(e, TensorProto.FLOAT, [])
+            for e in energies)
+    graph.finish()
+    _drop_unread(proto)
+    return proto
 
 
 def sensitivities(int8, fp32, images):
-    """How much each conv alone moves the logits when it is int8.
+    """How far each conv's output moves when it alone computes in int8.
 
     Args:
         int8 (onnx.ModelProto): The QDQ model.
@@ -213,17 +238,17 @@ def sensitivities(int8, fp32, images):
             (:data:`RANKING_PIXELS`) are measured on.
 
     Returns:
-        list[ConvSensitivity]: Every conv with ``error``, the energy of
-        the change of the logits over their own (``sum (q - f)^2 / sum
-        f^2``), the most sensitive first.
+        list[ConvSensitivity]: Every conv with ``error``, the energy of the
+        change of its output over the output's own (``sum (q - f)^2 / sum
+        f^2``, ``q`` computed from its inputs and weights in int8, every
+        operator before it in fp32), the most sensitive first.
     """
     images = images[:max(1, RANKING_PIXELS // images[0][0, 0].numel())]
-    reference = _logits(fp32, images)
+    convs = convs_of(fp32)
+    probe = _beside(fp32, int8, [c.node for c in convs]).SerializeToString()
+    energies = np.sum(run_onnx(probe, images), axis=0, dtype=np.float64)
     ranking = [
-        ConvSensitivity(
-            conv.name,
-            _noise_to_signal(
-                _logits(transplant(fp32, int8, {conv.node}, 'int8'), images),
-                reference)) for conv in convs_of(fp32)
+        ConvSensitivity(conv.name, float(noise / signal if signal else noise))
+        for conv, (noise, signal) in zip(convs, energies.reshape(-1, 2))
     ]
     return sorted(ranking, key=lambda s: -s.error)

@@ -6,8 +6,8 @@ An fp32 model exported and checked by
 per-channel 8-bit weights in one of :data:`~.model_info.INT8_SCHEMES`,
 calibrated on images of the config's training set; its agreement with the
 fp32 model is measured on images of the validation set. When too few labels
-agree, the RepVGG backbone is equalized, then the convs that move the
-logits most are kept in fp32, fewest first, up to a limit.
+agree, the RepVGG backbone is equalized, then the convs whose outputs
+int8 moves most are kept in fp32, fewest first, up to a limit.
 """
 import os.path as osp
 import tempfile
@@ -69,9 +69,9 @@ class Int8Settings:
         metavar='{' + ','.join(EQUALIZE_MODES) + '}')
     report: bool = option(
         False,
-        'rank every conv by how much it alone moves the logits in int8, '
-        'print the ranking and keep it in the metadata (measured anyway '
-        'when a conv is kept in fp32)',
+        'rank every conv by how far its output moves when it alone computes '
+        'in int8, print the ranking and keep it in the metadata (measured '
+        'anyway when a conv is kept in fp32)',
         flag='--int8-report')
 
     def check(self):
@@ -325,7 +325,7 @@ def int8_model(fp32, settings, equalize=False):
     info.calibration = dict(split='train', images=len(measure.calibration))
     info.agreement = asdict(best.agreement)
     info.float_convs = best.kept
-    # One ONNX Runtime session per conv: measured when needed or asked.
+    # A run with an int8 copy of every conv: measured when needed or asked.
     info.sensitivity = (
         best.candidate.ranking if best.kept or settings.report else [])
     info.equalized_pairs = best.candidate.equalized_pairs

@@ -123,14 +123,16 @@ def _size_pair(value):
 
 @dataclass
 class ConvSensitivity:
-    """How much one convolution alone moves an int8 model's logits.
+    """How far one convolution's output moves when it alone computes in
+    int8.
 
     Attributes:
         conv (str): The conv's module name (its weight's name without
             ``.weight``).
-        error (float): ``sum (q - f)^2 / sum f^2`` of the logits ``q``
-            with this conv alone in int8 and the fp32 logits ``f``, on
-            the calibration images.
+        error (float): ``sum (q - f)^2 / sum f^2`` of its output ``q``
+            from its inputs and weights in int8 (every operator before it
+            in fp32) and its fp32 output ``f``, on the first calibration
+            images.
     """
     conv: str
     error: float
