@@ -278,15 +278,18 @@ def test_accuracy_control_keeps_the_fewest_convs_in_fp32(
 
 def test_each_candidate_records_what_the_other_kept_in_full_int8():
     full_int8 = dict(plain=.9641, equalized=.9932)
+    pairs = dict(plain=0, equalized=18)
     measure = SimpleNamespace(
         calibration=[],
-        candidate=lambda fp32, pairs: _Candidate(
-            fp32, None, Agreement(full_int8[fp32], 0., 4, 'val'), pairs, None))
+        candidate=lambda fp32: _Candidate(
+            fp32.name, None, Agreement(full_int8[fp32.name], 0., 4, 'val'),
+            pairs[fp32.name], None))
+    # Stands in for an Fp32Export: its name, and its equalized export's.
+    export = SimpleNamespace(
+        name='plain',
+        equalized=lambda read_images: SimpleNamespace(name='equalized'))
 
-    def equalize(images):
-        return 'equalized', 18
-
-    equalized, plain = _candidates(measure, 'plain', 0, equalize, .995)
+    equalized, plain = _candidates(measure, export, True, .995)
     assert (equalized.fp32, equalized.equalized_pairs) == ('equalized', 18)
     assert equalized.agreement.unequalized_labels == full_int8['plain']
     assert equalized.agreement.equalized_labels is None
