@@ -206,8 +206,8 @@ def _beside(fp32, int8, nodes):
     for name in nodes:
         quantized = copy.deepcopy(graph.sources[name])
         quantized.input[:] = [graph.resolve(i) for i in quantized.input]
-        quantized.name += '_int8'
-        quantized.output[:] = [o + '_int8' for o in quantized.output]
+        quantized.name += graph.suffix
+        quantized.output[:] = [o + graph.suffix for o in quantized.output]
         difference, energies = f'{name}_difference', (f'{name}_noise',
                                                       f'{name}_signal')
         graph.added += [
